@@ -1,1 +1,1 @@
-//! placeholder
+//! fleetsync-hub.
