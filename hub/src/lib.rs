@@ -1,1 +1,186 @@
-//! fleetsync-hub.
+//! fleetsync-hub: accepts devices, deduplicates and stores their events, acks them, and
+//! serves the operator API.
+//!
+//! Data flow:
+//!
+//! ```text
+//! device --TLS--> broker::gateway (mTLS, prefix guard) --> broker::embedded (rumqttd)
+//!        --> ingest (decode, dedup, store, fsync) --> ack on the device's down topic
+//! api (axum): operator API over the store, /healthz, /readyz, /metrics
+//! ```
+
+pub mod api;
+pub mod broker;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod pki;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fleetsync_protocol::topic::Layout;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::Config;
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The store did not open.
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    /// TLS material is missing or unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The embedded broker did not start.
+    #[error("{0}")]
+    Broker(#[from] broker::embedded::BrokerError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The ingest did not subscribe in time.
+    #[error("ingest did not become ready within 10 s")]
+    NotReady,
+}
+
+/// A started hub.
+#[derive(Debug)]
+pub struct Running {
+    /// Where devices connect.
+    pub mqtt_addr: SocketAddr,
+    /// Where the HTTP APIs listen.
+    pub http_addr: SocketAddr,
+    /// The store (for in-process tests and the simulator).
+    pub store: store::HubStore,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until every task has stopped (after the shutdown token is cancelled).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts every part of the hub and returns once devices can connect.
+pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, HubError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let store = store::HubStore::open(&cfg.store.path)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let registry = Arc::new(broker::gateway::Registry::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let server_cfg = tls::server_config(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
+
+    let (max_packet, max_conn) = (cfg.mqtt.max_packet_bytes, cfg.mqtt.max_connections);
+    let broker = tokio::task::spawn_blocking(move || broker::embedded::start(max_packet, max_conn))
+        .await
+        .map_err(|e| broker::embedded::BrokerError::Start(e.to_string()))??;
+
+    let mut tasks = Vec::new();
+    let ingest_cfg = ingest::IngestConfig {
+        host: broker.addr.ip().to_string(),
+        port: broker.addr.port(),
+        username: broker::embedded::HUB_USER.to_string(),
+        password: broker.secret.clone(),
+        layout: Layout::Embedded,
+        max_packet_bytes: cfg.mqtt.max_packet_bytes,
+    };
+    tasks.push(tokio::spawn(ingest::run(
+        ingest_cfg,
+        store.clone(),
+        metrics.clone(),
+        ready.clone(),
+        shutdown.clone(),
+    )));
+    // Devices may only come in once the hub's subscriptions exist.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ready.load(Ordering::SeqCst) {
+        if tokio::time::Instant::now() > deadline {
+            shutdown.cancel();
+            return Err(HubError::NotReady);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.mqtt.listen)
+        .await
+        .map_err(|source| HubError::Bind {
+            addr: cfg.mqtt.listen,
+            source,
+        })?;
+    let mqtt_addr = listener.local_addr().map_err(|source| HubError::Bind {
+        addr: cfg.mqtt.listen,
+        source,
+    })?;
+    broker::gateway::log_listening(mqtt_addr);
+    let gw_cfg = broker::gateway::GatewayConfig {
+        handshake_timeout: cfg.mqtt.handshake_timeout(),
+        max_connections: cfg.mqtt.max_connections,
+        max_packet_bytes: cfg.mqtt.max_packet_bytes,
+        upstream: broker.addr,
+        secret: broker.secret.clone(),
+    };
+    tasks.push(tokio::spawn(broker::gateway::run(
+        listener,
+        TlsAcceptor::from(Arc::new(server_cfg)),
+        gw_cfg,
+        registry.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )));
+
+    let http = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(|source| HubError::Bind {
+            addr: cfg.http.listen,
+            source,
+        })?;
+    let http_addr = http.local_addr().map_err(|source| HubError::Bind {
+        addr: cfg.http.listen,
+        source,
+    })?;
+    let app = api::app(api::AppState {
+        store: store.clone(),
+        registry,
+        metrics,
+        operator_token: cfg.auth.operator_token.as_str().into(),
+        ready,
+    });
+    let sd = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let r = axum::serve(http, app)
+            .with_graceful_shutdown(async move { sd.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    }));
+    info!(%mqtt_addr, %http_addr, "hub started");
+    Ok(Running {
+        mqtt_addr,
+        http_addr,
+        store,
+        tasks,
+    })
+}
+
+/// Runs the hub until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), HubError> {
+    start(cfg, shutdown).await?.wait().await;
+    Ok(())
+}

@@ -32,7 +32,8 @@ pub type Sha256 = [u8; 32];
 
 /// One event as captured on the device. Its identity `(device, epoch, seq)` is given by
 /// its place in a [`Batch`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (Its serde form is for local storage; on the wire events travel inside a `Batch`.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Capture time in ms since the Unix epoch.
     pub time_ms: u64,

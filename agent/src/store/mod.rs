@@ -1,1 +1,772 @@
-//! (being written)
+//! The agent's durable event store: every captured event lives here, with its identity,
+//! until the hub acknowledges it.
+//!
+//! # What it owns
+//!
+//! - **Identity.** `(epoch, seq)`: `epoch` is bumped and made durable by [`Store::open`]
+//!   before any seq is handed out; `seq` is one counter per epoch, starting at 0, shared by
+//!   both lanes (so each lane's seqs have holes where the other lane's events are). A seq is
+//!   consumed when it is allocated, even if the write then fails, so no `(epoch, seq)` is
+//!   ever given to two events, crash or not.
+//! - **Lanes.** [`Body::is_critical`] decides: positions and health are telemetry,
+//!   everything else (POD, geofence, trip, exception, gap, assignment ack) is critical.
+//! - **Durability.** [`Store::append`] returns once the event is durable: sled `flush()` and
+//!   then `fsync` of sled's files and directories (sled 0.34.7 does not fsync on Linux).
+//!   One background thread does this for every write since its previous round (group
+//!   commit, window [`StoreConfig::commit_interval`]). [`Store::append_buffered`] (GPS
+//!   fixes) is durable at the next round, which starts at most one window later.
+//!   An `Err` from `append` does not prove the event absent: a failed fsync leaves it
+//!   stored, and it may still be delivered (with its identity, so the hub dedups).
+//! - **Quota.** Logical bytes = key + value length of every stored event, kept in memory
+//!   and rebuilt by a scan on open. Ordinary events must fit in `quota - reserve`; the
+//!   reserve (`min(quota / 8, max(quota / 100, 4 KiB))`) is only for `Gap` events. When an
+//!   append does not fit, the oldest telemetry is evicted (plus a little slack, so one
+//!   `Gap` covers many fixes) and, in the same sled transaction, one
+//!   `Gap { lane: Telemetry, reason: Quota }` per evicted epoch is written to the critical
+//!   lane, before the new event, so nothing vanishes silently. Critical events are never
+//!   evicted: if evicting all telemetry would not make room, the append fails with
+//!   [`StoreError::QuotaFull`] and nothing is evicted. This holds for telemetry appends
+//!   too (policy: the new fix is refused, not stored-then-gapped; it never got a seq, so
+//!   there is no hole for the hub to explain, and the caller counts the refusal).
+//! - **Ack.** [`Store::ack`] deletes exactly the acknowledged seqs present in either lane
+//!   and nothing else. Deletions become durable at the next commit round or on drop; after
+//!   a crash an acknowledged event may come back and be resent, which the hub ignores.
+//! - **Corruption.** An event whose key or value does not decode is found by the scan on
+//!   open, removed, and declared with a `Gap { reason: Corruption }` in the critical lane.
+//!
+//! # On-disk layout (one sled database in [`StoreConfig::path`])
+//!
+//! ```text
+//! tree "meta"      { b"epoch" => epoch: u32 BE }        // the last epoch handed out
+//! tree "critical"  { Key => Value }
+//! tree "telemetry" { Key => Value }
+//! Key   = epoch: u32 BE ++ seq: u64 BE  (12 bytes; iteration order = (epoch, seq) order)
+//! Value = postcard(Event { time_ms, body })
+//! ```
+
+mod commit;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleetsync_protocol::limits::MAX_BATCH_EVENTS;
+use fleetsync_protocol::{Batch, Body, BoundedVec, Event, Gap, GapReason, Lane, SeqRange};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use commit::Commits;
+
+/// Length of a stored key: epoch u32 BE ++ seq u64 BE.
+pub const KEY_LEN: usize = 12;
+
+/// The most evicted in one round beyond what the new event needs, so a single `Gap`
+/// covers many fixes instead of one gap per fix.
+const MAX_EVICT_SLACK: u64 = 32 * 1024;
+
+/// Upper bound of a stored `Gap` event (key + postcard value) used while choosing what to
+/// evict; the exact size is checked before anything is written.
+const GAP_EVENT_MAX: u64 = KEY_LEN as u64 + 64;
+
+/// How long `open` retries when the previous handle's background threads still hold
+/// sled's file lock (sled releases it asynchronously after the last handle is dropped).
+const LOCK_RETRY: Duration = Duration::from_secs(3);
+
+/// sled's page cache: a gateway has little memory.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Where and how to keep the store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The sled directory (created if missing).
+    pub path: PathBuf,
+    /// Logical byte quota (keys + values of stored events).
+    pub quota_bytes: u64,
+    /// Group-commit window: how long a commit round waits for more writers to join.
+    pub commit_interval: Duration,
+}
+
+/// An event's identity on this device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    /// Boot epoch.
+    pub epoch: u32,
+    /// Seq within the epoch (shared by both lanes).
+    pub seq: u64,
+}
+
+/// Count and logical bytes of one lane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Stored events.
+    pub events: u64,
+    /// Their keys + values in bytes.
+    pub bytes: u64,
+}
+
+/// A snapshot of the store's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// The current epoch.
+    pub epoch: u32,
+    /// The critical lane.
+    pub critical: LaneStats,
+    /// The telemetry lane.
+    pub telemetry: LaneStats,
+    /// Logical bytes of both lanes.
+    pub used_bytes: u64,
+    /// The configured quota.
+    pub quota_bytes: u64,
+    /// Size of the sled directory on disk (0 if it cannot be read).
+    pub disk_bytes: u64,
+    /// `Gap` events written since this open (quota and corruption).
+    pub gaps_declared: u64,
+    /// Telemetry events evicted for quota since this open.
+    pub evicted: u64,
+}
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed.
+    #[error("store database error: {0}")]
+    Sled(#[from] sled::Error),
+    /// A file operation on the store's directory failed.
+    #[error("store i/o error on {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An event could not be encoded or decoded.
+    #[error("store event codec error: {0}")]
+    Codec(#[from] postcard::Error),
+    /// No room even after evicting all telemetry: critical events fill the quota.
+    #[error(
+        "store quota full: {used} of {quota} bytes used by unacknowledged events and \
+         {needed} more needed; critical events are never evicted, so the event is refused \
+         until the hub acknowledges some"
+    )]
+    QuotaFull {
+        /// Logical bytes in use.
+        used: u64,
+        /// The quota.
+        quota: u64,
+        /// Bytes the refused event needs.
+        needed: u64,
+    },
+    /// The stored data is not what this module writes.
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+    /// The group commit (flush + fsync) failed; the event may not be durable.
+    #[error("store commit failed: {0}")]
+    Commit(String),
+    /// The store is shutting down.
+    #[error("store closed")]
+    Closed,
+    /// A thread panicked while holding the store's state lock.
+    #[error("store state lock poisoned by a panic")]
+    Poisoned,
+}
+
+/// The durable two-lane event log. Cheap to clone; all clones share one database and one
+/// committer thread, which does a last commit and stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.core.path)
+            .field("epoch", &self.inner.core.epoch)
+            .field("quota_bytes", &self.inner.core.quota)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Owns the committer thread; dropping it stops and joins the thread.
+struct Inner {
+    core: Arc<Core>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.core.commits.shutdown();
+        if let Some(handle) = self.committer.take() {
+            if handle.join().is_err() {
+                tracing::error!("store committer thread panicked");
+            }
+        }
+    }
+}
+
+struct Core {
+    path: PathBuf,
+    db: sled::Db,
+    critical: sled::Tree,
+    telemetry: sled::Tree,
+    epoch: u32,
+    quota: u64,
+    /// Part of the quota only `Gap` events may use.
+    reserve: u64,
+    state: Mutex<State>,
+    commits: Commits,
+}
+
+/// Everything that changes with a write; writes (append, evict, ack) hold the lock.
+#[derive(Debug, Default)]
+struct State {
+    next_seq: u64,
+    critical: LaneStats,
+    telemetry: LaneStats,
+    gaps_declared: u64,
+    evicted: u64,
+}
+
+impl State {
+    fn used(&self) -> u64 {
+        self.critical.bytes + self.telemetry.bytes
+    }
+
+    fn lane_mut(&mut self, lane: Lane) -> &mut LaneStats {
+        match lane {
+            Lane::Critical => &mut self.critical,
+            Lane::Telemetry => &mut self.telemetry,
+        }
+    }
+
+    fn alloc_seq(&mut self) -> Result<u64, StoreError> {
+        let seq = self.next_seq;
+        self.next_seq = seq
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt("seq space of the epoch exhausted".into()))?;
+        Ok(seq)
+    }
+}
+
+/// The lane an event body belongs to.
+pub fn lane_of(body: &Body) -> Lane {
+    if body.is_critical() {
+        Lane::Critical
+    } else {
+        Lane::Telemetry
+    }
+}
+
+/// The stored key of an event.
+pub fn encode_key(id: EventId) -> [u8; KEY_LEN] {
+    let mut k = [0u8; KEY_LEN];
+    k[..4].copy_from_slice(&id.epoch.to_be_bytes());
+    k[4..].copy_from_slice(&id.seq.to_be_bytes());
+    k
+}
+
+/// Parses a stored key.
+pub fn decode_key(key: &[u8]) -> Result<EventId, StoreError> {
+    let bad = || StoreError::Corrupt(format!("key of {} bytes, expected {KEY_LEN}", key.len()));
+    let epoch: [u8; 4] = key.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    let seq: [u8; 8] = key.get(4..).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    Ok(EventId {
+        epoch: u32::from_be_bytes(epoch),
+        seq: u64::from_be_bytes(seq),
+    })
+}
+
+/// Stored bytes of an event (key + postcard value), as counted against the quota.
+pub fn stored_len(ev: &Event) -> Result<u64, StoreError> {
+    Ok((KEY_LEN + postcard::to_stdvec(ev)?.len()) as u64)
+}
+
+/// The part of `quota` reserved for `Gap` events.
+pub fn gap_reserve(quota: u64) -> u64 {
+    (quota / 8).min((quota / 100).max(4096))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A gap being built from evicted or discarded events of one lane and epoch.
+#[derive(Debug)]
+struct GapBuilder {
+    gaps: Vec<Gap>,
+}
+
+impl GapBuilder {
+    fn new() -> GapBuilder {
+        GapBuilder { gaps: Vec::new() }
+    }
+
+    /// Adds a dropped event (called in key order per lane).
+    fn add(&mut self, lane: Lane, id: EventId, reason: GapReason) {
+        if let Some(g) = self.gaps.last_mut() {
+            if g.lane == lane && g.epoch == id.epoch && g.reason == reason && g.count < u32::MAX
+            {
+                g.last_seq = id.seq;
+                g.count += 1;
+                return;
+            }
+        }
+        self.gaps.push(Gap {
+            lane,
+            epoch: id.epoch,
+            first_seq: id.seq,
+            last_seq: id.seq,
+            count: 1,
+            reason,
+        });
+    }
+
+    /// The gap events, encoded.
+    fn encode(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let time_ms = now_ms();
+        self.gaps
+            .iter()
+            .map(|g| {
+                let ev = Event {
+                    time_ms,
+                    body: Body::Gap(*g),
+                };
+                Ok(postcard::to_stdvec(&ev)?)
+            })
+            .collect()
+    }
+}
+
+/// Telemetry chosen for eviction.
+#[derive(Debug)]
+struct Eviction {
+    victims: Vec<sled::IVec>,
+    freed: u64,
+    gaps: Vec<Vec<u8>>,
+    gap_bytes: u64,
+}
+
+fn map_tx(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        let res = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open();
+        match res {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_RETRY =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store, bumps the epoch and makes it durable before returning.
+    /// Scans both lanes to rebuild the byte accounting; undecodable events are removed and
+    /// declared as `Gap { reason: Corruption }`.
+    pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&cfg.path).map_err(|source| StoreError::Io {
+            path: cfg.path.clone(),
+            source,
+        })?;
+        let db = open_db(&cfg.path)?;
+        let meta = db.open_tree("meta")?;
+        let critical = db.open_tree("critical")?;
+        let telemetry = db.open_tree("telemetry")?;
+
+        let mut state = State::default();
+        let mut max_epoch = match meta.get(b"epoch")? {
+            None => 0,
+            Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("meta epoch of {} bytes, expected 4", v.len()))
+            })?),
+        };
+        let mut discarded = GapBuilder::new();
+        let mut bad_keys: Vec<(Lane, sled::IVec)> = Vec::new();
+        for (lane, tree) in [(Lane::Critical, &critical), (Lane::Telemetry, &telemetry)] {
+            for item in tree.iter() {
+                let (k, v) = item?;
+                let Ok(id) = decode_key(&k) else {
+                    tracing::warn!(?lane, key = ?k, "store: removing malformed key");
+                    bad_keys.push((lane, k));
+                    continue;
+                };
+                max_epoch = max_epoch.max(id.epoch);
+                if postcard::from_bytes::<Event>(&v).is_err() {
+                    tracing::error!(?lane, id.epoch, id.seq, "store: discarding undecodable event");
+                    discarded.add(lane, id, GapReason::Corruption);
+                    bad_keys.push((lane, k));
+                    continue;
+                }
+                let s = state.lane_mut(lane);
+                s.events += 1;
+                s.bytes += (k.len() + v.len()) as u64;
+            }
+        }
+
+        let epoch = max_epoch
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt("epoch space exhausted".into()))?;
+        meta.insert(b"epoch", &epoch.to_be_bytes())?;
+        db.flush()?;
+        commit::sync_sled_dir(&cfg.path)?;
+
+        let core = Arc::new(Core {
+            path: cfg.path,
+            db,
+            critical,
+            telemetry,
+            epoch,
+            quota: cfg.quota_bytes,
+            reserve: gap_reserve(cfg.quota_bytes),
+            state: Mutex::new(state),
+            commits: Commits::new(),
+        });
+        if !bad_keys.is_empty() {
+            core.discard(&bad_keys, &discarded)?;
+        }
+
+        let thread_core = Arc::clone(&core);
+        let interval = cfg.commit_interval;
+        let committer = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || {
+                let c = &thread_core;
+                c.commits.run(interval, || c.make_durable());
+            })
+            .map_err(|source| StoreError::Io {
+                path: core.path.clone(),
+                source,
+            })?;
+        tracing::info!(path = %core.path.display(), epoch, "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                core,
+                committer: Some(committer),
+            }),
+        })
+    }
+
+    /// The epoch of this open.
+    pub fn epoch(&self) -> u32 {
+        self.inner.core.epoch
+    }
+
+    /// Appends an event and returns once it is durable (the commit round is shared with
+    /// concurrent callers). If the future is dropped early the event stays stored.
+    pub async fn append(&self, ev: Event) -> Result<EventId, StoreError> {
+        let (id, ticket) = self.inner.core.write(ev)?;
+        self.inner.core.commits.wait(ticket).await?;
+        Ok(id)
+    }
+
+    /// Appends an event that becomes durable at the next commit round (GPS fixes).
+    pub fn append_buffered(&self, ev: Event) -> Result<EventId, StoreError> {
+        Ok(self.inner.core.write(ev)?.0)
+    }
+
+    /// Waits until everything appended so far is durable.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let ticket = self.inner.core.commits.current();
+        self.inner.core.commits.wait(ticket).await
+    }
+
+    /// The oldest run of consecutive seqs of one epoch in `lane` strictly after `after`
+    /// (`None` = from the start): at most `max_events` (capped at a batch's limit) events and
+    /// at most `max_bytes` stored bytes, but always at least one event.
+    pub fn next_batch(
+        &self,
+        lane: Lane,
+        after: Option<EventId>,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Batch>, StoreError> {
+        let tree = self.inner.core.tree(lane);
+        let max_events = max_events.clamp(1, MAX_BATCH_EVENTS);
+        let iter = match after {
+            Some(id) => tree.range::<[u8; KEY_LEN], _>((
+                Bound::Excluded(encode_key(id)),
+                Bound::Unbounded,
+            )),
+            None => tree.iter(),
+        };
+        let mut first: Option<EventId> = None;
+        let mut last_seq = 0u64;
+        let mut bytes = 0usize;
+        let mut events: BoundedVec<Event, MAX_BATCH_EVENTS> = BoundedVec::new();
+        for item in iter {
+            let (k, v) = item?;
+            let id = decode_key(&k)?;
+            let len = k.len() + v.len();
+            if let Some(f) = first {
+                if id.epoch != f.epoch
+                    || Some(id.seq) != last_seq.checked_add(1)
+                    || events.len() >= max_events
+                    || bytes + len > max_bytes
+                {
+                    break;
+                }
+            } else {
+                first = Some(id);
+            }
+            let ev: Event = postcard::from_bytes(&v)?;
+            if events.push(ev).is_err() {
+                break;
+            }
+            last_seq = id.seq;
+            bytes += len;
+        }
+        Ok(first.map(|f| Batch {
+            epoch: f.epoch,
+            first_seq: f.seq,
+            events,
+        }))
+    }
+
+    /// The newest event of `lane`.
+    pub fn newest(&self, lane: Lane) -> Result<Option<(EventId, Event)>, StoreError> {
+        match self.inner.core.tree(lane).last()? {
+            None => Ok(None),
+            Some((k, v)) => Ok(Some((decode_key(&k)?, postcard::from_bytes(&v)?))),
+        }
+    }
+
+    /// Deletes the acknowledged seqs of `epoch` from both lanes; returns how many events
+    /// were removed. Idempotent; ranges with `first > last` are ignored. The deletion is
+    /// made durable lazily (next commit round or drop).
+    pub fn ack(&self, epoch: u32, ranges: &[SeqRange]) -> Result<u64, StoreError> {
+        let core = &self.inner.core;
+        let mut st = core.state()?;
+        let mut removed = 0;
+        for lane in [Lane::Critical, Lane::Telemetry] {
+            let tree = core.tree(lane);
+            // A map, so overlapping ranges count each event once.
+            let mut found: BTreeMap<sled::IVec, u64> = BTreeMap::new();
+            for r in ranges.iter().filter(|r| r.first <= r.last) {
+                let lo = encode_key(EventId {
+                    epoch,
+                    seq: r.first,
+                });
+                let hi = encode_key(EventId { epoch, seq: r.last });
+                for item in tree.range(lo..=hi) {
+                    let (k, v) = item?;
+                    let len = (k.len() + v.len()) as u64;
+                    found.insert(k, len);
+                }
+            }
+            if found.is_empty() {
+                continue;
+            }
+            let mut batch = sled::Batch::default();
+            for k in found.keys() {
+                batch.remove(k.clone());
+            }
+            tree.apply_batch(batch)?;
+            let s = st.lane_mut(lane);
+            s.events -= found.len() as u64;
+            s.bytes -= found.values().sum::<u64>();
+            removed += found.len() as u64;
+        }
+        Ok(removed)
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> StoreStats {
+        let core = &self.inner.core;
+        let st = core.state.lock().unwrap_or_else(PoisonError::into_inner);
+        StoreStats {
+            epoch: core.epoch,
+            critical: st.critical,
+            telemetry: st.telemetry,
+            used_bytes: st.used(),
+            quota_bytes: core.quota,
+            disk_bytes: dir_size(&core.path),
+            gaps_declared: st.gaps_declared,
+            evicted: st.evicted,
+        }
+    }
+}
+
+/// Bytes of the files in `dir` and its subdirectories (sled's `blobs/`); unreadable
+/// entries count as 0.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+impl Core {
+    fn tree(&self, lane: Lane) -> &sled::Tree {
+        match lane {
+            Lane::Critical => &self.critical,
+            Lane::Telemetry => &self.telemetry,
+        }
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, State>, StoreError> {
+        self.state.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn make_durable(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        commit::sync_sled_dir(&self.path)
+    }
+
+    fn key(&self, seq: u64) -> [u8; KEY_LEN] {
+        encode_key(EventId {
+            epoch: self.epoch,
+            seq,
+        })
+    }
+
+    /// Stores `ev` (evicting telemetry if needed); returns its id and commit ticket.
+    fn write(&self, ev: Event) -> Result<(EventId, u64), StoreError> {
+        let lane = lane_of(&ev.body);
+        let value = postcard::to_stdvec(&ev)?;
+        let n = (KEY_LEN + value.len()) as u64;
+        let mut st = self.state()?;
+        match self.plan_room(&st, n)? {
+            None => {
+                let seq = st.alloc_seq()?;
+                self.tree(lane).insert(self.key(seq), value)?;
+                let s = st.lane_mut(lane);
+                s.events += 1;
+                s.bytes += n;
+                let ticket = self.commits.register();
+                Ok((EventId { epoch: self.epoch, seq }, ticket))
+            }
+            Some(ev_plan) => {
+                let mut gap_kvs = Vec::with_capacity(ev_plan.gaps.len());
+                for g in &ev_plan.gaps {
+                    gap_kvs.push((self.key(st.alloc_seq()?), g.as_slice()));
+                }
+                let seq = st.alloc_seq()?;
+                let key = self.key(seq);
+                (&self.critical, &self.telemetry)
+                    .transaction(|(crit, tele)| {
+                        for (k, v) in &gap_kvs {
+                            crit.insert(k, *v)?;
+                        }
+                        for k in &ev_plan.victims {
+                            tele.remove(k)?;
+                        }
+                        let target = match lane {
+                            Lane::Critical => crit,
+                            Lane::Telemetry => tele,
+                        };
+                        target.insert(&key, value.as_slice())?;
+                        Ok::<(), ConflictableTransactionError<StoreError>>(())
+                    })
+                    .map_err(map_tx)?;
+                let evicted = ev_plan.victims.len() as u64;
+                st.telemetry.events -= evicted;
+                st.telemetry.bytes -= ev_plan.freed;
+                st.critical.events += gap_kvs.len() as u64;
+                st.critical.bytes += ev_plan.gap_bytes;
+                st.evicted += evicted;
+                st.gaps_declared += gap_kvs.len() as u64;
+                let s = st.lane_mut(lane);
+                s.events += 1;
+                s.bytes += n;
+                tracing::debug!(
+                    evicted,
+                    freed = ev_plan.freed,
+                    gaps = gap_kvs.len(),
+                    "store quota: telemetry thinned"
+                );
+                let ticket = self.commits.register();
+                Ok((EventId { epoch: self.epoch, seq }, ticket))
+            }
+        }
+    }
+
+    /// Decides what, if anything, to evict so an event of `n` stored bytes fits.
+    fn plan_room(&self, st: &State, n: u64) -> Result<Option<Eviction>, StoreError> {
+        let used = st.used();
+        let limit = self.quota - self.reserve;
+        if used + n <= limit {
+            return Ok(None);
+        }
+        let full = || StoreError::QuotaFull {
+            used,
+            quota: self.quota,
+            needed: n,
+        };
+        let need = used + n - limit;
+        // Only thin if it can work: all telemetry must be able to make room.
+        if st.telemetry.bytes < need {
+            return Err(full());
+        }
+        let want = need + (limit / 32).min(MAX_EVICT_SLACK);
+        let mut victims = Vec::new();
+        let mut freed = 0u64;
+        let mut gaps = GapBuilder::new();
+        for item in self.telemetry.iter() {
+            let (k, v) = item?;
+            let id = decode_key(&k)?;
+            freed += (k.len() + v.len()) as u64;
+            gaps.add(Lane::Telemetry, id, GapReason::Quota);
+            victims.push(k);
+            let gap_est = gaps.gaps.len() as u64 * GAP_EVENT_MAX;
+            if freed >= want && used - freed + n + gap_est <= self.quota {
+                break;
+            }
+        }
+        let encoded = gaps.encode()?;
+        let gap_bytes = encoded.iter().map(|g| (KEY_LEN + g.len()) as u64).sum::<u64>();
+        if freed < need || used - freed + n + gap_bytes > self.quota {
+            return Err(full());
+        }
+        Ok(Some(Eviction {
+            victims,
+            freed,
+            gaps: encoded,
+            gap_bytes,
+        }))
+    }
+
+    /// Removes undecodable entries found on open and declares the decodable-key ones.
+    fn discard(&self, bad: &[(Lane, sled::IVec)], gaps: &GapBuilder) -> Result<(), StoreError> {
+        let mut st = self.state()?;
+        let encoded = gaps.encode()?;
+        for g in &encoded {
+            let seq = st.alloc_seq()?;
+            self.critical.insert(self.key(seq), g.as_slice())?;
+            st.critical.events += 1;
+            st.critical.bytes += (KEY_LEN + g.len()) as u64;
+            st.gaps_declared += 1;
+        }
+        for (lane, k) in bad {
+            self.tree(*lane).remove(k)?;
+        }
+        drop(st);
+        self.make_durable()
+    }
+}

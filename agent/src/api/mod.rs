@@ -1,0 +1,202 @@
+//! The local API for the driver's tablet (axum, bearer token).
+//!
+//! - `GET /v1/status`: link, epoch, backlog per lane, last ack, disk use.
+//! - `POST /v1/events`: one event in the shared JSON shape; 201 `{epoch, seq}` only once
+//!   it is durable (fsynced); 400 naming the bad field; 507 when the store is full of
+//!   undelivered critical events.
+//!
+//! Errors are JSON `{"error": "..."}`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleetsync_protocol::json::{EventJson, Time};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::store::{Store, StoreError};
+use crate::uplink::LinkState;
+
+/// Largest request body of `POST /v1/events`.
+pub const MAX_EVENT_BODY: usize = 64 * 1024;
+
+/// Handler state.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// This device.
+    pub device_id: Arc<str>,
+    /// The store.
+    pub store: Store,
+    /// Uplink state.
+    pub link: Arc<LinkState>,
+    /// Wakes the uplink after an append.
+    pub wake: Arc<Notify>,
+    /// Bearer token.
+    pub token: Arc<str>,
+}
+
+/// An API error.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400.
+    BadRequest(String),
+    /// 401.
+    Unauthorized,
+    /// 507: the store is full.
+    Full(String),
+    /// 500, logged.
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::QuotaFull { .. } => ApiError::Full(format!(
+                "{e}; the event was not stored. Undelivered events fill the store: check the link to the hub"
+            )),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, msg) = match &self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.as_str()),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+            ApiError::Full(m) => (StatusCode::INSUFFICIENT_STORAGE, m.as_str()),
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "local API internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the agent's log",
+                )
+            }
+        };
+        (status, Json(ErrorBody { error: msg })).into_response()
+    }
+}
+
+fn secret_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| secret_eq(t.trim().as_bytes(), st.token.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// The router.
+pub fn app(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/events", post(post_event))
+        .layer(DefaultBodyLimit::max(MAX_EVENT_BODY))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+#[derive(Serialize)]
+struct LaneOut {
+    events: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct BacklogOut {
+    critical: LaneOut,
+    telemetry: LaneOut,
+}
+
+#[derive(Serialize)]
+struct DiskOut {
+    used_bytes: u64,
+    quota_bytes: u64,
+    on_disk_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    device_id: String,
+    connected: bool,
+    epoch: u32,
+    backlog: BacklogOut,
+    last_ack_time: Option<Time>,
+    disk: DiskOut,
+    gaps_declared: u64,
+    link: fleetsync_protocol::LinkStats,
+}
+
+async fn status(State(st): State<ApiState>) -> Json<StatusOut> {
+    let s = st.store.stats();
+    let last_ack = st.link.last_ack_ms.load(Ordering::Relaxed);
+    Json(StatusOut {
+        device_id: st.device_id.to_string(),
+        connected: st.link.connected.load(Ordering::Relaxed),
+        epoch: s.epoch,
+        backlog: BacklogOut {
+            critical: LaneOut {
+                events: s.critical.events,
+                bytes: s.critical.bytes,
+            },
+            telemetry: LaneOut {
+                events: s.telemetry.events,
+                bytes: s.telemetry.bytes,
+            },
+        },
+        last_ack_time: (last_ack > 0).then_some(Time(last_ack)),
+        disk: DiskOut {
+            used_bytes: s.used_bytes,
+            quota_bytes: s.quota_bytes,
+            on_disk_bytes: s.disk_bytes,
+        },
+        gaps_declared: s.gaps_declared,
+        link: st.link.stats(),
+    })
+}
+
+#[derive(Serialize)]
+struct Created {
+    epoch: u32,
+    seq: u64,
+}
+
+async fn post_event(State(st): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
+    let json: EventJson =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    let event = json
+        .to_event()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let id = st.store.append(event).await?;
+    st.wake.notify_one();
+    Ok((
+        StatusCode::CREATED,
+        Json(Created {
+            epoch: id.epoch,
+            seq: id.seq,
+        }),
+    )
+        .into_response())
+}

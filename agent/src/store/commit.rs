@@ -1,0 +1,180 @@
+//! Group commit: one background thread makes the store durable for every write registered
+//! since its previous round, then wakes the waiters.
+//!
+//! Invariants:
+//! - A writer registers its ticket *after* its sled write has completed, so when the thread
+//!   reads `written = W` every write with a ticket `<= W` is already in sled and the
+//!   following `flush` + fsync covers it.
+//! - `Status::durable` and `Status::failed` only grow. A waiter with ticket `t` is done once
+//!   either is `>= t`; `durable` is checked first, so a later successful round wins.
+//! - Durable means sled's `flush()` and then `fsync` of sled's files and directories
+//!   (sled 0.34.7 only calls `sync_file_range` on Linux, which leaves the device cache).
+
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::StoreError;
+
+/// What the committer has made durable so far (published to async waiters).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Status {
+    /// Every ticket `<= durable` is durable.
+    durable: u64,
+    /// Every ticket in `durable + 1 ..= failed` belongs to a round that failed.
+    failed: u64,
+    /// The error of the last failed round.
+    error: Option<Arc<str>>,
+}
+
+#[derive(Debug, Default)]
+struct Req {
+    /// Tickets handed out (the last one).
+    written: u64,
+    /// The last ticket the committer has handled (durable or failed).
+    handled: u64,
+    /// Set when the store is dropped: one last round, then exit.
+    shutdown: bool,
+}
+
+/// Shared between writers, waiters and the committer thread.
+#[derive(Debug)]
+pub(super) struct Commits {
+    req: Mutex<Req>,
+    cv: Condvar,
+    status: watch::Sender<Status>,
+}
+
+impl Commits {
+    pub(super) fn new() -> Commits {
+        Commits {
+            req: Mutex::new(Req::default()),
+            cv: Condvar::new(),
+            status: watch::Sender::new(Status::default()),
+        }
+    }
+
+    fn req(&self) -> MutexGuard<'_, Req> {
+        // `Req` is three integers updated in one statement each: a panic elsewhere cannot
+        // leave it half-written, so a poisoned lock is still consistent.
+        self.req.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a completed write; returns its ticket and wakes the committer.
+    pub(super) fn register(&self) -> u64 {
+        let mut r = self.req();
+        r.written += 1;
+        self.cv.notify_one();
+        r.written
+    }
+
+    /// The ticket covering every write registered so far (wakes the committer if needed).
+    pub(super) fn current(&self) -> u64 {
+        let r = self.req();
+        if r.written > r.handled {
+            self.cv.notify_one();
+        }
+        r.written
+    }
+
+    /// Waits until `ticket` is durable.
+    pub(super) async fn wait(&self, ticket: u64) -> Result<(), StoreError> {
+        let mut rx = self.status.subscribe();
+        let s = rx
+            .wait_for(|s| s.durable >= ticket || s.failed >= ticket)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        if s.durable >= ticket {
+            Ok(())
+        } else {
+            let msg = s.error.as_deref().unwrap_or("unknown error").to_owned();
+            Err(StoreError::Commit(msg))
+        }
+    }
+
+    /// Asks the committer to do a last round and exit.
+    pub(super) fn shutdown(&self) {
+        self.req().shutdown = true;
+        self.cv.notify_one();
+    }
+
+    /// The committer thread's body. `commit` makes everything written so far durable.
+    pub(super) fn run(&self, interval: Duration, commit: impl Fn() -> Result<(), StoreError>) {
+        loop {
+            let shutdown = {
+                let mut r = self.req();
+                while r.written <= r.handled && !r.shutdown {
+                    r = self.cv.wait(r).unwrap_or_else(PoisonError::into_inner);
+                }
+                r.shutdown
+            };
+            // The group-commit window: let concurrent writers join this round.
+            if !shutdown && !interval.is_zero() {
+                std::thread::sleep(interval);
+            }
+            let target = self.req().written;
+            let res = commit();
+            self.req().handled = target;
+            self.status.send_modify(|s| match &res {
+                Ok(()) => s.durable = s.durable.max(target),
+                Err(e) => {
+                    s.failed = s.failed.max(target);
+                    s.error = Some(Arc::from(e.to_string()));
+                }
+            });
+            if let Err(e) = res {
+                tracing::error!(error = %e, ticket = target, "store commit failed: events not durable");
+            }
+            if shutdown {
+                return;
+            }
+        }
+    }
+}
+
+/// fsyncs sled's files (`db`, `conf`, `snap.*`, `blobs/*`) and the directories holding them.
+pub(super) fn sync_sled_dir(dir: &Path) -> Result<(), StoreError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: io::Error| StoreError::Io { path, source }
+    };
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == "db" || name == "conf" || name.starts_with("snap.") {
+            sync_path(&entry.path())?;
+        }
+    }
+    let blobs = dir.join("blobs");
+    match fs::read_dir(&blobs) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(io_err(&blobs))?;
+                sync_path(&entry.path())?;
+            }
+            sync_path(&blobs)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&blobs)(e)),
+    }
+    sync_path(dir)
+}
+
+/// fsyncs one file or directory; one that vanished meanwhile (a replaced snapshot, a
+/// removed blob) needs no sync.
+fn sync_path(path: &Path) -> Result<(), StoreError> {
+    let res = File::open(path).and_then(|f| f.sync_all());
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}

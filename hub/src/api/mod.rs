@@ -1,0 +1,365 @@
+//! HTTP: the operator API under `/v1/ops` (bearer token), `/healthz`, `/readyz`,
+//! `/metrics`, and the OpenAPI document at `/v1/openapi.json`.
+//!
+//! Errors are JSON `{"error": "..."}`: 4xx says which parameter is wrong and what was
+//! expected; 5xx is logged and answered with a generic message.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fleetsync_protocol::json::{EventJson, Time, parse_sha256, sha256_hex};
+use serde::{Deserialize, Serialize};
+
+use crate::broker::gateway::Registry;
+use crate::metrics::Metrics;
+use crate::store::{HubStore, StoreError};
+
+/// The OpenAPI document (kept beside the code it describes).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: HubStore,
+    /// Connected devices.
+    pub registry: Arc<Registry>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Operator bearer token.
+    pub operator_token: Arc<str>,
+    /// Broker up and ingest subscribed.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// An API error.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400 with a message.
+    BadRequest(String),
+    /// 401.
+    Unauthorized,
+    /// 404 with a message.
+    NotFound(String),
+    /// 500, logged.
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, msg) = match &self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.as_str()),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <operator_token>)",
+            ),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m.as_str()),
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "internal error in operator API");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the hub's log",
+                )
+            }
+        };
+        let mut resp = (status, Json(ErrorBody { error: msg })).into_response();
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// Constant-time comparison of secrets.
+pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_operator(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| secret_eq(t.trim().as_bytes(), st.operator_token.as_bytes()));
+    if !ok {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// The router.
+pub fn app(state: AppState) -> Router {
+    let ops = Router::new()
+        .route("/devices", get(devices))
+        .route("/devices/{id}/events", get(device_events))
+        .route("/blobs/{sha256}", get(blob))
+        .route("/quarantine", get(quarantine))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_operator,
+        ));
+    Router::new()
+        .nest("/v1/ops", ops)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .with_state(state)
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    if st.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: broker or ingest not up\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct HealthOut {
+    event_time: Time,
+    backlog_critical: u32,
+    backlog_telemetry: u32,
+    disk_used_bytes: u64,
+    disk_quota_bytes: u64,
+    uptime_s: u32,
+    version: String,
+}
+
+#[derive(Serialize)]
+struct DeviceOut {
+    id: String,
+    connected: bool,
+    last_seen: Option<Time>,
+    epoch: u32,
+    health: Option<HealthOut>,
+}
+
+async fn devices(State(st): State<AppState>) -> Result<Json<Vec<DeviceOut>>, ApiError> {
+    let store = st.store.clone();
+    let rows = tokio::task::spawn_blocking(move || store.devices())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(id, r)| DeviceOut {
+                connected: st.registry.is_connected(&id),
+                last_seen: (r.last_seen_ms > 0).then_some(Time(r.last_seen_ms)),
+                epoch: r.epoch,
+                health: r.last_health.map(|(t, h)| HealthOut {
+                    event_time: Time(t),
+                    backlog_critical: h.backlog_critical,
+                    backlog_telemetry: h.backlog_telemetry,
+                    disk_used_bytes: h.disk_used_bytes,
+                    disk_quota_bytes: h.disk_quota_bytes,
+                    uptime_s: h.uptime_s,
+                    version: h.version.to_string(),
+                }),
+                id,
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<String>,
+    limit: Option<String>,
+    kind: Option<String>,
+}
+
+#[derive(Serialize)]
+struct EventOut {
+    epoch: u32,
+    seq: u64,
+    recorded_time: Time,
+    #[serde(flatten)]
+    event: EventJson,
+}
+
+#[derive(Serialize)]
+struct EventsPage {
+    events: Vec<EventOut>,
+    /// Cursor for the next page, or null at the end.
+    next: Option<String>,
+}
+
+const KINDS: [&str; 8] = [
+    "position",
+    "geofence",
+    "trip",
+    "pod",
+    "exception",
+    "health",
+    "gap",
+    "assignment_ack",
+];
+/// Largest page of events.
+pub const MAX_PAGE: usize = 1000;
+
+fn parse_cursor(s: &str) -> Option<(u32, u64)> {
+    let (e, q) = s.split_once('-')?;
+    Some((e.parse().ok()?, q.parse().ok()?))
+}
+
+async fn device_events(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let after = match q.after.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "after: {c:?} is not a cursor; use a page's `next` value, like 3-120"
+            ))
+        })?),
+    };
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "limit: expected a number from 1 to {MAX_PAGE}, got {l:?}"
+                )));
+            }
+        },
+    };
+    if let Some(k) = q.kind.as_deref()
+        && !KINDS.contains(&k)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "kind: {k:?} is not one of {}",
+            KINDS.join(", ")
+        )));
+    }
+    let store = st.store.clone();
+    let id2 = id.clone();
+    let (known, rows) = tokio::task::spawn_blocking(move || {
+        let known = store.device(&id2)?.is_some();
+        let rows = store.events(&id2, after, limit, q.kind.as_deref())?;
+        Ok::<_, StoreError>((known, rows))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    if !known {
+        return Err(ApiError::NotFound(format!(
+            "no device {id:?} has sent anything to this hub"
+        )));
+    }
+    let next = if rows.len() == limit {
+        rows.last().map(|(e, s, _)| format!("{e}-{s}"))
+    } else {
+        None
+    };
+    let events = rows
+        .into_iter()
+        .map(|(epoch, seq, st)| EventOut {
+            epoch,
+            seq,
+            recorded_time: Time(st.recorded_ms),
+            event: EventJson::from_event(&st.event),
+        })
+        .collect();
+    Ok(Json(EventsPage { events, next }))
+}
+
+async fn blob(State(st): State<AppState>, Path(sha): Path<String>) -> Result<Response, ApiError> {
+    let digest = parse_sha256(&sha.to_ascii_lowercase()).ok_or_else(|| {
+        ApiError::BadRequest(format!("sha256: expected 64 hex digits, got {sha:?}"))
+    })?;
+    let store = st.store.clone();
+    let blob = tokio::task::spawn_blocking(move || store.blob(&digest))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    match blob {
+        Some(bytes) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        }
+        None => Err(ApiError::NotFound(format!("no complete blob {sha}"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuarantineQuery {
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct QuarantineOut {
+    id: u64,
+    device: String,
+    topic: String,
+    recorded_time: Time,
+    error: String,
+    bytes: usize,
+    raw_hex: String,
+}
+
+async fn quarantine(
+    State(st): State<AppState>,
+    Query(q): Query<QuarantineQuery>,
+) -> Result<Json<Vec<QuarantineOut>>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let store = st.store.clone();
+    let rows = tokio::task::spawn_blocking(move || store.quarantined(limit))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(id, q)| QuarantineOut {
+                id,
+                device: q.device,
+                topic: q.topic,
+                recorded_time: Time(q.recorded_ms),
+                error: q.error,
+                bytes: q.raw.len(),
+                raw_hex: hex::encode(&q.raw),
+            })
+            .collect(),
+    ))
+}
+
+/// Hex of a digest (re-exported for callers building blob URLs).
+pub fn blob_path(sha: &[u8; 32]) -> String {
+    format!("/v1/ops/blobs/{}", sha256_hex(sha))
+}

@@ -1,0 +1,379 @@
+//! The device gateway: terminates TLS in front of the embedded broker and enforces that a
+//! device only publishes and subscribes under its own prefix.
+//!
+//! Why it exists: rumqttd awaits each TLS handshake inline in its accept loop with no
+//! timeout, so one client that opens TCP and never finishes the handshake would block every
+//! new device. Here each connection is handled by its own task: the accept loop never waits
+//! on a client, a handshake has a deadline, and the connection count is bounded.
+//!
+//! Per connection:
+//!
+//! ```text
+//! device --TLS 1.3, client cert--> gateway --plain MQTT, loopback--> rumqttd
+//!   device id = O field of the verified client certificate
+//!   CONNECT     client id must equal the device id; rewritten to log in as
+//!               (device id, broker secret) so only the gateway can speak for a device
+//!   PUBLISH     topic must be /tenants/{id}/up or /tenants/{id}/blob
+//!   SUBSCRIBE   every filter must start with /tenants/{id}/
+//!   UNSUBSCRIBE same
+//!   anything else passes through; broker -> device bytes pass through untouched
+//! ```
+//!
+//! A violation is counted (`topic_violations`), logged with the certificate's id and the
+//! id the topic names, and the connection is closed before the packet reaches the broker.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fleetsync_protocol::topic::{Channel, Layout};
+use rumqttc::mqttbytes::v4::{Login, Packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// Connected devices (a device may briefly hold two connections while reconnecting).
+#[derive(Debug, Default)]
+pub struct Registry {
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single ops).
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn opened(&self, device: &str) {
+        *self.lock().entry(device.to_string()).or_default() += 1;
+    }
+
+    fn closed(&self, device: &str) {
+        let mut m = self.lock();
+        if let Some(n) = m.get_mut(device) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(device);
+            }
+        }
+    }
+
+    /// Whether `device` has an open connection.
+    pub fn is_connected(&self, device: &str) -> bool {
+        self.lock().contains_key(device)
+    }
+
+    /// How many devices are connected.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Most connections at once (including ones still in their handshake).
+    pub max_connections: usize,
+    /// Largest MQTT packet from a device.
+    pub max_packet_bytes: usize,
+    /// The broker's loopback address.
+    pub upstream: SocketAddr,
+    /// The broker login secret.
+    pub secret: String,
+}
+
+/// Runs the accept loop until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    cfg: GatewayConfig,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let cfg = Arc::new(cfg);
+    let tasks = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            Metrics::add(&metrics.connections_refused, 1);
+            debug!(%peer, "connection limit reached; refused");
+            continue;
+        };
+        let (acceptor, cfg, registry, metrics, shutdown) = (
+            acceptor.clone(),
+            cfg.clone(),
+            registry.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = connection(tcp, peer, acceptor, &cfg, &registry, &metrics) => {}
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    cfg: &GatewayConfig,
+    registry: &Registry,
+    metrics: &Metrics,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            Metrics::add(&metrics.tls_handshake_failures, 1);
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            Metrics::add(&metrics.tls_handshake_failures, 1);
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let device = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::device_id_of);
+    let Some(device) = device else {
+        Metrics::add(&metrics.tls_handshake_failures, 1);
+        warn!(%peer, "client certificate has no usable device id in its O field");
+        return;
+    };
+    let upstream = match TcpStream::connect(cfg.upstream).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%device, error = %e, "embedded broker unreachable");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    registry.opened(&device);
+    metrics
+        .connected_devices
+        .store(registry.count() as u64, Ordering::Relaxed);
+    debug!(%device, %peer, "device connected");
+    let result = proxy(tls, upstream, &device, cfg).await;
+    registry.closed(&device);
+    metrics
+        .connected_devices
+        .store(registry.count() as u64, Ordering::Relaxed);
+    match result {
+        Ok(()) => debug!(%device, "device disconnected"),
+        Err(GuardError::Violation { topic, other }) => {
+            Metrics::add(&metrics.topic_violations, 1);
+            warn!(%device, other_device = %other, %topic, "device used another device's topic; disconnected");
+        }
+        Err(e) => debug!(%device, error = %e, "device connection closed"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum GuardError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("topic {topic} is outside the device's prefix (names {other})")]
+    Violation { topic: String, other: String },
+}
+
+/// Parses an MQTT fixed header: (packet type, header length, remaining length).
+fn fixed_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize, usize)>, GuardError> {
+    let Some(&b0) = buf.first() else {
+        return Ok(None);
+    };
+    let mut len = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            if len > max {
+                return Err(GuardError::Protocol(format!(
+                    "packet of {len} bytes exceeds {max}"
+                )));
+            }
+            return Ok(Some((b0 >> 4, 2 + i, len)));
+        }
+    }
+    Err(GuardError::Protocol("bad remaining length".into()))
+}
+
+fn other_device(topic: &str) -> String {
+    for layout in [Layout::Embedded, Layout::External] {
+        if let Ok((id, _)) = layout.parse(topic) {
+            return id.to_string();
+        }
+    }
+    "-".to_string()
+}
+
+async fn proxy<S>(
+    tls: S,
+    upstream: TcpStream,
+    device: &str,
+    cfg: &GatewayConfig,
+) -> Result<(), GuardError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut dev_r, mut dev_w) = tokio::io::split(tls);
+    let (mut up_r, mut up_w) = upstream.into_split();
+    let prefix = Layout::Embedded
+        .device_prefix(device)
+        .map_err(|e| GuardError::Protocol(e.to_string()))?;
+    let up_topic = Layout::Embedded
+        .topic(device, Channel::Up)
+        .map_err(|e| GuardError::Protocol(e.to_string()))?;
+    let blob_topic = Layout::Embedded
+        .topic(device, Channel::Blob)
+        .map_err(|e| GuardError::Protocol(e.to_string()))?;
+    let max = cfg.max_packet_bytes;
+
+    let downstream = async {
+        // broker -> device, untouched.
+        let r = tokio::io::copy(&mut up_r, &mut dev_w).await;
+        let _ = dev_w.shutdown().await;
+        r.map(|_| ())
+    };
+    let upstream_dir = async {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut connected = false;
+        loop {
+            while let Some((kind, hlen, rlen)) = fixed_header(&buf, max)? {
+                let total = hlen + rlen;
+                if buf.len() < total {
+                    buf.reserve(total - buf.len());
+                    break;
+                }
+                let mut frame = buf.split_to(total);
+                match kind {
+                    1 => {
+                        // CONNECT: the client id must be the certificate's device id.
+                        let packet = Packet::read(&mut frame, max)
+                            .map_err(|e| GuardError::Protocol(e.to_string()))?;
+                        let Packet::Connect(mut connect) = packet else {
+                            return Err(GuardError::Protocol("bad CONNECT".into()));
+                        };
+                        if connected {
+                            return Err(GuardError::Protocol("second CONNECT".into()));
+                        }
+                        if connect.client_id != device {
+                            return Err(GuardError::Violation {
+                                topic: format!("client id {}", connect.client_id),
+                                other: connect.client_id.clone(),
+                            });
+                        }
+                        connect.login = Some(Login::new(device, cfg.secret.clone()));
+                        let mut out = BytesMut::new();
+                        Packet::Connect(connect)
+                            .write(&mut out, max)
+                            .map_err(|e| GuardError::Protocol(e.to_string()))?;
+                        up_w.write_all(&out).await?;
+                        connected = true;
+                        continue;
+                    }
+                    _ if !connected => {
+                        return Err(GuardError::Protocol("packet before CONNECT".into()));
+                    }
+                    3 => {
+                        // PUBLISH: topic is the first field of the variable header.
+                        let body = &frame[hlen..];
+                        if body.len() < 2 {
+                            return Err(GuardError::Protocol("short PUBLISH".into()));
+                        }
+                        let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                        let topic = body
+                            .get(2..2 + tlen)
+                            .and_then(|t| std::str::from_utf8(t).ok())
+                            .ok_or_else(|| GuardError::Protocol("bad PUBLISH topic".into()))?;
+                        if topic != up_topic.as_str() && topic != blob_topic.as_str() {
+                            return Err(GuardError::Violation {
+                                topic: topic.to_string(),
+                                other: other_device(topic),
+                            });
+                        }
+                    }
+                    8 | 10 => {
+                        // SUBSCRIBE / UNSUBSCRIBE: every filter under the device's prefix.
+                        let mut copy = frame.clone();
+                        let filters: Vec<String> = match Packet::read(&mut copy, max)
+                            .map_err(|e| GuardError::Protocol(e.to_string()))?
+                        {
+                            Packet::Subscribe(s) => s.filters.into_iter().map(|f| f.path).collect(),
+                            Packet::Unsubscribe(u) => u.topics,
+                            _ => return Err(GuardError::Protocol("bad SUBSCRIBE".into())),
+                        };
+                        if let Some(bad) = filters.iter().find(|f| !f.starts_with(prefix.as_str()))
+                        {
+                            return Err(GuardError::Violation {
+                                topic: bad.clone(),
+                                other: other_device(bad),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+                up_w.write_all(&frame).await?;
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            let n = dev_r.read_buf(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(), GuardError>(());
+            }
+            if buf.len() > max + 8 && fixed_header(&buf, max)?.is_none() {
+                return Err(GuardError::Protocol("unparseable stream".into()));
+            }
+        }
+    };
+    // Whichever side ends first ends the connection.
+    tokio::select! {
+        r = upstream_dir => r,
+        r = downstream => r.map_err(GuardError::from),
+    }
+}
+
+/// Logs the gateway's start.
+pub fn log_listening(addr: SocketAddr) {
+    info!(%addr, "device gateway listening (TLS 1.3, client certificates required)");
+}

@@ -1,0 +1,275 @@
+//! Ingest: device frames from the broker to the store, then acks back to the devices.
+//!
+//! ```text
+//! rumqttc event loop --(bounded channel, INGEST_QUEUE)--> worker
+//! worker: take up to GROUP frames -> decode (size-limited) -> identity from the topic
+//!         -> dedup + write (store) -> ONE make_durable (flush + fsync) -> publish acks
+//! ```
+//!
+//! Invariants: an `Ack` (or `BlobAck`) is published only after `make_durable` returned Ok
+//! for everything it covers. A frame that does not decode is counted, quarantined with its
+//! raw bytes, and skipped; the worker never stops for bad input. If the store fails,
+//! nothing of that group is acked, so devices resend it.
+//!
+//! The event loop must never wait on the worker while the worker waits on the event
+//! loop: acks are queued with `try_publish`, and what does not fit stays in the worker's
+//! pending list until the next round.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fleetsync_protocol::topic::{Channel, Layout};
+use fleetsync_protocol::{Ack, BlobAck, BoundedVec, Downlink, SeqRange, Uplink, frame};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::store::{ChunkOutcome, HubStore, Quarantined};
+
+/// Frames buffered between the MQTT event loop and the worker.
+const INGEST_QUEUE: usize = 4096;
+/// Most frames committed with one fsync.
+const GROUP: usize = 512;
+/// Requests (acks) queued towards the broker.
+const CLIENT_QUEUE: usize = 8192;
+
+/// Where the ingest connects.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Login.
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// Topic layout.
+    pub layout: Layout,
+    /// Largest packet.
+    pub max_packet_bytes: usize,
+}
+
+/// Wall clock in ms.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the ingest until `shutdown`. Sets `ready` once the subscriptions are in place.
+pub async fn run(
+    cfg: IngestConfig,
+    store: HubStore,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let mut opts = MqttOptions::new(
+        format!("fleetsync-hub-ingest-{}", std::process::id()),
+        cfg.host.clone(),
+        cfg.port,
+    );
+    opts.set_credentials(cfg.username.clone(), cfg.password.clone());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(cfg.max_packet_bytes + 1024, cfg.max_packet_bytes + 1024);
+    opts.set_inflight(1000);
+    let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    let (tx, rx) = mpsc::channel(INGEST_QUEUE);
+    let layout = cfg.layout;
+    let pump = tokio::spawn(pump(
+        eventloop,
+        client.clone(),
+        layout,
+        tx,
+        ready,
+        shutdown.clone(),
+    ));
+    worker(rx, client, layout, store, metrics, shutdown).await;
+    let _ = pump.await;
+}
+
+async fn pump(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    layout: Layout,
+    tx: mpsc::Sender<Publish>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                info!("ingest connected to broker; subscribing");
+                for ch in [Channel::Up, Channel::Blob] {
+                    if let Err(e) = client.try_subscribe(layout.hub_filter(ch), QoS::AtLeastOnce) {
+                        warn!(error = %e, "subscribe request failed");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                ready.store(true, Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ready.store(false, Ordering::SeqCst);
+                warn!(error = %e, "ingest lost the broker; reconnecting");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn worker(
+    mut rx: mpsc::Receiver<Publish>,
+    client: AsyncClient,
+    layout: Layout,
+    store: HubStore,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut pending: VecDeque<(String, Vec<u8>)> = VecDeque::new();
+    loop {
+        let mut group = Vec::new();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = rx.recv() => match p {
+                Some(p) => group.push(p),
+                None => return,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(20)), if !pending.is_empty() => {}
+        }
+        while group.len() < GROUP {
+            match rx.try_recv() {
+                Ok(p) => group.push(p),
+                Err(_) => break,
+            }
+        }
+        if !group.is_empty() {
+            let (store, metrics) = (store.clone(), metrics.clone());
+            match tokio::task::spawn_blocking(move || commit(&store, &metrics, layout, group)).await
+            {
+                Ok(acks) => pending.extend(acks),
+                Err(e) => warn!(error = %e, "ingest commit task failed"),
+            }
+        }
+        while let Some((topic, bytes)) = pending.pop_front() {
+            match client.try_publish(topic.clone(), QoS::AtLeastOnce, false, bytes.clone()) {
+                Ok(()) => Metrics::add(&metrics.acks_sent, 1),
+                Err(_) => {
+                    pending.push_front((topic, bytes));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Writes a group of frames, makes them durable, and returns the acks to send.
+fn commit(
+    store: &HubStore,
+    metrics: &Metrics,
+    layout: Layout,
+    group: Vec<Publish>,
+) -> Vec<(String, Vec<u8>)> {
+    let now = now_ms();
+    let mut acks = Vec::new();
+    for p in group {
+        let Ok((device, channel)) = layout.parse(&p.topic) else {
+            warn!(topic = %p.topic, "frame on a topic outside the fleet layout; ignored");
+            continue;
+        };
+        let Ok(down) = layout.topic(device, Channel::Down) else {
+            continue;
+        };
+        let quarantine = |error: String| {
+            Metrics::add(&metrics.malformed_frames, 1);
+            warn!(%device, topic = %p.topic, %error, bytes = p.payload.len(), "frame quarantined");
+            let q = Quarantined {
+                device: device.to_string(),
+                topic: p.topic.clone(),
+                recorded_ms: now,
+                error,
+                raw: p.payload.to_vec(),
+            };
+            if let Err(e) = store.quarantine(&q) {
+                warn!(%device, error = %e, "quarantine write failed");
+            }
+        };
+        match (frame::decode::<Uplink>(&p.payload), channel) {
+            (Ok(Uplink::Batch(batch)), Channel::Up) => {
+                match store.ingest_batch(device, &batch, now) {
+                    Ok(r) => {
+                        Metrics::add(&metrics.batches, 1);
+                        Metrics::add(&metrics.events_ingested, r.inserted);
+                        Metrics::add(&metrics.duplicates_dropped, r.duplicates);
+                        if r.inserted > 0 {
+                            for ev in batch.events.iter() {
+                                metrics.observe_lag_ms(now.saturating_sub(ev.time_ms));
+                            }
+                        }
+                        debug!(%device, epoch = batch.epoch, first = batch.first_seq, n = batch.events.len(), dup = r.duplicates, "batch stored");
+                        let mut ranges = BoundedVec::new();
+                        let _ = ranges.push(SeqRange {
+                            first: batch.first_seq,
+                            last: batch.last_seq(),
+                        });
+                        let ack = Downlink::Ack(Ack {
+                            epoch: batch.epoch,
+                            ranges,
+                        });
+                        if let Ok(bytes) = frame::encode(&ack) {
+                            acks.push((down.to_string(), bytes));
+                        }
+                    }
+                    Err(e) => warn!(%device, error = %e, "store write failed; batch not acked"),
+                }
+            }
+            (Ok(Uplink::BlobChunk(chunk)), Channel::Blob) => {
+                Metrics::add(&metrics.blob_chunks, 1);
+                let _ = store.touch_device(device, now);
+                match store.put_chunk(&chunk) {
+                    Ok(ChunkOutcome::Complete) => {
+                        Metrics::add(&metrics.blobs_completed, 1);
+                        let ack = Downlink::BlobAck(BlobAck {
+                            sha256: chunk.sha256,
+                        });
+                        if let Ok(bytes) = frame::encode(&ack) {
+                            acks.push((down.to_string(), bytes));
+                        }
+                    }
+                    Ok(ChunkOutcome::Partial) => {}
+                    Ok(ChunkOutcome::DigestMismatch) => {
+                        quarantine("blob bytes do not match their sha256".into())
+                    }
+                    Ok(ChunkOutcome::Invalid(why)) => quarantine(why),
+                    Err(e) => warn!(%device, error = %e, "blob write failed"),
+                }
+            }
+            (Ok(_), ch) => quarantine(format!(
+                "message kind does not belong on the {} topic",
+                ch.as_str()
+            )),
+            (Err(e), _) => quarantine(e.to_string()),
+        }
+    }
+    if let Err(e) = store.make_durable() {
+        warn!(error = %e, "store fsync failed; acks withheld, devices will resend");
+        return Vec::new();
+    }
+    acks
+}

@@ -1,0 +1,144 @@
+//! The hub's counters and their Prometheus text form. Per hub instance (no global
+//! recorder), so several hubs in one test process do not mix their figures.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds (seconds) of the ingest-lag histogram buckets.
+const LAG_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0, 3600.0];
+
+/// Counters; every field is monotonic except where noted.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// New events stored.
+    pub events_ingested: AtomicU64,
+    /// Events received again and dropped by dedup.
+    pub duplicates_dropped: AtomicU64,
+    /// Batches processed.
+    pub batches: AtomicU64,
+    /// Frames that did not decode (quarantined).
+    pub malformed_frames: AtomicU64,
+    /// Acks published to devices.
+    pub acks_sent: AtomicU64,
+    /// Blob chunks received.
+    pub blob_chunks: AtomicU64,
+    /// Blobs completed and verified.
+    pub blobs_completed: AtomicU64,
+    /// Publishes or subscriptions outside a device's own prefix.
+    pub topic_violations: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
+    /// Connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Gauge: devices with an open connection.
+    pub connected_devices: AtomicU64,
+    lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
+    lag_count: AtomicU64,
+    lag_sum_ms: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records one event's ingest lag (record time minus capture time).
+    pub fn observe_lag_ms(&self, lag_ms: u64) {
+        let secs = lag_ms as f64 / 1000.0;
+        for (i, le) in LAG_BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.lag_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.lag_count.fetch_add(1, Ordering::Relaxed);
+        self.lag_sum_ms.fetch_add(lag_ms, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(2048);
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "fleetsync_hub_events_ingested_total",
+                "New events stored.",
+                &self.events_ingested,
+            ),
+            (
+                "fleetsync_hub_duplicates_dropped_total",
+                "Redelivered events dropped by dedup.",
+                &self.duplicates_dropped,
+            ),
+            (
+                "fleetsync_hub_batches_total",
+                "Event batches processed.",
+                &self.batches,
+            ),
+            (
+                "fleetsync_hub_malformed_frames_total",
+                "Frames that did not decode (quarantined).",
+                &self.malformed_frames,
+            ),
+            (
+                "fleetsync_hub_acks_sent_total",
+                "Acks published to devices.",
+                &self.acks_sent,
+            ),
+            (
+                "fleetsync_hub_blob_chunks_total",
+                "Blob chunks received.",
+                &self.blob_chunks,
+            ),
+            (
+                "fleetsync_hub_blobs_completed_total",
+                "Blobs assembled and verified.",
+                &self.blobs_completed,
+            ),
+            (
+                "fleetsync_hub_topic_violations_total",
+                "Publishes or subscriptions outside the device's prefix.",
+                &self.topic_violations,
+            ),
+            (
+                "fleetsync_hub_tls_handshake_failures_total",
+                "Device TLS handshakes failed or timed out.",
+                &self.tls_handshake_failures,
+            ),
+            (
+                "fleetsync_hub_connections_refused_total",
+                "Device connections refused at the limit.",
+                &self.connections_refused,
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                g(c)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetsync_hub_connected_devices Devices with an open connection.\n# TYPE fleetsync_hub_connected_devices gauge\nfleetsync_hub_connected_devices {}",
+            g(&self.connected_devices)
+        );
+        let name = "fleetsync_hub_ingest_lag_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Capture to hub record time of new events.\n# TYPE {name} histogram"
+        );
+        for (i, le) in LAG_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{le}\"}} {}",
+                g(&self.lag_buckets[i])
+            );
+        }
+        let count = g(&self.lag_count);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", g(&self.lag_sum_ms) as f64 / 1000.0);
+        let _ = writeln!(out, "{name}_count {count}");
+        out
+    }
+}
