@@ -568,8 +568,8 @@ fn concurrent_appends_get_unique_ids_and_survive_reopen() {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 let mut ids = Vec::new();
-                for i in 0..40 {
-                    let ev = if i % 2 == 0 {
+                for i in 0..40u64 {
+                    let ev = if i.is_multiple_of(2) {
                         critical(t * 1000 + i, 10)
                     } else {
                         telemetry(t * 1000 + i, None)

@@ -1,1 +1,328 @@
-//! e2e fixtures
+//! Fixtures for the end-to-end tests: a PKI, real `fleetsync-hub` and `fleetsync-agent`
+//! processes (or an in-process hub), free ports, HTTP helpers, and an MQTT device client
+//! with a real certificate.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    unreachable_pub,
+    missing_debug_implementations
+)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
+pub const DRIVER_TOKEN: &str = "driver-token-for-tests-0123456789";
+
+/// A free loopback port (bound and released; the caller binds it soon after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Directory of the workspace's debug binaries, built once per test process.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "fleetsync-hub",
+                "-p",
+                "fleetsync-agent",
+                "--bins",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building the binaries failed");
+    });
+    // target/debug/deps/<test> -> target/debug
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+/// A fresh PKI with a CA, hub certificate, and the given devices.
+pub fn pki(dir: &Path, devices: &[&str]) -> PathBuf {
+    let p = dir.join("pki");
+    fleetsync_hub::pki::init(&p, &[]).unwrap();
+    for d in devices {
+        fleetsync_hub::pki::issue_device(&p, d).unwrap();
+    }
+    p
+}
+
+/// Hub config text for the given ports.
+pub fn hub_config(pki: &Path, data: &Path, mqtt: u16, http: u16) -> String {
+    format!(
+        r#"
+[mqtt]
+listen = "127.0.0.1:{mqtt}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+handshake_timeout_ms = 3000
+[http]
+listen = "127.0.0.1:{http}"
+[store]
+path = "{data}"
+[auth]
+operator_token = "{OPERATOR_TOKEN}"
+"#,
+        ca = pki.join("ca.pem").display(),
+        cert = pki.join("hub.pem").display(),
+        key = pki.join("hub-key.pem").display(),
+        data = data.display(),
+    )
+}
+
+/// Agent config text.
+pub fn agent_config(
+    device: &str,
+    pki: &Path,
+    data: &Path,
+    mqtt: u16,
+    api: u16,
+    quota: u64,
+) -> String {
+    let dev = pki.join("devices").join(device);
+    format!(
+        r#"
+device_id = "{device}"
+[hub]
+url = "mqtts://localhost:{mqtt}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+ack_timeout_ms = 3000
+[store]
+path = "{data}"
+quota_bytes = {quota}
+[api]
+listen = "127.0.0.1:{api}"
+token = "{DRIVER_TOKEN}"
+[health]
+interval_s = 1
+[uplink]
+batch_max_delay_ms = 200
+"#,
+        ca = pki.join("ca.pem").display(),
+        cert = dev.join("cert.pem").display(),
+        key = dev.join("key.pem").display(),
+        data = data.display(),
+    )
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(bin_name: &str, config: &Path, log: &Path) -> Proc {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(bin(bin_name))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,rumqttd=off")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            name: bin_name.into(),
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// An HTTP client with a bearer token.
+#[derive(Clone)]
+pub struct Http {
+    pub base: String,
+    pub token: String,
+    pub client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(addr: SocketAddr, token: &str) -> Http {
+        Http {
+            base: format!("http://{addr}"),
+            token: token.into(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.get(path).await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+    }
+
+    /// Every event of `device` at the hub, following `next` cursors.
+    pub async fn all_events(&self, device: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self
+                .get_json(&format!(
+                    "/v1/ops/devices/{device}/events?limit=1000&after={after}"
+                ))
+                .await;
+            out.extend(page["events"].as_array().unwrap().iter().cloned());
+            match page["next"].as_str() {
+                Some(n) => after = n.to_string(),
+                None => return out,
+            }
+        }
+    }
+
+    /// Reads a counter from /metrics.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.get("/metrics").await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the HTTP server at `addr` answers `path` with 200.
+pub async fn wait_http_ok(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    let http = Http::new(addr, "");
+    wait_for(timeout, || {
+        let http = http.clone();
+        async move {
+            http.get(path)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        }
+    })
+    .await
+    .is_some()
+}
+
+/// An in-process hub with its own PKI and data dir.
+pub struct TestHub {
+    pub dir: tempfile::TempDir,
+    pub pki: PathBuf,
+    pub running_mqtt: SocketAddr,
+    pub http: Http,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl TestHub {
+    pub async fn start(devices: &[&str]) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path(), devices);
+        let text = hub_config(&pki, &dir.path().join("hub"), 0, 0);
+        let mut cfg = fleetsync_hub::Config::parse(&text).unwrap();
+        cfg.resolve_paths(dir.path());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = fleetsync_hub::start(cfg, shutdown.clone()).await.unwrap();
+        TestHub {
+            running_mqtt: running.mqtt_addr,
+            http: Http::new(running.http_addr, OPERATOR_TOKEN),
+            pki,
+            dir,
+            shutdown,
+        }
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An MQTT device client using `device`'s certificate from `pki`.
+pub fn device_client(
+    pki: &Path,
+    cert_device: &str,
+    client_id: &str,
+    hub: SocketAddr,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let dev = pki.join("devices").join(cert_device);
+    let tls = fleetsync_agent::client_tls(
+        &pki.join("ca.pem"),
+        &dev.join("cert.pem"),
+        &dev.join("key.pem"),
+    )
+    .unwrap();
+    let mut opts = rumqttc::MqttOptions::new(client_id, "localhost", hub.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+    ));
+    rumqttc::AsyncClient::new(opts, 64)
+}

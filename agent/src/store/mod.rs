@@ -176,7 +176,9 @@ pub enum StoreError {
 }
 
 /// The durable two-lane event log. Cheap to clone; all clones share one database and one
-/// committer thread, which does a last commit and stops when the last clone is dropped.
+/// committer thread. Dropping the last clone blocks for one last commit round (which also
+/// makes pending ack deletions durable) and joins the thread; drop it from a blocking
+/// context or accept one fsync of latency.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -201,10 +203,10 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.core.commits.shutdown();
-        if let Some(handle) = self.committer.take() {
-            if handle.join().is_err() {
-                tracing::error!("store committer thread panicked");
-            }
+        if let Some(handle) = self.committer.take()
+            && handle.join().is_err()
+        {
+            tracing::error!("store committer thread panicked");
         }
     }
 }
@@ -273,8 +275,14 @@ pub fn encode_key(id: EventId) -> [u8; KEY_LEN] {
 /// Parses a stored key.
 pub fn decode_key(key: &[u8]) -> Result<EventId, StoreError> {
     let bad = || StoreError::Corrupt(format!("key of {} bytes, expected {KEY_LEN}", key.len()));
-    let epoch: [u8; 4] = key.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
-    let seq: [u8; 8] = key.get(4..).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    let epoch: [u8; 4] = key
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    let seq: [u8; 8] = key
+        .get(4..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
     Ok(EventId {
         epoch: u32::from_be_bytes(epoch),
         seq: u64::from_be_bytes(seq),
@@ -310,13 +318,15 @@ impl GapBuilder {
 
     /// Adds a dropped event (called in key order per lane).
     fn add(&mut self, lane: Lane, id: EventId, reason: GapReason) {
-        if let Some(g) = self.gaps.last_mut() {
-            if g.lane == lane && g.epoch == id.epoch && g.reason == reason && g.count < u32::MAX
-            {
-                g.last_seq = id.seq;
-                g.count += 1;
-                return;
-            }
+        if let Some(g) = self.gaps.last_mut()
+            && g.lane == lane
+            && g.epoch == id.epoch
+            && g.reason == reason
+            && g.count < u32::MAX
+        {
+            g.last_seq = id.seq;
+            g.count += 1;
+            return;
         }
         self.gaps.push(Gap {
             lane,
@@ -412,7 +422,12 @@ impl Store {
                 };
                 max_epoch = max_epoch.max(id.epoch);
                 if postcard::from_bytes::<Event>(&v).is_err() {
-                    tracing::error!(?lane, id.epoch, id.seq, "store: discarding undecodable event");
+                    tracing::error!(
+                        ?lane,
+                        id.epoch,
+                        id.seq,
+                        "store: discarding undecodable event"
+                    );
                     discarded.add(lane, id, GapReason::Corruption);
                     bad_keys.push((lane, k));
                     continue;
@@ -503,10 +518,9 @@ impl Store {
         let tree = self.inner.core.tree(lane);
         let max_events = max_events.clamp(1, MAX_BATCH_EVENTS);
         let iter = match after {
-            Some(id) => tree.range::<[u8; KEY_LEN], _>((
-                Bound::Excluded(encode_key(id)),
-                Bound::Unbounded,
-            )),
+            Some(id) => {
+                tree.range::<[u8; KEY_LEN], _>((Bound::Excluded(encode_key(id)), Bound::Unbounded))
+            }
             None => tree.iter(),
         };
         let mut first: Option<EventId> = None;
@@ -660,7 +674,13 @@ impl Core {
                 s.events += 1;
                 s.bytes += n;
                 let ticket = self.commits.register();
-                Ok((EventId { epoch: self.epoch, seq }, ticket))
+                Ok((
+                    EventId {
+                        epoch: self.epoch,
+                        seq,
+                    },
+                    ticket,
+                ))
             }
             Some(ev_plan) => {
                 let mut gap_kvs = Vec::with_capacity(ev_plan.gaps.len());
@@ -702,7 +722,13 @@ impl Core {
                     "store quota: telemetry thinned"
                 );
                 let ticket = self.commits.register();
-                Ok((EventId { epoch: self.epoch, seq }, ticket))
+                Ok((
+                    EventId {
+                        epoch: self.epoch,
+                        seq,
+                    },
+                    ticket,
+                ))
             }
         }
     }
@@ -740,7 +766,10 @@ impl Core {
             }
         }
         let encoded = gaps.encode()?;
-        let gap_bytes = encoded.iter().map(|g| (KEY_LEN + g.len()) as u64).sum::<u64>();
+        let gap_bytes = encoded
+            .iter()
+            .map(|g| (KEY_LEN + g.len()) as u64)
+            .sum::<u64>();
         if freed < need || used - freed + n + gap_bytes > self.quota {
             return Err(full());
         }

@@ -1,0 +1,119 @@
+//! Garbage, truncated and oversized frames on a device topic are counted and quarantined
+//! with their raw bytes; the device's next valid batch is still ingested and acked.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use fleetsync_protocol::topic::{Channel, Layout};
+use fleetsync_protocol::{Batch, Body, BoundedVec, Downlink, Event, Fix, Uplink, frame};
+use fleetsync_tests::{TestHub, device_client};
+use rumqttc::{Event as MqttEvent, Packet, QoS};
+
+fn batch(first_seq: u64, n: usize) -> Vec<u8> {
+    let events = (0..n).map(|i| Event {
+        time_ms: 1_795_773_600_000 + 1000 * i as u64,
+        body: Body::Position(Fix {
+            lat_e7: 523_700_000 + i as i32 * 90,
+            lon_e7: 48_900_000,
+            speed_cmps: Some(1000),
+            heading_ddeg: None,
+            hdop_d: None,
+            satellites: None,
+        }),
+    });
+    frame::encode(&Uplink::Batch(Batch {
+        epoch: 2,
+        first_seq,
+        events: BoundedVec::try_from_iter(events).unwrap(),
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_are_quarantined_and_ingest_goes_on() {
+    let hub = TestHub::start(&["V1"]).await;
+    let (client, mut el) = device_client(&hub.pki, "V1", "V1", hub.running_mqtt);
+    let up = Layout::Embedded
+        .topic("V1", Channel::Up)
+        .unwrap()
+        .to_string();
+    let down = Layout::Embedded
+        .topic("V1", Channel::Down)
+        .unwrap()
+        .to_string();
+
+    let garbage = b"this is not a frame".to_vec();
+    let good = batch(0, 30);
+    let truncated = good[..good.len() / 2].to_vec();
+    let mut oversized = vec![1u8, 0];
+    oversized.resize(fleetsync_protocol::limits::MAX_FRAME_BYTES + 100, 0x7f);
+    let bad = [garbage.clone(), truncated.clone(), oversized.clone()];
+
+    let mut acked_seq = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && acked_seq.is_none() {
+        match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
+            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
+                client
+                    .subscribe(down.as_str(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::SubAck(_)))) => {
+                for b in &bad {
+                    client
+                        .publish(up.as_str(), QoS::AtLeastOnce, false, b.clone())
+                        .await
+                        .unwrap();
+                }
+                client
+                    .publish(up.as_str(), QoS::AtLeastOnce, false, batch(30, 30))
+                    .await
+                    .unwrap();
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
+                if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
+                    acked_seq = Some((a.epoch, a.ranges[0].first, a.ranges[0].last));
+                }
+            }
+            Ok(Err(e)) => panic!("device disconnected: {e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        acked_seq,
+        Some((2, 30, 59)),
+        "the valid batch after the bad frames was not acked"
+    );
+
+    assert_eq!(
+        hub.http
+            .metric("fleetsync_hub_malformed_frames_total")
+            .await,
+        3
+    );
+    let q = hub.http.get_json("/v1/ops/quarantine").await;
+    let q = q.as_array().unwrap();
+    assert_eq!(q.len(), 3);
+    let mut raws: Vec<String> = q
+        .iter()
+        .map(|e| e["raw_hex"].as_str().unwrap().to_string())
+        .collect();
+    raws.sort();
+    let mut want: Vec<String> = bad.iter().map(|b| hex_of(b)).collect();
+    want.sort();
+    assert_eq!(raws, want, "quarantine does not hold the raw bytes");
+    for e in q {
+        assert_eq!(e["device"], "V1");
+        assert!(!e["error"].as_str().unwrap().is_empty());
+    }
+    let events = hub.http.all_events("V1").await;
+    assert_eq!(events.len(), 30);
+    assert_eq!(events[0]["seq"], 30);
+    assert_eq!(events[0]["lat"], 52.37);
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
