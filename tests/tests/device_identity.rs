@@ -33,9 +33,8 @@ fn one_event_batch(text: &str) -> Vec<u8> {
 async fn disconnected_within(el: &mut rumqttc::EventLoop, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
-            Ok(Err(_)) => return true,
-            Ok(Ok(_)) | Err(_) => {}
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
+            return true;
         }
     }
     false
