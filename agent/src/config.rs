@@ -329,3 +329,12 @@ mod tests {
         assert_eq!(cfg.health.interval_s, 60);
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    /// deploy/agent.toml is what `fleetsync-agent config example` prints.
+    #[test]
+    fn deploy_copy_is_the_example() {
+        assert_eq!(include_str!("../../deploy/agent.toml"), super::EXAMPLE, "regenerate deploy/agent.toml");
+    }
+}

@@ -266,3 +266,12 @@ mod tests {
         assert!(e.contains("listen_port"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    /// deploy/hub.toml is what `fleetsync-hub config example` prints.
+    #[test]
+    fn deploy_copy_is_the_example() {
+        assert_eq!(include_str!("../../deploy/hub.toml"), super::EXAMPLE, "regenerate deploy/hub.toml");
+    }
+}

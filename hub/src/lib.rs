@@ -100,11 +100,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         layout: Layout::Embedded,
         max_packet_bytes: cfg.mqtt.max_packet_bytes,
     };
+    let (downlink_tx, downlink_rx) = tokio::sync::mpsc::channel(ingest::DOWNLINK_QUEUE);
     tasks.push(tokio::spawn(ingest::run(
         ingest_cfg,
         store.clone(),
         metrics.clone(),
         ready.clone(),
+        downlink_rx,
         shutdown.clone(),
     )));
     // Devices may only come in once the hub's subscriptions exist.
@@ -160,6 +162,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         metrics,
         operator_token: cfg.auth.operator_token.as_str().into(),
         ready,
+        downlinks: downlink_tx,
+        layout: Layout::Embedded,
     });
     let sd = shutdown.clone();
     tasks.push(tokio::spawn(async move {

@@ -560,3 +560,181 @@ mod tests {
         assert!(e.to_string().contains("colour"), "{e}");
     }
 }
+
+/// A fence in JSON, GeoJSON-style: coordinates are `[lon, lat]` in degrees.
+///
+/// ```text
+/// {"type": "circle", "center": [4.8897, 52.3731], "radius_m": 75}
+/// {"type": "polygon", "coordinates": [[4.88, 52.37], [4.89, 52.37], [4.89, 52.38]]}  // one ring, 3..=32 points
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[allow(missing_docs)]
+pub enum FenceJson {
+    Circle { center: [f64; 2], radius_m: u32 },
+    Polygon { coordinates: Vec<[f64; 2]> },
+}
+
+/// A delivery window.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowJson {
+    /// Opens.
+    pub start: Time,
+    /// Closes.
+    pub end: Time,
+}
+
+/// A stop in JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopJson {
+    /// Stop id (also its fence id).
+    pub id: String,
+    /// Name shown to the driver.
+    pub name: String,
+    /// Address shown to the driver.
+    #[serde(default)]
+    pub address: String,
+    /// Shipments handed over here.
+    #[serde(default)]
+    pub shipment_ids: Vec<String>,
+    /// The stop's fence.
+    pub fence: FenceJson,
+    /// Delivery window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowJson>,
+}
+
+/// An assignment in JSON: the operator API's `PUT .../assignment` body and the driver
+/// API's job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentJson {
+    /// Job id.
+    pub id: String,
+    /// Version; must count up per device.
+    pub version: u32,
+    /// Stops in order.
+    pub stops: Vec<StopJson>,
+}
+
+fn point_of(field: &'static str, c: [f64; 2]) -> Result<Point, FieldError> {
+    Ok(Point { lon_e7: deg_to_e7(field, c[0], 180.0)?, lat_e7: deg_to_e7(field, c[1], 90.0)? })
+}
+
+impl AssignmentJson {
+    /// Converts to the wire form, checking every limit.
+    pub fn to_assignment(&self) -> Result<crate::Assignment, FieldError> {
+        use crate::limits::{MAX_POLYGON_POINTS, MAX_STOP_SHIPMENTS, MAX_STOPS};
+        if self.stops.len() > MAX_STOPS {
+            return Err(err("stops", format!("at most {MAX_STOPS} stops")));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut stops = BoundedVec::new();
+        for s in &self.stops {
+            if !seen.insert(s.id.as_str()) {
+                return Err(err("stops.id", format!("stop id {:?} appears twice", s.id)));
+            }
+            if s.shipment_ids.len() > MAX_STOP_SHIPMENTS {
+                return Err(err("stops.shipment_ids", format!("at most {MAX_STOP_SHIPMENTS} per stop")));
+            }
+            let fence = match &s.fence {
+                FenceJson::Circle { center, radius_m } => {
+                    if !(1..=100_000).contains(radius_m) {
+                        return Err(err("stops.fence.radius_m", "must be 1 to 100000 metres"));
+                    }
+                    crate::Fence::Circle { center: point_of("stops.fence.center", *center)?, radius_m: *radius_m }
+                }
+                FenceJson::Polygon { coordinates } => {
+                    if !(3..=MAX_POLYGON_POINTS).contains(&coordinates.len()) {
+                        return Err(err(
+                            "stops.fence.coordinates",
+                            format!("a polygon needs 3 to {MAX_POLYGON_POINTS} [lon, lat] points"),
+                        ));
+                    }
+                    let pts: Vec<Point> = coordinates
+                        .iter()
+                        .map(|c| point_of("stops.fence.coordinates", *c))
+                        .collect::<Result<_, _>>()?;
+                    crate::Fence::Polygon {
+                        points: BoundedVec::try_from_slice(&pts).map_err(|_| err("stops.fence.coordinates", "too many points"))?,
+                    }
+                }
+            };
+            if let Some(w) = s.window
+                && w.end < w.start
+            {
+                return Err(err("stops.window", "end is before start"));
+            }
+            let ships: Vec<crate::Id> =
+                s.shipment_ids.iter().map(|i| id("stops.shipment_ids", i)).collect::<Result<_, _>>()?;
+            let stop = crate::Stop {
+                id: id("stops.id", &s.id)?,
+                name: text("stops.name", &s.name)?,
+                address: text("stops.address", &s.address)?,
+                shipment_ids: BoundedVec::try_from_slice(&ships).map_err(|_| err("stops.shipment_ids", "too many"))?,
+                fence,
+                window: s.window.map(|w| crate::Window { start_ms: w.start.0, end_ms: w.end.0 }),
+            };
+            if stops.push(stop).is_err() {
+                return Err(err("stops", format!("at most {MAX_STOPS} stops")));
+            }
+        }
+        Ok(crate::Assignment { id: id("id", &self.id)?, version: self.version, stops })
+    }
+
+    /// The JSON form of a wire assignment.
+    pub fn from_assignment(a: &crate::Assignment) -> Self {
+        let c = |p: &Point| [e7_to_deg(p.lon_e7), e7_to_deg(p.lat_e7)];
+        AssignmentJson {
+            id: a.id.to_string(),
+            version: a.version,
+            stops: a
+                .stops
+                .iter()
+                .map(|s| StopJson {
+                    id: s.id.to_string(),
+                    name: s.name.to_string(),
+                    address: s.address.to_string(),
+                    shipment_ids: s.shipment_ids.iter().map(|i| i.to_string()).collect(),
+                    fence: match &s.fence {
+                        crate::Fence::Circle { center, radius_m } => {
+                            FenceJson::Circle { center: c(center), radius_m: *radius_m }
+                        }
+                        crate::Fence::Polygon { points } => {
+                            FenceJson::Polygon { coordinates: points.iter().map(c).collect() }
+                        }
+                    },
+                    window: s.window.map(|w| WindowJson { start: Time(w.start_ms), end: Time(w.end_ms) }),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod assignment_tests {
+    use super::*;
+
+    #[test]
+    fn assignment_round_trips_and_refuses_bad_fences() {
+        let text = r#"{"id":"job-1","version":2,"stops":[
+            {"id":"s1","name":"Depot","address":"Kade 1","shipment_ids":["shp-1"],
+             "fence":{"type":"circle","center":[4.8897,52.3731],"radius_m":75},
+             "window":{"start":"2026-11-27T10:00:00Z","end":"2026-11-27T12:00:00Z"}},
+            {"id":"s2","name":"Shop","fence":{"type":"polygon","coordinates":[[4.88,52.37],[4.89,52.37],[4.89,52.38]]}}]}"#;
+        let j: AssignmentJson = serde_json::from_str(text).unwrap();
+        let a = j.to_assignment().unwrap();
+        assert_eq!(AssignmentJson::from_assignment(&a), j);
+        let bad = text.replace("\"radius_m\":75", "\"radius_m\":0");
+        let e = serde_json::from_str::<AssignmentJson>(&bad).unwrap().to_assignment().unwrap_err();
+        assert_eq!(e.field, "stops.fence.radius_m");
+        let bad = text.replace("[[4.88,52.37],[4.89,52.37],[4.89,52.38]]", "[[4.88,52.37],[4.89,52.37]]");
+        let e = serde_json::from_str::<AssignmentJson>(&bad).unwrap().to_assignment().unwrap_err();
+        assert_eq!(e.field, "stops.fence.coordinates");
+        let bad = text.replace("\"id\":\"s2\"", "\"id\":\"s1\"");
+        let e = serde_json::from_str::<AssignmentJson>(&bad).unwrap().to_assignment().unwrap_err();
+        assert_eq!(e.field, "stops.id");
+    }
+}

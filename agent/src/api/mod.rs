@@ -5,7 +5,13 @@
 //!   it is durable (fsynced); 400 naming the bad field; 507 when the store is full of
 //!   undelivered critical events.
 //!
+//! - the driver's jobs, POD and exception endpoints ([`driver`]).
+//!
 //! Errors are JSON `{"error": "..."}`.
+
+mod driver;
+
+pub use driver::{EXCEPTION_CODES, MAX_FILE_BYTES, MAX_POD_BYTES, sniff};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -40,6 +46,12 @@ pub struct ApiState {
     pub wake: Arc<Notify>,
     /// Bearer token.
     pub token: Arc<str>,
+    /// The assignment in force.
+    pub assignment: crate::jobs::Current,
+    /// Last fix and stop states.
+    pub edge: Arc<crate::edge::Edge>,
+    /// Serialises POD creation (idempotency keys).
+    pub pod_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// An API error.
@@ -49,6 +61,10 @@ pub enum ApiError {
     BadRequest(String),
     /// 401.
     Unauthorized,
+    /// 404.
+    NotFound(String),
+    /// 422.
+    Unprocessable(String),
     /// 507: the store is full.
     Full(String),
     /// 500, logged.
@@ -76,6 +92,8 @@ impl IntoResponse for ApiError {
         let (status, msg) = match &self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.as_str()),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m.as_str()),
+            ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.as_str()),
             ApiError::Full(m) => (StatusCode::INSUFFICIENT_STORAGE, m.as_str()),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "local API internal error");
@@ -111,8 +129,11 @@ async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> 
 pub fn app(state: ApiState) -> Router {
     Router::new()
         .route("/v1/status", get(status))
-        .route("/v1/events", post(post_event))
-        .layer(DefaultBodyLimit::max(MAX_EVENT_BODY))
+        .route("/v1/events", post(post_event).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)))
+        .route("/v1/jobs", get(driver::jobs))
+        .route("/v1/jobs/{stop}", get(driver::job_stop))
+        .route("/v1/stops/{stop}/pod", post(driver::pod).layer(DefaultBodyLimit::max(MAX_POD_BYTES + 64 * 1024)))
+        .route("/v1/exceptions", post(driver::exception).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
@@ -128,6 +149,8 @@ struct LaneOut {
 struct BacklogOut {
     critical: LaneOut,
     telemetry: LaneOut,
+    /// POD blobs not yet stored at the hub.
+    blobs: LaneOut,
 }
 
 #[derive(Serialize)]
@@ -164,6 +187,10 @@ async fn status(State(st): State<ApiState>) -> Json<StatusOut> {
             telemetry: LaneOut {
                 events: s.telemetry.events,
                 bytes: s.telemetry.bytes,
+            },
+            blobs: LaneOut {
+                events: s.blobs.events,
+                bytes: s.blobs.bytes,
             },
         },
         last_ack_time: (last_ack > 0).then_some(Time(last_ack)),

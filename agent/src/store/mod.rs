@@ -40,11 +40,18 @@
 //! tree "meta"      { b"epoch" => epoch: u32 BE }        // the last epoch handed out
 //! tree "critical"  { Key => Value }
 //! tree "telemetry" { Key => Value }
+//! tree "blobs"     { sha256 (32 bytes) => blob bytes }      // POD blobs until the hub's BlobAck
+//! tree "docs"      { b"assignment" => postcard(Assignment),
+//!                    b"idem/" ++ key => postcard(PodStored), // POD Idempotency-Key answers
+//!                    b"stop/" ++ stop id => postcard(StopPod) }
 //! Key   = epoch: u32 BE ++ seq: u64 BE  (12 bytes; iteration order = (epoch, seq) order)
 //! Value = postcard(Event { time_ms, body })
 //! ```
 
 mod commit;
+mod docs;
+
+pub use docs::{PodStored, StopPod};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -117,7 +124,7 @@ pub struct StoreStats {
     pub critical: LaneStats,
     /// The telemetry lane.
     pub telemetry: LaneStats,
-    /// Logical bytes of both lanes.
+    /// Logical bytes of both lanes and pending blobs.
     pub used_bytes: u64,
     /// The configured quota.
     pub quota_bytes: u64,
@@ -127,6 +134,8 @@ pub struct StoreStats {
     pub gaps_declared: u64,
     /// Telemetry events evicted for quota since this open.
     pub evicted: u64,
+    /// POD blobs awaiting the hub's `BlobAck` (count and bytes; part of `used_bytes`).
+    pub blobs: LaneStats,
 }
 
 /// Store failures.
@@ -216,6 +225,10 @@ struct Core {
     db: sled::Db,
     critical: sled::Tree,
     telemetry: sled::Tree,
+    /// POD blobs awaiting a hub `BlobAck`: sha256 => bytes (counted in the quota).
+    blobs: sled::Tree,
+    /// Small documents: the assignment, POD idempotency keys, PODs per stop.
+    docs: sled::Tree,
     epoch: u32,
     quota: u64,
     /// Part of the quota only `Gap` events may use.
@@ -232,11 +245,13 @@ struct State {
     telemetry: LaneStats,
     gaps_declared: u64,
     evicted: u64,
+    /// Blobs awaiting upload.
+    blobs: LaneStats,
 }
 
 impl State {
     fn used(&self) -> u64 {
-        self.critical.bytes + self.telemetry.bytes
+        self.critical.bytes + self.telemetry.bytes + self.blobs.bytes
     }
 
     fn lane_mut(&mut self, lane: Lane) -> &mut LaneStats {
@@ -402,8 +417,15 @@ impl Store {
         let meta = db.open_tree("meta")?;
         let critical = db.open_tree("critical")?;
         let telemetry = db.open_tree("telemetry")?;
+        let blobs = db.open_tree("blobs")?;
+        let docs = db.open_tree("docs")?;
 
         let mut state = State::default();
+        for item in blobs.iter() {
+            let (k, v) = item?;
+            state.blobs.events += 1;
+            state.blobs.bytes += (k.len() + v.len()) as u64;
+        }
         let mut max_epoch = match meta.get(b"epoch")? {
             None => 0,
             Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| {
@@ -450,6 +472,8 @@ impl Store {
             db,
             critical,
             telemetry,
+            blobs,
+            docs,
             epoch,
             quota: cfg.quota_bytes,
             reserve: gap_reserve(cfg.quota_bytes),
@@ -616,6 +640,7 @@ impl Store {
             disk_bytes: dir_size(&core.path),
             gaps_declared: st.gaps_declared,
             evicted: st.evicted,
+            blobs: st.blobs,
         }
     }
 }

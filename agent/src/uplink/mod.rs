@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fleetsync_protocol::topic::{Channel, Layout};
-use fleetsync_protocol::{Batch, Downlink, Lane, LinkStats, Uplink, frame};
+use fleetsync_protocol::limits::MAX_CHUNK_BYTES;
+use fleetsync_protocol::{Assignment, Batch, BlobChunk, BoundedVec, Downlink, Lane, LinkStats, Sha256, Uplink, frame};
 use rand::Rng as _;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -36,6 +37,11 @@ use crate::store::{EventId, Store};
 pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 /// Stored bytes per batch (the frame limit is 128 KiB; positions shrink on the wire).
 const BATCH_MAX_BYTES: usize = 96 * 1024;
+/// Requests queued towards the MQTT client: more than the event window plus a round of
+/// blob chunks, so `try_publish` only fails when the link is really backed up.
+const CLIENT_QUEUE: usize = 256;
+/// Blob chunks queued per round (the rest follow on the next wake-up).
+const CHUNKS_PER_ROUND: usize = 64;
 
 /// Uplink settings.
 #[derive(Debug, Clone)]
@@ -58,6 +64,8 @@ pub struct UplinkConfig {
     pub batch_max_delay: Duration,
     /// Topic layout.
     pub layout: Layout,
+    /// Where assignments from the hub go (the agent's assignment task).
+    pub assignments: mpsc::Sender<Assignment>,
 }
 
 /// Live link state, shared with the local API and health events.
@@ -116,7 +124,7 @@ pub async fn run(
     )));
     // The client queue is larger than the in-flight window: `try_publish` never finds it full
     // in normal operation.
-    let (client, eventloop) = AsyncClient::new(opts, (cfg.max_inflight * 4).max(64));
+    let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
     let (tx, rx) = mpsc::channel(256);
     let down = match cfg.layout.topic(&cfg.device_id, Channel::Down) {
         Ok(t) => t.to_string(),
@@ -215,6 +223,16 @@ struct Sender {
     cursor_telemetry: Option<EventId>,
     /// The newest position sent first after a reconnect (skipped in the backlog pass).
     sent_first: Option<EventId>,
+    blob_topic: String,
+    /// The blob being uploaded: digest, next offset, when its last chunk went out.
+    blob: Option<BlobUpload>,
+}
+
+struct BlobUpload {
+    sha256: Sha256,
+    bytes: Vec<u8>,
+    next: usize,
+    finished: Option<Instant>,
 }
 
 async fn sender(
@@ -231,7 +249,13 @@ async fn sender(
         Err(_) => return,
     };
     let delay = cfg.batch_max_delay;
+    let blob_topic = match cfg.layout.topic(&cfg.device_id, Channel::Blob) {
+        Ok(t) => t.to_string(),
+        Err(_) => return,
+    };
     let mut s = Sender {
+        blob_topic,
+        blob: None,
         cfg,
         client,
         store,
@@ -265,6 +289,7 @@ async fn sender(
         };
         if s.online {
             s.fill(flush_partial);
+            s.send_blobs();
         }
     }
 }
@@ -279,6 +304,7 @@ impl Sender {
         self.inflight.clear();
         self.cursor_critical = None;
         self.cursor_telemetry = None;
+        self.blob = None;
     }
 
     fn connected(&mut self) {
@@ -345,6 +371,22 @@ impl Sender {
                     }
                 }
             }
+            Ok(Downlink::BlobAck(b)) => {
+                let store = self.store.clone();
+                let sha = b.sha256;
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.remove_blob(&sha)).await {
+                    warn!(error = %e, "could not delete an uploaded blob");
+                }
+                if self.blob.as_ref().is_some_and(|u| u.sha256 == b.sha256) {
+                    self.blob = None;
+                }
+            }
+            Ok(Downlink::Assignment(a)) => {
+                if self.cfg.assignments.try_send(a).is_err() {
+                    // The hub sends it again until the device acknowledges it.
+                    warn!("assignment task busy; the hub will resend");
+                }
+            }
             Ok(other) => debug!(?other, "downlink message not handled by the uplink"),
             Err(e) => warn!(error = %e, "undecodable downlink frame ignored"),
         }
@@ -405,6 +447,53 @@ impl Sender {
             match lane {
                 Lane::Critical => self.cursor_critical = Some(last),
                 Lane::Telemetry => self.cursor_telemetry = Some(last),
+            }
+        }
+    }
+
+    /// Uploads POD blobs one at a time, in chunks, once no critical event is waiting (so a
+    /// POD's event reaches the hub before its pictures). No `BlobAck` within three ack
+    /// timeouts of the last chunk: the blob is sent again.
+    fn send_blobs(&mut self) {
+        if let Some(u) = &self.blob
+            && let Some(done) = u.finished
+        {
+            if done.elapsed() < self.cfg.ack_timeout * 3 {
+                return;
+            }
+            debug!(sha256 = %hex::encode(u.sha256), "no blob ack; sending the blob again");
+            self.link.resends.fetch_add(1, Ordering::Relaxed);
+            self.blob = None;
+        }
+        if self.blob.is_none() {
+            if !matches!(self.store.next_batch(Lane::Critical, None, 1, BATCH_MAX_BYTES), Ok(None)) {
+                return;
+            }
+            let Ok(pending) = self.store.pending_blobs() else { return };
+            let Some((sha, _)) = pending.first() else { return };
+            let Ok(Some(bytes)) = self.store.blob(sha) else { return };
+            self.blob = Some(BlobUpload { sha256: *sha, bytes, next: 0, finished: None });
+        }
+        let Some(u) = self.blob.as_mut() else { return };
+        let total = u.bytes.len();
+        for _ in 0..CHUNKS_PER_ROUND {
+            if u.finished.is_some() {
+                return;
+            }
+            let end = (u.next + MAX_CHUNK_BYTES).min(total);
+            let chunk = BlobChunk {
+                sha256: u.sha256,
+                offset: u.next as u32,
+                total_len: total as u32,
+                data: BoundedVec::try_from_slice(&u.bytes[u.next..end]).unwrap_or_default(),
+            };
+            let Ok(frame) = frame::encode(&Uplink::BlobChunk(chunk)) else { return };
+            if self.client.try_publish(self.blob_topic.clone(), QoS::AtLeastOnce, false, frame).is_err() {
+                return;
+            }
+            u.next = end;
+            if u.next >= total {
+                u.finished = Some(Instant::now());
             }
         }
     }

@@ -13,7 +13,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use fleetsync_protocol::json::{EventJson, Time, parse_sha256, sha256_hex};
+use axum::body::Bytes;
+use fleetsync_protocol::json::{AssignmentJson, EventJson, Time, parse_sha256, sha256_hex};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::gateway::Registry;
@@ -36,6 +37,10 @@ pub struct AppState {
     pub operator_token: Arc<str>,
     /// Broker up and ingest subscribed.
     pub ready: Arc<AtomicBool>,
+    /// Frames to devices (assignments).
+    pub downlinks: crate::ingest::DownlinkTx,
+    /// Topic layout of the broker in use.
+    pub layout: fleetsync_protocol::topic::Layout,
 }
 
 /// An API error.
@@ -47,6 +52,10 @@ pub enum ApiError {
     Unauthorized,
     /// 404 with a message.
     NotFound(String),
+    /// 409 with a message.
+    Conflict(String),
+    /// 503 with a message.
+    Unavailable(String),
     /// 500, logged.
     Internal(String),
 }
@@ -71,6 +80,8 @@ impl IntoResponse for ApiError {
                 "missing or wrong bearer token (Authorization: Bearer <operator_token>)",
             ),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m.as_str()),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m.as_str()),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m.as_str()),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error in operator API");
                 (
@@ -113,6 +124,7 @@ pub fn app(state: AppState) -> Router {
     let ops = Router::new()
         .route("/devices", get(devices))
         .route("/devices/{id}/events", get(device_events))
+        .route("/devices/{id}/assignment", get(get_assignment).put(put_assignment))
         .route("/blobs/{sha256}", get(blob))
         .route("/quarantine", get(quarantine))
         .route_layer(middleware::from_fn_with_state(
@@ -362,4 +374,76 @@ async fn quarantine(
 /// Hex of a digest (re-exported for callers building blob URLs).
 pub fn blob_path(sha: &[u8; 32]) -> String {
     format!("/v1/ops/blobs/{}", sha256_hex(sha))
+}
+
+/// Largest assignment body.
+pub const MAX_ASSIGNMENT_BODY: usize = 256 * 1024;
+
+#[derive(Serialize)]
+struct AssignmentOut {
+    assignment: AssignmentJson,
+    sent_time: Time,
+    acknowledged: bool,
+    acked_version: Option<u32>,
+    acked_time: Option<Time>,
+}
+
+async fn put_assignment(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    fleetsync_protocol::topic::validate_device_id(&id)
+        .map_err(|e| ApiError::BadRequest(format!("device id {id:?}: {e}")))?;
+    if body.len() > MAX_ASSIGNMENT_BODY {
+        return Err(ApiError::BadRequest(format!("body: larger than {MAX_ASSIGNMENT_BODY} bytes")));
+    }
+    let json: AssignmentJson = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    let a = json.to_assignment().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let frame = fleetsync_protocol::frame::encode(&fleetsync_protocol::Downlink::Assignment(a.clone()))
+        .map_err(|e| ApiError::BadRequest(format!("assignment too large for one frame: {e}")))?;
+    let topic = st
+        .layout
+        .topic(&id, fleetsync_protocol::topic::Channel::Down)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let store = st.store.clone();
+    let (dev, a2) = (id.clone(), a.clone());
+    let now = crate::ingest::now_ms();
+    let res = tokio::task::spawn_blocking(move || {
+        let r = store.put_assignment(&dev, &a2, now)?;
+        if r.is_ok() {
+            store.make_durable()?;
+        }
+        Ok::<_, StoreError>(r)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    if let Err(current) = res {
+        return Err(ApiError::Conflict(format!(
+            "version: {} is not newer than version {current} already sent to {id}; versions count up per device",
+            a.version
+        )));
+    }
+    // Sent now if the device is connected; otherwise again when it is next heard from.
+    if st.downlinks.try_send((topic.to_string(), frame)).is_err() {
+        tracing::warn!(device = %id, "downlink queue full; assignment goes out when the device is next heard from");
+    }
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"device": id, "id": a.id.as_str(), "version": a.version, "status": "sent"})))
+        .into_response())
+}
+
+async fn get_assignment(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<AssignmentOut>, ApiError> {
+    let store = st.store.clone();
+    let dev = id.clone();
+    let rec = tokio::task::spawn_blocking(move || store.assignment(&dev))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let rec = rec.ok_or_else(|| ApiError::NotFound(format!("no assignment was sent to {id:?}")))?;
+    Ok(Json(AssignmentOut {
+        assignment: AssignmentJson::from_assignment(&rec.assignment),
+        sent_time: Time(rec.sent_ms),
+        acknowledged: rec.acknowledged(),
+        acked_version: rec.acked_version,
+        acked_time: rec.acked_ms.map(Time),
+    }))
 }

@@ -37,6 +37,16 @@ const GROUP: usize = 512;
 /// Requests (acks) queued towards the broker.
 const CLIENT_QUEUE: usize = 8192;
 
+/// Frames the API asks to send to devices (topic, frame), e.g. assignments.
+pub type DownlinkTx = mpsc::Sender<(String, Vec<u8>)>;
+/// The receiving side, owned by the ingest worker.
+pub type DownlinkRx = mpsc::Receiver<(String, Vec<u8>)>;
+/// Downlink frames queued from the API.
+pub const DOWNLINK_QUEUE: usize = 1024;
+/// An unacknowledged assignment is sent again when its device is heard from, at most
+/// this often.
+const ASSIGNMENT_RESEND_MS: u64 = 10_000;
+
 /// Where the ingest connects.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -68,6 +78,7 @@ pub async fn run(
     store: HubStore,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    downlinks: DownlinkRx,
     shutdown: CancellationToken,
 ) {
     let mut opts = MqttOptions::new(
@@ -90,7 +101,7 @@ pub async fn run(
         ready,
         shutdown.clone(),
     ));
-    worker(rx, client, layout, store, metrics, shutdown).await;
+    worker(rx, downlinks, client, layout, store, metrics, shutdown).await;
     let _ = pump.await;
 }
 
@@ -136,6 +147,7 @@ async fn pump(
 
 async fn worker(
     mut rx: mpsc::Receiver<Publish>,
+    mut downlinks: DownlinkRx,
     client: AsyncClient,
     layout: Layout,
     store: HubStore,
@@ -151,6 +163,7 @@ async fn worker(
                 Some(p) => group.push(p),
                 None => return,
             },
+            d = downlinks.recv() => if let Some(d) = d { pending.push_back(d) },
             _ = tokio::time::sleep(Duration::from_millis(20)), if !pending.is_empty() => {}
         }
         while group.len() < GROUP {
@@ -188,6 +201,7 @@ fn commit(
 ) -> Vec<(String, Vec<u8>)> {
     let now = now_ms();
     let mut acks = Vec::new();
+    let mut heard: Vec<String> = Vec::new();
     for p in group {
         let Ok((device, channel)) = layout.parse(&p.topic) else {
             warn!(topic = %p.topic, "frame on a topic outside the fleet layout; ignored");
@@ -196,6 +210,9 @@ fn commit(
         let Ok(down) = layout.topic(device, Channel::Down) else {
             continue;
         };
+        if !heard.iter().any(|d| d == device) {
+            heard.push(device.to_string());
+        }
         let quarantine = |error: String| {
             Metrics::add(&metrics.malformed_frames, 1);
             warn!(%device, topic = %p.topic, %error, bytes = p.payload.len(), "frame quarantined");
@@ -270,6 +287,19 @@ fn commit(
     if let Err(e) = store.make_durable() {
         warn!(error = %e, "store fsync failed; acks withheld, devices will resend");
         return Vec::new();
+    }
+    // A device we hear from that has not acknowledged its assignment gets it again.
+    for device in heard {
+        if let Ok(Some(rec)) = store.assignment(&device)
+            && !rec.acknowledged()
+            && now.saturating_sub(rec.sent_ms) >= ASSIGNMENT_RESEND_MS
+            && let Ok(down) = layout.topic(&device, Channel::Down)
+            && let Ok(bytes) = frame::encode(&Downlink::Assignment(rec.assignment))
+        {
+            debug!(%device, "assignment not acknowledged yet; sending it again");
+            let _ = store.mark_assignment_sent(&device, now);
+            acks.push((down.to_string(), bytes));
+        }
     }
     acks
 }

@@ -8,6 +8,7 @@
 //! tree blobs:       key  sha256 (32 bytes)    val  the verified blob
 //! tree blob_parts:  key  sha256 ++ offset: u32 BE   val  chunk bytes (until complete)
 //! tree quarantine:  key  id: u64 BE           val  postcard(Quarantined)
+//! tree assignments: key  device_id            val  postcard(AssignmentRecord)
 //! ```
 //!
 //! Invariants: an event row is written at most once (compare-and-swap on an absent key,
@@ -17,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fleetsync_protocol::{Batch, BlobChunk, Body, Event, Health, Sha256};
+use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Event, Health, Sha256};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
@@ -77,6 +78,26 @@ pub struct Quarantined {
     pub raw: Vec<u8>,
 }
 
+/// The assignment sent to a device and what it acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AssignmentRecord {
+    /// The newest assignment sent.
+    pub assignment: Assignment,
+    /// When it was last sent.
+    pub sent_ms: u64,
+    /// Highest version the device acknowledged (an `AssignmentAck` event).
+    pub acked_version: Option<u32>,
+    /// When that ack was captured on the device.
+    pub acked_ms: Option<u64>,
+}
+
+impl AssignmentRecord {
+    /// Whether the device has acknowledged the newest version.
+    pub fn acknowledged(&self) -> bool {
+        self.acked_version.is_some_and(|v| v >= self.assignment.version)
+    }
+}
+
 /// Result of storing a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ingested {
@@ -109,6 +130,7 @@ pub struct HubStore {
     blobs: sled::Tree,
     blob_parts: sled::Tree,
     quarantine: sled::Tree,
+    assignments: sled::Tree,
 }
 
 fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
@@ -152,6 +174,7 @@ impl HubStore {
             blobs: db.open_tree("blobs")?,
             blob_parts: db.open_tree("blob_parts")?,
             quarantine: db.open_tree("quarantine")?,
+            assignments: db.open_tree("assignments")?,
             path: path.to_path_buf(),
             db,
         })
@@ -183,6 +206,9 @@ impl HubStore {
             {
                 Ok(()) => {
                     out.inserted += 1;
+                    if let Body::AssignmentAck(a) = &event.body {
+                        self.ack_assignment(device, &a.assignment_id, a.version, event.time_ms)?;
+                    }
                     if let Body::Health(h) = &event.body
                         && newest_health
                             .as_ref()
@@ -347,6 +373,67 @@ impl HubStore {
     /// A verified blob.
     pub fn blob(&self, sha256: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.blobs.get(sha256)?.map(|v| v.to_vec()))
+    }
+
+    /// Records `a` as the device's assignment if its version is higher than the one already
+    /// sent; otherwise returns `Err(current version)`.
+    pub fn put_assignment(&self, device: &str, a: &Assignment, now_ms: u64) -> Result<Result<(), u32>, StoreError> {
+        loop {
+            let old = self.assignments.get(device.as_bytes())?;
+            let prev: Option<AssignmentRecord> = match &old {
+                Some(v) => Some(postcard::from_bytes(v)?),
+                None => None,
+            };
+            if let Some(p) = &prev
+                && p.assignment.version >= a.version
+            {
+                return Ok(Err(p.assignment.version));
+            }
+            let rec = AssignmentRecord {
+                assignment: a.clone(),
+                sent_ms: now_ms,
+                acked_version: prev.as_ref().and_then(|p| p.acked_version),
+                acked_ms: prev.as_ref().and_then(|p| p.acked_ms),
+            };
+            let new = postcard::to_stdvec(&rec)?;
+            if self.assignments.compare_and_swap(device.as_bytes(), old, Some(new))?.is_ok() {
+                return Ok(Ok(()));
+            }
+        }
+    }
+
+    /// The device's assignment record.
+    pub fn assignment(&self, device: &str) -> Result<Option<AssignmentRecord>, StoreError> {
+        Ok(match self.assignments.get(device.as_bytes())? {
+            Some(v) => Some(postcard::from_bytes(&v)?),
+            None => None,
+        })
+    }
+
+    /// Notes that the assignment was sent again.
+    pub fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.assignments.fetch_and_update(device.as_bytes(), |old| {
+            let mut rec: AssignmentRecord = postcard::from_bytes(old?).ok()?;
+            rec.sent_ms = now_ms;
+            postcard::to_stdvec(&rec).ok()
+        })?;
+        Ok(())
+    }
+
+    fn ack_assignment(&self, device: &str, id: &str, version: u32, time_ms: u64) -> Result<(), StoreError> {
+        self.assignments.fetch_and_update(device.as_bytes(), |old| {
+            let bytes = old?;
+            let mut rec: AssignmentRecord = match postcard::from_bytes(bytes) {
+                Ok(r) => r,
+                Err(_) => return Some(bytes.to_vec()),
+            };
+            if rec.assignment.id.as_str() == id && rec.acked_version.is_none_or(|v| v < version) {
+                rec.acked_version = Some(version);
+                rec.acked_ms = Some(time_ms);
+            }
+            postcard::to_stdvec(&rec).ok().or_else(|| Some(bytes.to_vec()))
+        })?;
+        Ok(())
     }
 
     /// Keeps a refused frame for operators.

@@ -1,0 +1,371 @@
+//! The driver's endpoints: jobs, proof of delivery, exceptions.
+//!
+//! - `GET /v1/jobs`, `GET /v1/jobs/{stop}`: the assignment in force with each stop's state.
+//! - `POST /v1/stops/{stop}/pod` (multipart): `outcome`, `reason_code` (unless delivered),
+//!   `recipient_name` (unless refused), `notes`, `shipment_id` (when the stop has several),
+//!   one `signature` (PNG or SVG) and up to [`MAX_PHOTOS`] `photo` files (JPEG, PNG, HEIC).
+//!   Everything is read and checked (sizes, types by their leading bytes) before anything
+//!   is stored; then blobs + POD event go in one durable transaction and only then 201.
+//!   A repeated `Idempotency-Key` returns the first answer.
+//! - `POST /v1/exceptions`: `{code, text, stop_id?}` with `code` from [`EXCEPTION_CODES`].
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Multipart, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fleetsync_protocol::json::{AssignmentJson, StopJson};
+use fleetsync_protocol::limits::MAX_PHOTOS;
+use fleetsync_protocol::{
+    Assignment, BlobRef, Body, BoundedString, BoundedVec, Code, Event, Exception, Id, MediaType, Outcome, Pod, Point,
+    Sha256, Stop,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use super::{ApiError, ApiState};
+use crate::store::{PodStored, StopPod};
+
+/// Largest single file of a POD.
+pub const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
+/// Largest POD request (all files and fields).
+pub const MAX_POD_BYTES: usize = 24 * 1024 * 1024;
+/// Exception codes the driver may report.
+pub const EXCEPTION_CODES: [&str; 10] = [
+    "road_closed",
+    "vehicle_breakdown",
+    "accident",
+    "customer_absent",
+    "address_not_found",
+    "access_denied",
+    "weather",
+    "traffic_delay",
+    "load_damaged",
+    "other",
+];
+
+#[derive(Serialize)]
+struct StopStateOut {
+    #[serde(flatten)]
+    stop: StopJson,
+    /// `not_visited`, `arrived`, `departed`.
+    state: String,
+    pod: Option<StopPod>,
+}
+
+#[derive(Serialize)]
+struct JobOut {
+    id: String,
+    version: u32,
+    stops: Vec<StopStateOut>,
+}
+
+fn current(st: &ApiState) -> Result<Arc<Assignment>, ApiError> {
+    st.assignment
+        .borrow()
+        .clone()
+        .ok_or_else(|| ApiError::NotFound("no job assigned to this vehicle yet".into()))
+}
+
+fn stop_out(st: &ApiState, stop: &Stop) -> Result<StopStateOut, ApiError> {
+    let json = AssignmentJson::from_assignment(&Assignment {
+        id: Id::new(),
+        version: 0,
+        stops: BoundedVec::try_from_slice(std::slice::from_ref(stop)).map_err(|_| ApiError::Internal("stop".into()))?,
+    });
+    let stop_json = json.stops.into_iter().next().ok_or_else(|| ApiError::Internal("stop".into()))?;
+    Ok(StopStateOut {
+        state: st.edge.stop_state(stop.id.as_str()).to_string(),
+        pod: st.store.stop_pod(&stop.id)?,
+        stop: stop_json,
+    })
+}
+
+/// `GET /v1/jobs`
+pub(super) async fn jobs(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let a = current(&st)?;
+    let stops = a.stops.iter().map(|s| stop_out(&st, s)).collect::<Result<_, _>>()?;
+    Ok(Json(JobOut { id: a.id.to_string(), version: a.version, stops }).into_response())
+}
+
+/// `GET /v1/jobs/{stop}`
+pub(super) async fn job_stop(State(st): State<ApiState>, Path(stop): Path<String>) -> Result<Response, ApiError> {
+    let a = current(&st)?;
+    let s = a
+        .stops
+        .iter()
+        .find(|s| s.id.as_str() == stop)
+        .ok_or_else(|| ApiError::NotFound(format!("stop {stop:?} is not in job {}", a.id)))?;
+    Ok(Json(stop_out(&st, s)?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExceptionIn {
+    code: String,
+    text: String,
+    #[serde(default)]
+    stop_id: Option<String>,
+}
+
+/// `POST /v1/exceptions`
+pub(super) async fn exception(State(st): State<ApiState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let e: ExceptionIn = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    if !EXCEPTION_CODES.contains(&e.code.as_str()) {
+        return Err(ApiError::BadRequest(format!("code: {:?} is not one of {}", e.code, EXCEPTION_CODES.join(", "))));
+    }
+    if let Some(stop) = &e.stop_id {
+        let a = current(&st)?;
+        if !a.stops.iter().any(|s| s.id.as_str() == stop) {
+            return Err(ApiError::NotFound(format!("stop_id: {stop:?} is not in job {}", a.id)));
+        }
+    }
+    let ev = Event {
+        time_ms: crate::now_ms(),
+        body: Body::Exception(Exception {
+            code: Code::try_from_str(&e.code).map_err(|_| ApiError::BadRequest("code: too long".into()))?,
+            text: BoundedString::try_from_str(&e.text)
+                .map_err(|_| ApiError::BadRequest(format!("text: longer than {} bytes", fleetsync_protocol::limits::MAX_TEXT_LEN)))?,
+            stop_id: e
+                .stop_id
+                .as_deref()
+                .map(Id::try_from_str)
+                .transpose()
+                .map_err(|_| ApiError::BadRequest("stop_id: too long".into()))?,
+        }),
+    };
+    let id = st.store.append(ev).await?;
+    st.wake.notify_one();
+    Ok((StatusCode::CREATED, Json(serde_json::json!({"epoch": id.epoch, "seq": id.seq}))).into_response())
+}
+
+/// What a file's leading bytes say it is.
+pub fn sniff(bytes: &[u8]) -> Option<MediaType> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Some(MediaType::Png);
+    }
+    if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        return Some(MediaType::Jpeg);
+    }
+    if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" && matches!(&bytes[8..12], b"heic" | b"heix" | b"mif1" | b"msf1" | b"hevc")
+    {
+        return Some(MediaType::Heic);
+    }
+    let head = &bytes[..bytes.len().min(512)];
+    let text = String::from_utf8_lossy(head);
+    let t = text.trim_start_matches('\u{feff}').trim_start();
+    if (t.starts_with("<svg") || t.starts_with("<?xml")) && text.contains("<svg") {
+        return Some(MediaType::Svg);
+    }
+    None
+}
+
+struct PodForm {
+    outcome: Option<String>,
+    reason_code: Option<String>,
+    recipient_name: Option<String>,
+    notes: Option<String>,
+    shipment_id: Option<String>,
+    signature: Option<(Vec<u8>, MediaType)>,
+    photos: Vec<(Vec<u8>, MediaType)>,
+}
+
+fn bad(field: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(format!("{field}: {why}"))
+}
+
+async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
+    let mut f = PodForm {
+        outcome: None,
+        reason_code: None,
+        recipient_name: None,
+        notes: None,
+        shipment_id: None,
+        signature: None,
+        photos: Vec::new(),
+    };
+    let mut total = 0usize;
+    while let Some(mut field) = mp.next_field().await.map_err(|e| bad("body", format!("not valid multipart ({e})")))? {
+        let name = field.name().unwrap_or_default().to_string();
+        // Read in chunks so an oversized file is refused as soon as it passes the limit.
+        let mut data = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                bad("body", format!("larger than {MAX_POD_BYTES} bytes"))
+            } else {
+                bad(&name, format!("could not be read ({e})"))
+            }
+        })? {
+            data.extend_from_slice(&chunk);
+            if data.len() > MAX_FILE_BYTES {
+                return Err(bad(&name, format!("larger than {MAX_FILE_BYTES} bytes")));
+            }
+        }
+        total += data.len();
+        if total > MAX_POD_BYTES {
+            return Err(bad("body", format!("larger than {MAX_POD_BYTES} bytes in all")));
+        }
+        let text = |data: Vec<u8>| String::from_utf8(data).map_err(|_| bad(&name, "not UTF-8 text"));
+        match name.as_str() {
+            "outcome" => f.outcome = Some(text(data)?),
+            "reason_code" => f.reason_code = Some(text(data)?),
+            "recipient_name" => f.recipient_name = Some(text(data)?),
+            "notes" => f.notes = Some(text(data)?),
+            "shipment_id" => f.shipment_id = Some(text(data)?),
+            "signature" => {
+                if f.signature.is_some() {
+                    return Err(bad("signature", "only one signature per POD"));
+                }
+                match sniff(&data) {
+                    Some(m @ (MediaType::Png | MediaType::Svg)) => f.signature = Some((data, m)),
+                    _ => return Err(bad("signature", "must be a PNG or SVG image")),
+                }
+            }
+            "photo" => {
+                if f.photos.len() >= MAX_PHOTOS {
+                    return Err(bad("photo", format!("at most {MAX_PHOTOS} photos")));
+                }
+                match sniff(&data) {
+                    Some(m @ (MediaType::Jpeg | MediaType::Png | MediaType::Heic)) => f.photos.push((data, m)),
+                    _ => return Err(bad("photo", "must be a JPEG, PNG or HEIC image")),
+                }
+            }
+            other => return Err(bad(other, "unknown field; expected outcome, reason_code, recipient_name, notes, shipment_id, signature, photo")),
+        }
+    }
+    Ok(f)
+}
+
+fn blob(data: &[u8], media: MediaType) -> (Sha256, BlobRef) {
+    let sha: Sha256 = sha2::Sha256::digest(data).into();
+    (sha, BlobRef { sha256: sha, len: data.len() as u32, media })
+}
+
+#[derive(Serialize)]
+struct PodCreated {
+    pod_id: String,
+    epoch: u32,
+    seq: u64,
+}
+
+/// `POST /v1/stops/{stop}/pod`
+pub(super) async fn pod(
+    State(st): State<ApiState>,
+    Path(stop_id): Path<String>,
+    headers: HeaderMap,
+    mp: Multipart,
+) -> Result<Response, ApiError> {
+    let idem = match headers.get("idempotency-key") {
+        Some(v) => {
+            let k = v.to_str().map_err(|_| bad("Idempotency-Key", "must be printable ASCII"))?;
+            if k.is_empty() || k.len() > 128 {
+                return Err(bad("Idempotency-Key", "must be 1 to 128 characters"));
+            }
+            Some(k.to_string())
+        }
+        None => None,
+    };
+    let a = current(&st)?;
+    let stop = a
+        .stops
+        .iter()
+        .find(|s| s.id.as_str() == stop_id)
+        .ok_or_else(|| ApiError::NotFound(format!("stop {stop_id:?} is not in job {}", a.id)))?
+        .clone();
+    let form = read_form(mp).await?;
+
+    let outcome = match form.outcome.as_deref() {
+        Some("delivered") => Outcome::Delivered,
+        Some("refused") => Outcome::Refused,
+        Some("damaged") => Outcome::Damaged,
+        Some("partial") => Outcome::Partial,
+        Some(o) => return Err(bad("outcome", format!("{o:?} is not one of delivered, refused, damaged, partial"))),
+        None => return Err(bad("outcome", "required: delivered, refused, damaged or partial")),
+    };
+    let reason = form.reason_code.filter(|r| !r.trim().is_empty());
+    if outcome != Outcome::Delivered && reason.is_none() {
+        return Err(bad("reason_code", "required unless the outcome is delivered"));
+    }
+    let recipient = form.recipient_name.unwrap_or_default();
+    if outcome != Outcome::Refused && recipient.trim().is_empty() {
+        return Err(bad("recipient_name", "required unless the outcome is refused"));
+    }
+    let shipment = match (form.shipment_id, stop.shipment_ids.len()) {
+        (Some(s), _) if stop.shipment_ids.iter().any(|x| x.as_str() == s) => s,
+        (Some(s), _) => return Err(bad("shipment_id", format!("{s:?} is not a shipment of stop {stop_id}"))),
+        (None, 1) => stop.shipment_ids[0].to_string(),
+        (None, 0) => return Err(bad("shipment_id", format!("stop {stop_id} lists no shipments; give shipment_id"))),
+        (None, _) => return Err(bad("shipment_id", format!("stop {stop_id} has several shipments; say which"))),
+    };
+
+    // The request's fingerprint: what a replay with the same key must match.
+    let mut fp = sha2::Sha256::new();
+    for part in [stop_id.as_str(), form.outcome.as_deref().unwrap_or(""), reason.as_deref().unwrap_or(""), &recipient, form.notes.as_deref().unwrap_or(""), &shipment] {
+        fp.update((part.len() as u64).to_be_bytes());
+        fp.update(part.as_bytes());
+    }
+    let mut blobs = Vec::new();
+    let signature = form.signature.as_ref().map(|(d, m)| {
+        let (sha, r) = blob(d, *m);
+        blobs.push((sha, d.clone()));
+        r
+    });
+    let mut photos = Vec::new();
+    for (d, m) in &form.photos {
+        let (sha, r) = blob(d, *m);
+        blobs.push((sha, d.clone()));
+        photos.push(r);
+    }
+    for (sha, _) in &blobs {
+        fp.update(sha);
+    }
+    let fingerprint: [u8; 32] = fp.finalize().into();
+
+    // One POD at a time: an idempotency key is checked and stored without a race.
+    let _guard = st.pod_lock.lock().await;
+    if let Some(k) = &idem
+        && let Some(prev) = st.store.pod_by_key(k)?
+    {
+        if prev.fingerprint != fingerprint {
+            return Err(ApiError::Unprocessable(
+                "Idempotency-Key: already used for a different POD; use a new key for a new POD".into(),
+            ));
+        }
+        return Ok(created(&prev, true));
+    }
+    let now = crate::now_ms();
+    let pod_id = format!("pod-{}-{}", st.store.epoch(), hex::encode(rand::random::<[u8; 6]>()));
+    let geo = st.edge.last_fix().map(|(_, f)| Point { lat_e7: f.lat_e7, lon_e7: f.lon_e7 });
+    let long = |field: &str, max: usize| bad(field, format!("longer than {max} bytes"));
+    let ev = Event {
+        time_ms: now,
+        body: Body::Pod(Pod {
+            pod_id: Id::try_from_str(&pod_id).map_err(|_| ApiError::Internal("pod id".into()))?,
+            shipment_id: Id::try_from_str(&shipment).map_err(|_| long("shipment_id", 64))?,
+            stop_id: stop.id.clone(),
+            outcome,
+            reason_code: reason.as_deref().map(Code::try_from_str).transpose().map_err(|_| long("reason_code", 32))?,
+            recipient_name: BoundedString::try_from_str(&recipient).map_err(|_| long("recipient_name", 128))?,
+            notes: form.notes.as_deref().map(BoundedString::try_from_str).transpose().map_err(|_| long("notes", 512))?,
+            signature,
+            photos: BoundedVec::try_from_slice(&photos).map_err(|_| bad("photo", "too many"))?,
+            geo,
+        }),
+    };
+    let outcome_name = form.outcome.unwrap_or_default();
+    let stored = st
+        .store
+        .append_pod(ev, blobs, idem.as_deref(), fingerprint, StopPod { pod_id, outcome: outcome_name, time_ms: now })
+        .await?;
+    st.wake.notify_one();
+    Ok(created(&stored, false))
+}
+
+fn created(p: &PodStored, replayed: bool) -> Response {
+    let mut r = (StatusCode::CREATED, Json(PodCreated { pod_id: p.pod_id.clone(), epoch: p.epoch, seq: p.seq })).into_response();
+    if replayed {
+        r.headers_mut().insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+    }
+    r
+}

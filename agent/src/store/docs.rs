@@ -1,0 +1,211 @@
+//! Beside the event lanes: POD blobs, the current assignment, POD idempotency answers and
+//! the PODs taken per stop.
+//!
+//! A POD is stored in ONE sled transaction: its blobs, its event (critical lane), its
+//! idempotency answer and its stop record, after making room by thinning telemetry like
+//! any append (blobs count in the quota). So a POD is either wholly stored or not at all,
+//! and `append_pod` returns only once that transaction is durable.
+
+use fleetsync_protocol::{Assignment, Body, Event, Sha256};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
+
+use super::{KEY_LEN, Store, StoreError, map_tx};
+
+const ASSIGNMENT: &[u8] = b"assignment";
+const IDEM: &[u8] = b"idem/";
+const STOP: &[u8] = b"stop/";
+
+/// What a stored POD answered (replayed for a repeated `Idempotency-Key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodStored {
+    /// POD id.
+    pub pod_id: String,
+    /// Event identity.
+    pub epoch: u32,
+    /// Event identity.
+    pub seq: u64,
+    /// The request's fingerprint, so a different body under the same key is refused.
+    pub fingerprint: [u8; 32],
+}
+
+/// A POD taken at a stop of the current assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopPod {
+    /// POD id.
+    pub pod_id: String,
+    /// `delivered`, `refused`, `damaged`, `partial`.
+    pub outcome: String,
+    /// Capture time.
+    pub time_ms: u64,
+}
+
+fn doc_key(prefix: &[u8], id: &str) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+impl Store {
+    /// Stores a POD event with its blobs, idempotency answer and stop record atomically;
+    /// returns once durable.
+    pub async fn append_pod(
+        &self,
+        ev: Event,
+        blobs: Vec<(Sha256, Vec<u8>)>,
+        idempotency_key: Option<&str>,
+        fingerprint: [u8; 32],
+        stop: StopPod,
+    ) -> Result<PodStored, StoreError> {
+        let Body::Pod(pod) = &ev.body else {
+            return Err(StoreError::Corrupt("append_pod needs a POD event".into()));
+        };
+        let stop_id = pod.stop_id.to_string();
+        let core = &self.inner.core;
+        let value = postcard::to_stdvec(&ev)?;
+        let mut n = (KEY_LEN + value.len()) as u64;
+        for (_, b) in &blobs {
+            n += (32 + b.len()) as u64;
+        }
+        let (stored, ticket) = {
+            let mut st = core.state()?;
+            let plan = core.plan_room(&st, n)?;
+            let gap_kvs: Vec<(Vec<u8>, Vec<u8>)> = match &plan {
+                Some(p) => {
+                    let mut v = Vec::with_capacity(p.gaps.len());
+                    for g in &p.gaps {
+                        v.push((core.key(st.alloc_seq()?).to_vec(), g.clone()));
+                    }
+                    v
+                }
+                None => Vec::new(),
+            };
+            let seq = st.alloc_seq()?;
+            let stored = PodStored { pod_id: pod.pod_id.to_string(), epoch: core.epoch, seq, fingerprint };
+            let stored_bytes = postcard::to_stdvec(&stored)?;
+            let stop_bytes = postcard::to_stdvec(&stop)?;
+            let key = core.key(seq);
+            let victims: &[sled::IVec] = plan.as_ref().map_or(&[], |p| &p.victims);
+            (&core.critical, &core.telemetry, &core.blobs, &core.docs)
+                .transaction(|(crit, tele, blob_t, docs)| {
+                    for (k, v) in &gap_kvs {
+                        crit.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for k in victims {
+                        tele.remove(k)?;
+                    }
+                    for (sha, b) in &blobs {
+                        blob_t.insert(sha.as_slice(), b.as_slice())?;
+                    }
+                    crit.insert(&key, value.as_slice())?;
+                    if let Some(k) = idempotency_key {
+                        docs.insert(doc_key(IDEM, k), stored_bytes.as_slice())?;
+                    }
+                    docs.insert(doc_key(STOP, &stop_id), stop_bytes.as_slice())?;
+                    Ok::<(), ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(map_tx)?;
+            if let Some(p) = &plan {
+                let evicted = p.victims.len() as u64;
+                st.telemetry.events -= evicted;
+                st.telemetry.bytes -= p.freed;
+                st.critical.events += gap_kvs.len() as u64;
+                st.critical.bytes += p.gap_bytes;
+                st.evicted += evicted;
+                st.gaps_declared += gap_kvs.len() as u64;
+            }
+            st.critical.events += 1;
+            st.critical.bytes += (KEY_LEN + value.len()) as u64;
+            for (_, b) in &blobs {
+                st.blobs.events += 1;
+                st.blobs.bytes += (32 + b.len()) as u64;
+            }
+            (stored, core.commits.register())
+        };
+        core.commits.wait(ticket).await?;
+        Ok(stored)
+    }
+
+    /// The answer stored for a POD `Idempotency-Key`.
+    pub fn pod_by_key(&self, key: &str) -> Result<Option<PodStored>, StoreError> {
+        match self.inner.core.docs.get(doc_key(IDEM, key))? {
+            Some(v) => Ok(Some(postcard::from_bytes(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The POD taken at `stop_id`, if any.
+    pub fn stop_pod(&self, stop_id: &str) -> Result<Option<StopPod>, StoreError> {
+        match self.inner.core.docs.get(doc_key(STOP, stop_id))? {
+            Some(v) => Ok(Some(postcard::from_bytes(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Blobs awaiting the hub's `BlobAck`, with their sizes.
+    pub fn pending_blobs(&self) -> Result<Vec<(Sha256, usize)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.core.blobs.iter() {
+            let (k, v) = item?;
+            let sha: Sha256 = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("blob key not 32 bytes".into()))?;
+            out.push((sha, v.len()));
+        }
+        Ok(out)
+    }
+
+    /// A pending blob's bytes.
+    pub fn blob(&self, sha: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.core.blobs.get(sha)?.map(|v| v.to_vec()))
+    }
+
+    /// Deletes a blob the hub has stored (durable at the next commit round).
+    pub fn remove_blob(&self, sha: &Sha256) -> Result<bool, StoreError> {
+        let core = &self.inner.core;
+        let mut st = core.state()?;
+        match core.blobs.remove(sha)? {
+            Some(v) => {
+                st.blobs.events -= 1;
+                st.blobs.bytes -= (32 + v.len()) as u64;
+                core.commits.register();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The assignment in force.
+    pub fn assignment(&self) -> Result<Option<Assignment>, StoreError> {
+        match self.inner.core.docs.get(ASSIGNMENT)? {
+            Some(v) => Ok(Some(postcard::from_bytes(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `a` durably if its version is higher than the one in force (versions count
+    /// up per device across jobs; the hub enforces it), so a late, older assignment is
+    /// ignored; returns whether it was stored. A new job clears the old one's stop records.
+    pub async fn put_assignment(&self, a: &Assignment) -> Result<bool, StoreError> {
+        let core = &self.inner.core;
+        let ticket = {
+            let _st = core.state()?;
+            if let Some(cur) = self.assignment()?
+                && cur.version >= a.version
+            {
+                return Ok(false);
+            }
+            let new_job = self.assignment()?.is_none_or(|cur| cur.id != a.id);
+            if new_job {
+                let old: Vec<sled::IVec> =
+                    core.docs.scan_prefix(STOP).keys().collect::<Result<_, _>>()?;
+                for k in old {
+                    core.docs.remove(k)?;
+                }
+            }
+            core.docs.insert(ASSIGNMENT, postcard::to_stdvec(a)?)?;
+            core.commits.register()
+        };
+        core.commits.wait(ticket).await?;
+        Ok(true)
+    }
+}
