@@ -11,6 +11,10 @@
 
 pub mod api;
 pub mod config;
+pub mod edge;
+pub mod jobs;
+pub mod gps;
+pub mod geofence;
 pub mod store;
 pub mod uplink;
 
@@ -135,7 +139,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     info!(device = %cfg.device_id, epoch = store.epoch(), "store opened");
     let link = Arc::new(uplink::LinkState::default());
     let wake = Arc::new(Notify::new());
+    let edge = Arc::new(edge::Edge::default());
     let mut tasks = Vec::new();
+    let (assign_tx, assign_rx) = tokio::sync::mpsc::channel(jobs::ASSIGNMENT_QUEUE);
+    let (current_tx, current) = jobs::current(&store);
+    tasks.push(tokio::spawn(jobs::run(assign_rx, store.clone(), wake.clone(), current_tx, shutdown.clone())));
 
     let up_cfg = uplink::UplinkConfig {
         device_id: cfg.device_id.clone(),
@@ -147,6 +155,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         max_inflight: cfg.uplink.max_inflight,
         batch_max_delay: Duration::from_millis(cfg.uplink.batch_max_delay_ms),
         layout: Layout::Embedded,
+        assignments: assign_tx,
     };
     tasks.push(tokio::spawn(uplink::run(
         up_cfg,
@@ -179,6 +188,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         link: link.clone(),
         wake,
         token: cfg.api.token.as_str().into(),
+        assignment: current,
+        edge,
+        pod_lock: Arc::new(tokio::sync::Mutex::new(())),
     });
     let sd = shutdown.clone();
     tasks.push(tokio::spawn(async move {

@@ -326,3 +326,153 @@ pub fn device_client(
     ));
     rumqttc::AsyncClient::new(opts, 64)
 }
+
+/// Directory-qualified path of an optimised workspace binary (the `bench` profile: the
+/// release settings, not stripped), built once per process. Benchmarks use this: debug
+/// binaries say nothing about speed or memory.
+pub fn release_bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--profile",
+                "bench",
+                "-p",
+                "fleetsync-hub",
+                "-p",
+                "fleetsync-agent",
+                "--bins",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building the release binaries failed");
+    });
+    // target/release/deps/<bench> -> target/release (the bench profile's directory)
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+impl Proc {
+    /// Like [`Proc::spawn`], with an explicit executable.
+    pub fn spawn_exe(exe: &Path, config: &Path, log: &Path) -> Proc {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(exe)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,rumqttd=off")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            name: exe.display().to_string(),
+        }
+    }
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmHWM` = peak RSS, `VmRSS` = current), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// A deterministic 1 Hz drive starting at `start_ms`: town blocks with turns and traffic
+/// lights, then highway; speed changes and receiver noise (as in the protocol's codec
+/// benchmark).
+pub fn drive(start_ms: u64, seconds: usize, seed: u64) -> Vec<fleetsync_protocol::Event> {
+    use fleetsync_protocol::{Body, Event, Fix};
+    // xorshift64*
+    let mut s = seed | 1;
+    let mut next = move || {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        s.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut unit = move || (next() >> 11) as f64 / (1u64 << 53) as f64;
+    let (mut lat, mut lon) = (52.370_216_f64, 4.895_168_f64);
+    let (mut heading, mut speed, mut target) = (90.0f64, 0.0f64, 13.0f64);
+    let (mut stopped_for, mut to_turn, mut turning) = (0u32, 250.0f64, 0.0f64);
+    let (mut hdop, mut sats) = (0.9f64, 10u8);
+    let mut out = Vec::with_capacity(seconds);
+    for i in 0..seconds {
+        let mut gauss = || (0..6).map(|_| unit()).sum::<f64>() - 3.0;
+        let g = [gauss(), gauss(), gauss(), gauss()];
+        let highway = (i / 3600) % 2 == 1;
+        let cruise = |u: f64| {
+            if highway {
+                26.0 + 7.0 * u
+            } else {
+                7.0 + 7.0 * u
+            }
+        };
+        if stopped_for > 0 {
+            stopped_for -= 1;
+            target = if stopped_for == 0 { cruise(unit()) } else { 0.0 };
+        } else if !highway && unit() < 1.0 / 90.0 {
+            stopped_for = (15.0 + 45.0 * unit()) as u32;
+        } else if unit() < 0.05 {
+            target = cruise(unit());
+        }
+        speed = (speed + (target - speed).clamp(-3.0, 2.0) + 0.05 * g[0]).max(0.0);
+        if speed < 0.3 && target == 0.0 {
+            speed = 0.0;
+        }
+        to_turn -= speed;
+        if to_turn <= 0.0 {
+            let u = unit();
+            turning = if highway {
+                -2.0 + 4.0 * u
+            } else {
+                [-90.0, 90.0, 0.0][((u * 3.0) as usize).min(2)]
+            };
+            to_turn = if highway {
+                800.0 + 2200.0 * unit()
+            } else {
+                120.0 + 280.0 * unit()
+            };
+        }
+        if speed > 0.5 {
+            let step = turning.clamp(-15.0, 15.0);
+            heading = (heading + step + 0.5 * g[1]).rem_euclid(360.0);
+            turning -= step;
+        }
+        lat += speed * heading.to_radians().cos() / 111_320.0;
+        lon += speed * heading.to_radians().sin() / (111_320.0 * lat.to_radians().cos());
+        if unit() < 0.02 {
+            hdop = 0.7 + 0.9 * unit();
+        }
+        if unit() < 0.01 {
+            sats = (i32::from(sats) + if unit() < 0.5 { -1 } else { 1 }).clamp(4, 16) as u8;
+        }
+        out.push(Event {
+            time_ms: start_ms + i as u64 * 1000,
+            body: Body::Position(Fix {
+                lat_e7: ((lat + 0.3 * g[2] / 111_320.0) * 1e7).round() as i32,
+                lon_e7: ((lon + 0.3 * g[3] / 111_320.0) * 1e7).round() as i32,
+                speed_cmps: Some((speed * 100.0).round() as u16),
+                heading_ddeg: Some((heading * 10.0).round() as u16 % 3600),
+                hdop_d: Some((hdop * 10.0).round() as u16),
+                satellites: Some(sats),
+            }),
+        });
+    }
+    out
+}

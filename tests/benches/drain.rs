@@ -1,0 +1,357 @@
+//! A day offline at 1 Hz, then the link comes back: how fast does the agent drain its
+//! backlog to the hub, and how much memory do both need?
+//!
+//! `cargo bench -p fleetsync-tests --bench drain`:
+//!
+//! 1. builds the hub and agent binaries with the `bench` profile (release settings);
+//! 2. pre-fills an agent store with 86,400 fixes of a realistic drive (yesterday, 1 Hz) and
+//!    500 exceptions, through the `Store` library (the agent's own on-disk format);
+//! 3. starts a hub and then the agent as processes, and times agent start -> its
+//!    `GET /v1/status` backlog is 0 (every event acked by the hub), sampling `VmHWM`;
+//! 4. checks the hub holds every pre-filled event exactly once (plus health events).
+//!
+//! Targets: drain < 10 s, agent peak RSS < 32 MiB. Exits non-zero if the drain does not
+//! finish within `DRAIN_LIMIT` or the hub's events do not match.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetsync_agent::store::{Store, StoreConfig};
+use fleetsync_protocol::{Body, BoundedString, Event, Exception};
+use fleetsync_tests::{
+    DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, drive, free_port, hub_config, pki,
+    proc_status_kib, release_bin, wait_http_ok,
+};
+
+const POSITIONS: usize = 86_400;
+const EXCEPTIONS: usize = 500;
+/// The agent's default quota (config example): 64 MiB.
+const QUOTA: u64 = 64 << 20;
+/// Give up (and fail) after this long.
+const DRAIN_LIMIT: Duration = Duration::from_secs(180);
+const DRAIN_TARGET_S: f64 = 10.0;
+const AGENT_RSS_TARGET_MIB: f64 = 32.0;
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Yesterday's day of driving with an exception about every 173 fixes, in capture order.
+fn day(start_ms: u64) -> Vec<Event> {
+    let fixes = drive(start_ms, POSITIONS, 11);
+    let mut out = Vec::with_capacity(POSITIONS + EXCEPTIONS);
+    let mut next_exc = 0usize;
+    for (i, fix) in fixes.into_iter().enumerate() {
+        let t = fix.time_ms;
+        out.push(fix);
+        // Exception k goes after fix floor((k + 0.5) * POSITIONS / EXCEPTIONS).
+        while next_exc < EXCEPTIONS && (2 * next_exc + 1) * POSITIONS / (2 * EXCEPTIONS) == i {
+            out.push(Event {
+                time_ms: t + 500,
+                body: Body::Exception(Exception {
+                    code: BoundedString::try_from_str("delay").unwrap(),
+                    text: BoundedString::try_from_str(&format!(
+                        "exception-{next_exc}: waited for the loading dock"
+                    ))
+                    .unwrap(),
+                    stop_id: Some(
+                        BoundedString::try_from_str(&format!("S-{}", next_exc / 10)).unwrap(),
+                    ),
+                }),
+            });
+            next_exc += 1;
+        }
+    }
+    assert_eq!(out.len(), POSITIONS + EXCEPTIONS);
+    out
+}
+
+async fn prefill(path: &Path, events: Vec<Event>) -> (u32, Duration) {
+    let started = Instant::now();
+    let cfg = StoreConfig {
+        path: path.to_path_buf(),
+        quota_bytes: QUOTA,
+        commit_interval: Duration::from_millis(2),
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    let epoch = store.epoch();
+    for ev in events {
+        store.append_buffered(ev).unwrap();
+    }
+    store.sync().await.unwrap();
+    let s = store.stats();
+    assert_eq!(s.critical.events, EXCEPTIONS as u64);
+    assert_eq!(s.telemetry.events, POSITIONS as u64);
+    println!(
+        "  pre-filled store: {} events, {:.1} MiB logical, {:.1} MiB on disk",
+        s.critical.events + s.telemetry.events,
+        s.used_bytes as f64 / 1048576.0,
+        s.disk_bytes as f64 / 1048576.0
+    );
+    // Dropping the last handle does a final commit round and joins the committer.
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
+    (epoch, started.elapsed())
+}
+
+/// Peak (VmHWM) and largest sampled VmRSS of a process, in KiB.
+#[derive(Default)]
+struct Mem {
+    hwm: AtomicU64,
+    rss: AtomicU64,
+}
+
+impl Mem {
+    fn sample(&self, pid: u32) {
+        if let Some(h) = proc_status_kib(pid, "VmHWM") {
+            self.hwm.fetch_max(h, Ordering::Relaxed);
+        }
+        if let Some(r) = proc_status_kib(pid, "VmRSS") {
+            self.rss.fetch_max(r, Ordering::Relaxed);
+        }
+    }
+}
+
+fn backlog(status: &serde_json::Value) -> Option<u64> {
+    let b = &status["backlog"];
+    Some(b["critical"]["events"].as_u64()? + b["telemetry"]["events"].as_u64()?)
+}
+
+async fn run() -> bool {
+    println!(
+        "drain: a day offline at 1 Hz ({POSITIONS} fixes + {EXCEPTIONS} exceptions), then the hub comes back"
+    );
+    let built = Instant::now();
+    let hub_exe = release_bin("fleetsync-hub");
+    let agent_exe = release_bin("fleetsync-agent");
+    println!(
+        "  binaries: {} and {} (bench profile = release settings, not stripped; build/check took {:.1} s)",
+        hub_exe.display(),
+        agent_exe.display(),
+        built.elapsed().as_secs_f64()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), &["V1"]);
+    let start_ms = fleetsync_agent::now_ms() - 2 * 86_400_000;
+    let (epoch, took) = prefill(&dir.path().join("agent-data"), day(start_ms)).await;
+    println!(
+        "  pre-fill took {:.1} s (epoch {epoch})",
+        took.as_secs_f64()
+    );
+
+    let (mqtt, http_port, api) = (free_port(), free_port(), free_port());
+    let hub_cfg = dir.path().join("hub.toml");
+    std::fs::write(
+        &hub_cfg,
+        hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port),
+    )
+    .unwrap();
+    let agent_cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        agent_config(
+            "V1",
+            &pki,
+            &dir.path().join("agent-data"),
+            mqtt,
+            api,
+            QUOTA,
+        ),
+    )
+    .unwrap();
+    let hub_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
+
+    let hub = Proc::spawn_exe(&hub_exe, &hub_cfg, &dir.path().join("hub.log"));
+    if !wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await {
+        println!("  FAILED: hub did not become ready");
+        return false;
+    }
+    let hub_pid = hub.child.id();
+    let hub_mem = Arc::new(Mem::default());
+    hub_mem.sample(hub_pid);
+    let hub_idle_hwm = hub_mem.hwm.load(Ordering::Relaxed);
+
+    let started = Instant::now();
+    let agent = Proc::spawn_exe(&agent_exe, &agent_cfg, &dir.path().join("agent.log"));
+    let agent_pid = agent.child.id();
+    let agent_mem = Arc::new(Mem::default());
+
+    // Memory sampler: every 20 ms until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, hub_mem, agent_mem) = (stop.clone(), hub_mem.clone(), agent_mem.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                agent_mem.sample(agent_pid);
+                hub_mem.sample(hub_pid);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let status_http = Http::new(api_addr, DRIVER_TOKEN);
+    let hub_http = Http::new(hub_addr, OPERATOR_TOKEN);
+    let mut api_up: Option<Duration> = None;
+    let mut connected: Option<Duration> = None;
+    let mut first_progress: Option<Duration> = None;
+    let mut drained: Option<Duration> = None;
+    let mut last_backlog = None;
+    while started.elapsed() < DRAIN_LIMIT {
+        if let Ok(r) = status_http.get("/v1/status").await
+            && r.status().is_success()
+            && let Ok(v) = r.json::<serde_json::Value>().await
+        {
+            let at = started.elapsed();
+            api_up.get_or_insert(at);
+            if v["connected"].as_bool() == Some(true) {
+                connected.get_or_insert(at);
+            }
+            if let Some(b) = backlog(&v) {
+                if b < (POSITIONS + EXCEPTIONS) as u64 {
+                    first_progress.get_or_insert(at);
+                }
+                last_backlog = Some(b);
+                if b == 0 {
+                    drained = Some(at);
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    agent_mem.sample(agent_pid);
+    hub_mem.sample(hub_pid);
+    let agent_hwm = agent_mem.hwm.load(Ordering::Relaxed);
+    let hub_hwm_drain = hub_mem.hwm.load(Ordering::Relaxed);
+    let link = status_http.get_json("/v1/status").await["link"].clone();
+
+    let ms = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+    println!(
+        "  timeline from agent start: local API up {}, connected {}, first ack {}, backlog 0 {}",
+        ms(api_up),
+        ms(connected),
+        ms(first_progress),
+        ms(drained)
+    );
+    println!(
+        "  uplink: batches sent {}, resends {}, disconnects {}",
+        link["batches_sent"], link["resends"], link["disconnects"]
+    );
+    let total = (POSITIONS + EXCEPTIONS) as f64;
+    let mut ok = true;
+    match drained {
+        Some(d) => {
+            let s = d.as_secs_f64();
+            println!(
+                "  DRAIN      {:8.2} s  = {:8.0} events/s   (target < {DRAIN_TARGET_S} s: {})",
+                s,
+                total / s,
+                if s < DRAIN_TARGET_S { "met" } else { "MISSED" }
+            );
+        }
+        None => {
+            println!(
+                "  DRAIN      did not finish within {} s (backlog still {last_backlog:?})  MISSED",
+                DRAIN_LIMIT.as_secs()
+            );
+            ok = false;
+        }
+    }
+    println!(
+        "  AGENT RSS  {:8.1} MiB peak (VmHWM; largest sampled VmRSS {:.1} MiB)   (target < {AGENT_RSS_TARGET_MIB} MiB: {})",
+        mib(agent_hwm),
+        mib(agent_mem.rss.load(Ordering::Relaxed)),
+        if mib(agent_hwm) < AGENT_RSS_TARGET_MIB {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    println!(
+        "  HUB RSS    {:8.1} MiB peak during the drain (VmHWM; {:.1} MiB when idle before the agent started)",
+        mib(hub_hwm_drain),
+        mib(hub_idle_hwm)
+    );
+
+    // The oracle: every pre-filled event at the hub exactly once, plus health events.
+    let verified = Instant::now();
+    let events = hub_http.all_events("V1").await;
+    let mut kinds: HashMap<String, usize> = HashMap::new();
+    let mut ids = HashSet::new();
+    let mut dup = 0usize;
+    let mut prefilled = 0usize;
+    for e in &events {
+        *kinds
+            .entry(e["kind"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+        let id = (e["epoch"].as_u64().unwrap(), e["seq"].as_u64().unwrap());
+        if !ids.insert(id) {
+            dup += 1;
+        }
+        if id.0 == u64::from(epoch) && id.1 < total as u64 {
+            prefilled += 1;
+        }
+    }
+    let count = |k: &str| kinds.get(k).copied().unwrap_or(0);
+    hub_mem.sample(hub_pid);
+    println!(
+        "  hub holds {} events of V1: {} positions, {} exceptions, {} health, {} other; \
+         {prefilled} of {} pre-filled (epoch {epoch}, seq 0..{}) present, {dup} duplicates \
+         (read back in {:.1} s; hub VmHWM after that {:.1} MiB)",
+        events.len(),
+        count("position"),
+        count("exception"),
+        count("health"),
+        events.len() - count("position") - count("exception") - count("health"),
+        total as u64,
+        total as u64 - 1,
+        verified.elapsed().as_secs_f64(),
+        mib(hub_mem.hwm.load(Ordering::Relaxed))
+    );
+    if count("position") != POSITIONS
+        || count("exception") != EXCEPTIONS
+        || prefilled != total as usize
+        || dup != 0
+    {
+        println!("  FAILED: the hub does not hold exactly the pre-filled events");
+        ok = false;
+    } else {
+        println!(
+            "  verified: {} = {POSITIONS} + {EXCEPTIONS} + {} health events",
+            events.len(),
+            count("health")
+        );
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    // SIGKILL and reap both (Proc's drop), then the temp dir goes.
+    drop(agent);
+    drop(hub);
+    drop(dir);
+    ok
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; this benchmark takes no options.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if !rt.block_on(run()) {
+        std::process::exit(1);
+    }
+}

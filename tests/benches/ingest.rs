@@ -1,0 +1,417 @@
+//! Hub ingest throughput: 100 devices with real certificates over TLS against an
+//! in-process hub, against the raw rate of the same publishes into the embedded broker.
+//!
+//! `cargo bench -p fleetsync-tests --bench ingest`:
+//!
+//! - baseline: `fleetsync_hub::broker::embedded` alone, one subscriber on `/tenants/+/up`
+//!   counting messages, 100 plain-TCP (no TLS) publishers sending the same 60-fix `Batch`
+//!   frames with QoS 1, up to 8 unacked (PUBACK) each; events/s = publishes received/s x 60;
+//! - hub: `TestHub` (gateway with mTLS, broker, ingest with dedup + fsync, acks); each device
+//!   subscribes to its down topic and keeps up to 8 batches awaiting the hub's `Ack`;
+//!   events/s = events acked by the hub per second.
+//!
+//! Each side runs `WARMUP` and is then measured for `WINDOW`; clients, broker and hub share
+//! this machine's cores.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetsync_protocol::topic::{Channel, Layout};
+use fleetsync_protocol::{Batch, BoundedVec, Downlink, Event, Uplink, frame};
+use fleetsync_tests::{TestHub, device_client, drive};
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+const DEVICES: usize = 100;
+const BATCH: usize = 60;
+const INFLIGHT: usize = 8;
+const WARMUP: Duration = Duration::from_secs(3);
+const WINDOW: Duration = Duration::from_secs(20);
+const MAX_PACKET: usize = 256 * 1024;
+
+/// Counters shared by every client of one side.
+#[derive(Default)]
+struct Counters {
+    /// Events acked by the hub (hub side) or PUBACKed by the broker (baseline).
+    acked_events: AtomicU64,
+    /// Messages the baseline subscriber received.
+    received: AtomicU64,
+    /// Devices subscribed (hub side) or connected (baseline).
+    ready: AtomicUsize,
+    /// Connection errors seen by clients.
+    errors: AtomicU64,
+}
+
+/// A device's batch source: the drive's fixes in frames of 60 with consecutive seqs.
+struct Frames {
+    fixes: Arc<Vec<Event>>,
+    next: u64,
+}
+
+impl Frames {
+    fn next_frame(&mut self) -> Vec<u8> {
+        let n = self.fixes.len() / BATCH;
+        let chunk = (self.next as usize) % n;
+        let events = BoundedVec::try_from_slice(&self.fixes[chunk * BATCH..(chunk + 1) * BATCH])
+            .expect("60 fit in a batch");
+        let msg = Uplink::Batch(Batch {
+            epoch: 1,
+            first_seq: self.next * BATCH as u64,
+            events,
+        });
+        self.next += 1;
+        frame::encode(&msg).expect("encodes")
+    }
+}
+
+/// One simulated device against the hub: subscribe, then keep `INFLIGHT` batches awaiting
+/// the hub's `Ack`.
+async fn hub_device(
+    id: String,
+    client: AsyncClient,
+    mut el: EventLoop,
+    mut frames: Frames,
+    c: Arc<Counters>,
+    sending: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let up = Layout::Embedded.topic(&id, Channel::Up).unwrap().to_string();
+    let down = Layout::Embedded
+        .topic(&id, Channel::Down)
+        .unwrap()
+        .to_string();
+    let mut inflight = 0usize;
+    let mut counted_ready = false;
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = el.poll() => ev,
+        };
+        match ev {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                // (Re)connected: whatever was in flight is lost with the session.
+                inflight = 0;
+                client.try_subscribe(down.clone(), QoS::AtLeastOnce).unwrap();
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                if !counted_ready {
+                    counted_ready = true;
+                    c.ready.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                if let Ok(Downlink::Ack(a)) = frame::decode::<Downlink>(&p.payload) {
+                    let n: u64 = a.ranges.iter().map(|r| r.last - r.first + 1).sum();
+                    c.acked_events.fetch_add(n, Ordering::Relaxed);
+                    inflight = inflight.saturating_sub(1);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        while counted_ready && sending.load(Ordering::Relaxed) && inflight < INFLIGHT {
+            if client
+                .try_publish(up.clone(), QoS::AtLeastOnce, false, frames.next_frame())
+                .is_err()
+            {
+                break;
+            }
+            inflight += 1;
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+/// One plain-TCP publisher straight into the broker: up to `INFLIGHT` unacked publishes.
+async fn raw_publisher(
+    id: String,
+    client: AsyncClient,
+    mut el: EventLoop,
+    mut frames: Frames,
+    c: Arc<Counters>,
+    sending: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let up = Layout::Embedded.topic(&id, Channel::Up).unwrap().to_string();
+    let mut inflight = 0usize;
+    let mut connected = false;
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = el.poll() => ev,
+        };
+        match ev {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                inflight = 0;
+                if !connected {
+                    connected = true;
+                    c.ready.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::PubAck(_))) => {
+                c.acked_events.fetch_add(BATCH as u64, Ordering::Relaxed);
+                inflight = inflight.saturating_sub(1);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        while connected && sending.load(Ordering::Relaxed) && inflight < INFLIGHT {
+            if client
+                .try_publish(up.clone(), QoS::AtLeastOnce, false, frames.next_frame())
+                .is_err()
+            {
+                break;
+            }
+            inflight += 1;
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+/// The baseline's subscriber: counts what the broker delivers on `/tenants/+/up`.
+async fn raw_subscriber(
+    client: AsyncClient,
+    mut el: EventLoop,
+    c: Arc<Counters>,
+    subscribed: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = el.poll() => ev,
+        };
+        match ev {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                client
+                    .try_subscribe(Layout::Embedded.hub_filter(Channel::Up), QoS::AtLeastOnce)
+                    .unwrap();
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => subscribed.store(true, Ordering::SeqCst),
+            Ok(MqttEvent::Incoming(Packet::Publish(_))) => {
+                c.received.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+/// Waits for `ready` clients, lets them send for the warm-up, measures `counter` over the
+/// window; returns (per second, window actually measured).
+async fn measure(
+    c: &Counters,
+    sending: &AtomicBool,
+    counter: impl Fn(&Counters) -> u64,
+    ready: usize,
+) -> Option<(f64, Duration)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.ready.load(Ordering::Relaxed) < ready {
+        if Instant::now() > deadline {
+            println!(
+                "  only {} of {ready} clients ready after 60 s",
+                c.ready.load(Ordering::Relaxed)
+            );
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sending.store(true, Ordering::Relaxed);
+    tokio::time::sleep(WARMUP).await;
+    let (n0, t0) = (counter(c), Instant::now());
+    tokio::time::sleep(WINDOW).await;
+    let (n1, el) = (counter(c), t0.elapsed());
+    sending.store(false, Ordering::Relaxed);
+    Some(((n1 - n0) as f64 / el.as_secs_f64(), el))
+}
+
+async fn baseline(fixes: &Arc<Vec<Event>>) -> Option<(f64, f64)> {
+    let broker = tokio::task::spawn_blocking(|| {
+        fleetsync_hub::broker::embedded::start(MAX_PACKET, DEVICES + 16)
+    })
+    .await
+    .unwrap()
+    .expect("embedded broker starts");
+    let addr: SocketAddr = broker.addr;
+    let c = Arc::new(Counters::default());
+    let sending = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let opts = |id: &str| {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        o.set_credentials(id, broker.secret.clone());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(MAX_PACKET + 1024, MAX_PACKET + 1024);
+        o
+    };
+    let mut tasks = Vec::new();
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let mut sub_opts = opts("bench-subscriber");
+    sub_opts.set_inflight(1000);
+    let (client, el) = AsyncClient::new(sub_opts, 1024);
+    tasks.push(tokio::spawn(raw_subscriber(
+        client,
+        el,
+        c.clone(),
+        subscribed.clone(),
+        stop.clone(),
+    )));
+    while !subscribed.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..DEVICES {
+        let id = format!("D{i:03}");
+        let (client, el) = AsyncClient::new(opts(&id), 64);
+        let frames = Frames {
+            fixes: fixes.clone(),
+            next: 0,
+        };
+        tasks.push(tokio::spawn(raw_publisher(
+            id,
+            client,
+            el,
+            frames,
+            c.clone(),
+            sending.clone(),
+            stop.clone(),
+        )));
+    }
+    let puback0 = c.acked_events.load(Ordering::Relaxed);
+    let res = measure(&c, &sending, |c| c.received.load(Ordering::Relaxed), DEVICES).await;
+    let pubacked = c.acked_events.load(Ordering::Relaxed) - puback0;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (per_s, el) = res?;
+    println!(
+        "  baseline: {:.0} publishes/s received by the subscriber over {:.1} s ({} PUBACKed events in all, {} client errors)",
+        per_s,
+        el.as_secs_f64(),
+        pubacked,
+        c.errors.load(Ordering::Relaxed)
+    );
+    // The broker's threads live until the process exits (rumqttd has no stop).
+    Some((per_s, per_s * BATCH as f64))
+}
+
+async fn through_hub(fixes: &Arc<Vec<Event>>) -> Option<f64> {
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("D{i:03}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let setup = Instant::now();
+    let hub = TestHub::start(&id_refs).await;
+    println!(
+        "  hub started with {DEVICES} device certificates in {:.1} s",
+        setup.elapsed().as_secs_f64()
+    );
+    let c = Arc::new(Counters::default());
+    let sending = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let (client, el) = device_client(&hub.pki, id, id, hub.running_mqtt);
+        let frames = Frames {
+            fixes: fixes.clone(),
+            next: 0,
+        };
+        tasks.push(tokio::spawn(hub_device(
+            id.clone(),
+            client,
+            el,
+            frames,
+            c.clone(),
+            sending.clone(),
+            stop.clone(),
+        )));
+    }
+    let res = measure(
+        &c,
+        &sending,
+        |c| c.acked_events.load(Ordering::Relaxed),
+        DEVICES,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ingested = hub
+        .http
+        .metric("fleetsync_hub_events_ingested_total")
+        .await;
+    let dups = hub
+        .http
+        .metric("fleetsync_hub_duplicates_dropped_total")
+        .await;
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (per_s, el) = res?;
+    println!(
+        "  hub: {:.0} events/s acked over {:.1} s ({} events ingested in all, {} duplicates, {} client errors)",
+        per_s,
+        el.as_secs_f64(),
+        ingested,
+        dups,
+        c.errors.load(Ordering::Relaxed)
+    );
+    // Cancels the hub; its temp dir goes with it.
+    drop(hub);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Some(per_s)
+}
+
+async fn run() -> bool {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fixes = Arc::new(drive(1_795_773_600_000, 3600, 5));
+    let sample = frame::encode(&Uplink::Batch(Batch {
+        epoch: 1,
+        first_seq: 0,
+        events: BoundedVec::try_from_slice(&fixes[..BATCH]).unwrap(),
+    }))
+    .unwrap();
+    println!(
+        "ingest: {DEVICES} devices, {BATCH}-fix Batch frames (~{} bytes), up to {INFLIGHT} in flight each; {}s warm-up, {}s window",
+        sample.len(),
+        WARMUP.as_secs(),
+        WINDOW.as_secs()
+    );
+    let Some((_, base)) = baseline(&fixes).await else {
+        println!("  FAILED: baseline did not run");
+        return false;
+    };
+    let Some(hub) = through_hub(&fixes).await else {
+        println!("  FAILED: hub side did not run");
+        return false;
+    };
+    println!(
+        "  HUB        {hub:10.0} events/s acked (mTLS gateway + broker + ingest: decode, dedup, sled, fsync, Ack)"
+    );
+    println!(
+        "  BASELINE   {base:10.0} events/s (raw publishes into the embedded broker x {BATCH}; NO TLS, no hub)"
+    );
+    println!("  RATIO      {:10.2}x of the raw broker rate", hub / base);
+    true
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if !rt.block_on(run()) {
+        std::process::exit(1);
+    }
+}
