@@ -40,6 +40,29 @@ listen = "127.0.0.1:8090"
 # Bearer token of the local API (FLEETSYNC_AGENT_API_TOKEN overrides it).
 token = "change-me-driver-token"
 
+[gps]
+# Where fixes come from (leave out for no GPS):
+#   gpsd://HOST:PORT                     gpsd's JSON protocol (the usual way on Linux gateways)
+#   nmea+serial:///dev/ttyUSB0?baud=9600 NMEA 0183 from a serial receiver
+#   nmea+tcp://HOST:PORT                 NMEA 0183 from a TCP socket
+#   nmea+file:///path/log.nmea?pace=realtime|max   replay a captured log
+source = "gpsd://127.0.0.1:2947"
+
+[ignition]
+# A file holding 1 (on) or 0 (off), e.g. a GPIO value file; polled twice a second.
+# Leave the section out when the gateway has no ignition input.
+# path = "/sys/class/gpio/gpio17/value"
+
+[geofence]
+# Hysteresis and timing of stop fences (metres, milliseconds, metres per second).
+margin_m = 25.0
+enter_debounce_ms = 10000
+exit_debounce_ms = 10000
+dwell_ms = 300000
+stationary_speed_mps = 0.5
+moving_speed_mps = 2.0
+stationary_after_ms = 30000
+
 [health]
 # A health event (backlog, disk use, link statistics) every this many seconds.
 interval_s = 60
@@ -64,6 +87,15 @@ pub struct Config {
     pub store: StoreSection,
     /// The local API.
     pub api: ApiConfig,
+    /// GPS input.
+    #[serde(default)]
+    pub gps: GpsConfig,
+    /// Ignition input.
+    #[serde(default)]
+    pub ignition: IgnitionConfig,
+    /// Geofence thresholds.
+    #[serde(default)]
+    pub geofence: crate::geofence::GeofenceConfig,
     /// Health events.
     #[serde(default)]
     pub health: HealthConfig,
@@ -116,6 +148,22 @@ impl std::fmt::Debug for ApiConfig {
             .field("token", &"<redacted>")
             .finish()
     }
+}
+
+/// `[gps]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpsConfig {
+    /// Source URL; none = no GPS.
+    pub source: Option<String>,
+}
+
+/// `[ignition]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IgnitionConfig {
+    /// File holding 1 or 0.
+    pub path: Option<PathBuf>,
 }
 
 /// `[health]`
@@ -260,6 +308,11 @@ impl Config {
                 "uplink.max_inflight must be 1 to 64".into(),
             ));
         }
+        if let Some(src) = &self.gps.source {
+            src.parse::<crate::gps::GpsSource>()
+                .map_err(|e| ConfigError::Invalid(format!("gps.source {src:?}: {e}")))?;
+        }
+        self.geofence.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.health.interval_s == 0 {
             return Err(ConfigError::Invalid(
                 "health.interval_s must be at least 1".into(),

@@ -139,11 +139,35 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     info!(device = %cfg.device_id, epoch = store.epoch(), "store opened");
     let link = Arc::new(uplink::LinkState::default());
     let wake = Arc::new(Notify::new());
-    let edge = Arc::new(edge::Edge::default());
+    let edge = Arc::new(edge::Edge::new(cfg.geofence.clone()));
+    let gps_stats = Arc::new(gps::GpsStats::default());
     let mut tasks = Vec::new();
     let (assign_tx, assign_rx) = tokio::sync::mpsc::channel(jobs::ASSIGNMENT_QUEUE);
     let (current_tx, current) = jobs::current(&store);
     tasks.push(tokio::spawn(jobs::run(assign_rx, store.clone(), wake.clone(), current_tx, shutdown.clone())));
+    let (fix_tx, fix_rx) = tokio::sync::mpsc::channel(edge::FIX_QUEUE);
+    if let Some(src) = &cfg.gps.source {
+        let source: gps::GpsSource = src
+            .parse()
+            .map_err(|e| config::ConfigError::Invalid(format!("gps.source {src:?}: {e}")))?;
+        let (stats, sd) = (gps_stats.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = gps::run(source, fix_tx, stats, sd).await {
+                warn!(error = %e, "GPS source stopped");
+            }
+        }));
+    } else {
+        drop(fix_tx);
+    }
+    tasks.push(tokio::spawn(edge::run(
+        edge.clone(),
+        fix_rx,
+        current.clone(),
+        cfg.ignition.path.clone(),
+        store.clone(),
+        wake.clone(),
+        shutdown.clone(),
+    )));
 
     let up_cfg = uplink::UplinkConfig {
         device_id: cfg.device_id.clone(),
@@ -190,6 +214,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         token: cfg.api.token.as_str().into(),
         assignment: current,
         edge,
+        gps: gps_stats,
         pod_lock: Arc::new(tokio::sync::Mutex::new(())),
     });
     let sd = shutdown.clone();

@@ -50,6 +50,8 @@ pub struct ApiState {
     pub assignment: crate::jobs::Current,
     /// Last fix and stop states.
     pub edge: Arc<crate::edge::Edge>,
+    /// GPS input counters.
+    pub gps: Arc<crate::gps::GpsStats>,
     /// Serialises POD creation (idempotency keys).
     pub pod_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -136,6 +138,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/v1/exceptions", post(driver::exception).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -170,6 +173,7 @@ struct StatusOut {
     disk: DiskOut,
     gaps_declared: u64,
     link: fleetsync_protocol::LinkStats,
+    gps: crate::gps::GpsStatsSnapshot,
 }
 
 async fn status(State(st): State<ApiState>) -> Json<StatusOut> {
@@ -201,6 +205,7 @@ async fn status(State(st): State<ApiState>) -> Json<StatusOut> {
         },
         gaps_declared: s.gaps_declared,
         link: st.link.stats(),
+        gps: st.gps.snapshot(),
     })
 }
 
@@ -226,4 +231,41 @@ async fn post_event(State(st): State<ApiState>, body: Bytes) -> Result<Response,
         }),
     )
         .into_response())
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    use std::fmt::Write as _;
+    let s = st.store.stats();
+    let l = st.link.stats();
+    let g = st.gps.snapshot();
+    let mut out = String::with_capacity(2048);
+    let mut m = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    m("fleetsync_agent_backlog_events", "gauge", "Events awaiting a hub ack.", &[
+        ("{lane=\"critical\"}", s.critical.events),
+        ("{lane=\"telemetry\"}", s.telemetry.events),
+        ("{lane=\"blobs\"}", s.blobs.events),
+    ]);
+    m("fleetsync_agent_backlog_bytes", "gauge", "Stored bytes awaiting a hub ack.", &[
+        ("{lane=\"critical\"}", s.critical.bytes),
+        ("{lane=\"telemetry\"}", s.telemetry.bytes),
+        ("{lane=\"blobs\"}", s.blobs.bytes),
+    ]);
+    m("fleetsync_agent_store_used_bytes", "gauge", "Logical bytes in the store.", &[("", s.used_bytes)]);
+    m("fleetsync_agent_store_quota_bytes", "gauge", "The store's quota.", &[("", s.quota_bytes)]);
+    m("fleetsync_agent_gaps_declared_total", "counter", "Gap events written since start.", &[("", s.gaps_declared)]);
+    m("fleetsync_agent_connected", "gauge", "1 when connected to the hub.", &[("", u64::from(st.link.connected.load(Ordering::Relaxed)))]);
+    m("fleetsync_agent_batches_sent_total", "counter", "Batches published.", &[("", u64::from(l.batches_sent))]);
+    m("fleetsync_agent_resends_total", "counter", "Batches resent after an ack timeout or reconnect.", &[("", u64::from(l.resends))]);
+    m("fleetsync_agent_connects_total", "counter", "Connections to the hub.", &[("", u64::from(l.connects))]);
+    m("fleetsync_agent_gps_sentences_total", "counter", "GPS sentences or reports read.", &[("", g.sentences)]);
+    m("fleetsync_agent_gps_fixes_total", "counter", "GPS fixes taken.", &[("", g.fixes)]);
+    m("fleetsync_agent_gps_no_fix_total", "counter", "GPS epochs without a valid fix.", &[("", g.no_fix)]);
+    m("fleetsync_agent_gps_checksum_errors_total", "counter", "NMEA sentences with a bad checksum.", &[("", g.checksum_errors)]);
+    m("fleetsync_agent_gps_garbage_total", "counter", "GPS input lines that were not NMEA/JSON.", &[("", g.garbage)]);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
