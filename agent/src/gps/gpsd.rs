@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::io::{Backoff, Flow, LineSplitter, read_chunk};
+use super::io::{Backoff, Flow, LineSplitter, NMEA_IDLE_FLUSH, read_chunk};
 use super::{GpsError, GpsFix, GpsStats};
 
 /// What the agent sends after connecting.
@@ -35,10 +35,17 @@ pub const GPSD_IDLE: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Turns gpsd report lines into fixes. Pure.
+///
+/// gpsd may send several TPVs for one epoch (one per NMEA sentence while it learns the
+/// receiver's cycle), each more complete: the latest TPV of an epoch is held and handed
+/// on when a report for another time arrives or on [`flush`](Self::flush), with the HDOP
+/// and satellites of the latest SKY.
 #[derive(Debug, Default)]
 pub struct GpsdDecoder {
     hdop: Option<f64>,
     satellites: Option<u32>,
+    pending: Option<GpsFix>,
+    last_time: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,7 +69,8 @@ struct Sat {
 }
 
 impl GpsdDecoder {
-    /// Decodes one line, counting it in `stats`.
+    /// Decodes one line, counting it in `stats`. Returns the fix of an epoch this line
+    /// closed.
     pub fn push_line(&mut self, line: &[u8], stats: &GpsStats) -> Option<GpsFix> {
         let line = line.trim_ascii();
         if line.is_empty() {
@@ -89,19 +97,42 @@ impl GpsdDecoder {
                 None
             }
             "TPV" => {
-                let fix = self.tpv(&r);
-                if fix.is_some() {
-                    stats.fixes.fetch_add(1, Ordering::Relaxed);
+                let time = tpv_time(&r);
+                let same_epoch = time.is_some() && time == self.last_time;
+                let closed = if same_epoch {
+                    None
                 } else {
-                    stats.no_fix.fetch_add(1, Ordering::Relaxed);
+                    self.flush_into(stats)
+                };
+                match self.tpv(&r, time) {
+                    Some(fix) => self.pending = Some(fix),
+                    None if !same_epoch => {
+                        stats.no_fix.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {}
                 }
-                fix
+                self.last_time = time;
+                closed
             }
             _ => None,
         }
     }
 
-    fn tpv(&self, r: &Report) -> Option<GpsFix> {
+    /// Hands on the epoch held back (the receiver went quiet, or the connection ended).
+    pub fn flush(&mut self, stats: &GpsStats) -> Option<GpsFix> {
+        self.flush_into(stats)
+    }
+
+    fn flush_into(&mut self, stats: &GpsStats) -> Option<GpsFix> {
+        let mut fix = self.pending.take()?;
+        let u16_of = |v: f64| (v.is_finite() && v >= 0.0).then(|| v.round().min(65535.0) as u16);
+        fix.hdop_d = self.hdop.and_then(|h| u16_of(h * 10.0));
+        fix.satellites = self.satellites.map(|n| n.min(255) as u8);
+        stats.fixes.fetch_add(1, Ordering::Relaxed);
+        Some(fix)
+    }
+
+    fn tpv(&self, r: &Report, time: Option<u64>) -> Option<GpsFix> {
         if r.mode.unwrap_or(0) < 2 {
             return None;
         }
@@ -109,15 +140,9 @@ impl GpsdDecoder {
         if !(lat.is_finite() && lon.is_finite() && lat.abs() <= 90.0 && lon.abs() <= 180.0) {
             return None;
         }
-        let time_ms = r
-            .time
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
-            .unwrap_or_else(crate::now_ms);
         let u16_of = |v: f64| (v.is_finite() && v >= 0.0).then(|| v.round().min(65535.0) as u16);
         Some(GpsFix {
-            time_ms,
+            time_ms: time.unwrap_or_else(crate::now_ms),
             lat_e7: (lat * 1e7).round() as i32,
             lon_e7: (lon * 1e7).round() as i32,
             speed_cmps: r.speed.and_then(|s| u16_of(s * 100.0)),
@@ -125,10 +150,17 @@ impl GpsdDecoder {
                 .track
                 .and_then(|t| u16_of(t.rem_euclid(360.0) * 10.0))
                 .map(|d| if d >= 3600 { 0 } else { d }),
-            hdop_d: self.hdop.and_then(|h| u16_of(h * 10.0)),
-            satellites: self.satellites.map(|n| n.min(255) as u8),
+            hdop_d: None,
+            satellites: None,
         })
     }
+}
+
+fn tpv_time(r: &Report) -> Option<u64> {
+    r.time
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
 }
 
 /// Reads `host:port` until `shutdown`, reconnecting with backoff whenever gpsd goes away.
@@ -169,23 +201,44 @@ pub(super) async fn run(
         let mut decoder = GpsdDecoder::default();
         let mut lines = LineSplitter::new(MAX_GPSD_LINE);
         let mut buf = vec![0u8; 8192];
+        let mut silent = Duration::ZERO;
         loop {
-            let n = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = tokio::time::timeout(GPSD_IDLE, read_chunk(&mut stream, &mut buf)) => match r {
-                    Ok(Ok(0)) => { warn!(host, port, "gpsd: connection closed"); break; }
-                    Ok(Ok(n)) => n,
-                    Ok(Err(e)) => { warn!(host, port, error = %e, "gpsd: read failed"); break; }
-                    Err(_) => { warn!(host, port, "gpsd: silent, reconnecting"); break; }
-                },
-            };
             let mut fixes = Vec::new();
-            lines.push(&buf[..n], |line| match line {
-                Ok(l) => fixes.extend(decoder.push_line(l, stats)),
-                Err(_too_long) => {
-                    stats.garbage.fetch_add(1, Ordering::Relaxed);
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = tokio::time::timeout(NMEA_IDLE_FLUSH, read_chunk(&mut stream, &mut buf)) => r,
+            };
+            let connection_over = match r {
+                Ok(Ok(0)) => {
+                    warn!(host, port, "gpsd: connection closed");
+                    true
                 }
-            });
+                Ok(Ok(n)) => {
+                    silent = Duration::ZERO;
+                    lines.push(&buf[..n], |line| match line {
+                        Ok(l) => fixes.extend(decoder.push_line(l, stats)),
+                        Err(_too_long) => {
+                            stats.garbage.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    false
+                }
+                Ok(Err(e)) => {
+                    warn!(host, port, error = %e, "gpsd: read failed");
+                    true
+                }
+                Err(_) => {
+                    silent += NMEA_IDLE_FLUSH;
+                    if silent >= GPSD_IDLE {
+                        warn!(host, port, "gpsd: silent, reconnecting");
+                    }
+                    fixes.extend(decoder.flush(stats));
+                    silent >= GPSD_IDLE
+                }
+            };
+            if connection_over {
+                fixes.extend(decoder.flush(stats));
+            }
             if !fixes.is_empty() {
                 backoff.reset();
             }
@@ -193,6 +246,9 @@ pub(super) async fn run(
                 if super::io::send(tx, fix, shutdown).await == Flow::Stop {
                     return Ok(());
                 }
+            }
+            if connection_over {
+                break;
             }
         }
     }
@@ -212,21 +268,25 @@ mod tests {
             r#"{"class":"SKY","device":"/dev/pts/1","hdop":0.54,"satellites":[{"PRN":1,"used":true},{"PRN":2,"used":false},{"PRN":3,"used":true}]}"#,
             r#"{"class":"TPV","device":"/dev/pts/1","mode":1,"time":"2020-07-11T22:37:44.000Z"}"#,
             r#"{"class":"TPV","device":"/dev/pts/1","mode":3,"time":"2020-07-11T22:37:45.000Z","lat":38.110494000,"lon":-122.626897000,"track":359.99,"speed":0.021}"#,
+            // gpsd refines the same epoch: one fix, the latest TPV, the latest SKY.
+            r#"{"class":"TPV","device":"/dev/pts/1","mode":3,"time":"2020-07-11T22:37:45.000Z","lat":38.110494000,"lon":-122.626897000,"track":359.99,"speed":0.051}"#,
+            r#"{"class":"SKY","device":"/dev/pts/1","hdop":0.71,"uSat":7}"#,
             "not json",
         ];
-        let fixes: Vec<_> = lines
+        let mut fixes: Vec<_> = lines
             .iter()
             .filter_map(|l| d.push_line(l.as_bytes(), &stats))
             .collect();
+        fixes.extend(d.flush(&stats));
         assert_eq!(fixes.len(), 1);
         let f = fixes[0];
         assert_eq!(f.time_ms, 1_594_507_065_000);
         assert_eq!((f.lat_e7, f.lon_e7), (381_104_940, -1_226_268_970));
-        assert_eq!(f.speed_cmps, Some(2));
+        assert_eq!(f.speed_cmps, Some(5));
         assert_eq!(f.heading_ddeg, Some(0), "3599.9 rounds to 3600 = north");
-        assert_eq!(f.hdop_d, Some(5));
-        assert_eq!(f.satellites, Some(2));
+        assert_eq!(f.hdop_d, Some(7));
+        assert_eq!(f.satellites, Some(7));
         let s = stats.snapshot();
-        assert_eq!((s.sentences, s.fixes, s.no_fix, s.garbage), (4, 1, 1, 1));
+        assert_eq!((s.sentences, s.fixes, s.no_fix, s.garbage), (6, 1, 1, 1));
     }
 }

@@ -267,11 +267,14 @@ fn host_port(
     Ok((host.to_owned(), port))
 }
 
+/// Query parameters as (key, value).
+type Query<'a> = Vec<(&'a str, &'a str)>;
+
 /// `/abs/path[?k=v&k=v]` (the `://` already removed, so a path starts with `/`).
 fn path_query<'a>(
     scheme: &'static str,
     rest: &'a str,
-) -> Result<(PathBuf, Vec<(&'a str, &'a str)>), ParseSourceError> {
+) -> Result<(PathBuf, Query<'a>), ParseSourceError> {
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if !path.starts_with('/') || path.len() < 2 {
         return Err(ParseSourceError::MissingPath {
