@@ -38,8 +38,10 @@ async fn route_through_two_fences_with_offline_pod() {
     let hub_cfg = dir.path().join("hub.toml");
     std::fs::write(&hub_cfg, hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port)).unwrap();
     let agent_cfg = dir.path().join("agent.toml");
+    let ignition = dir.path().join("ignition");
+    std::fs::write(&ignition, "0\n").unwrap();
     let text = agent_config("V1", &pki, &dir.path().join("agent-data"), mqtt, api, 64 << 20)
-        + &format!("[gps]\nsource = \"nmea+tcp://127.0.0.1:{gps_port}\"\n");
+        + &format!("[gps]\nsource = \"nmea+tcp://127.0.0.1:{gps_port}\"\n[ignition]\npath = \"{}\"\n", ignition.display());
     std::fs::write(&agent_cfg, text).unwrap();
     let hub_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
     let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
@@ -91,6 +93,7 @@ async fn route_through_two_fences_with_offline_pod() {
         .position(|f| (f.lat - S1.0).abs() < 1e-6 && (f.lon - S1.1).abs() < 1e-6 && f.speed_mps == 0.0)
         .unwrap()
         + 60;
+    std::fs::write(&ignition, "1\n").unwrap();
     let (mut sock, _) = tokio::time::timeout(Duration::from_secs(20), gps.accept()).await.expect("agent did not connect to the NMEA source").unwrap();
     let send = |from: usize, to: usize| {
         let text: String = fixes[from..to].iter().map(fleetsync_sim::nmea::sentences).collect();
@@ -136,6 +139,8 @@ async fn route_through_two_fences_with_offline_pod() {
     })
     .await
     .expect("rest of the route not taken");
+    std::fs::write(&ignition, "0\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let _hub = Proc::spawn("fleetsync-hub", &hub_cfg, &dir.path().join("hub.log"));
     assert!(wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await);
 
@@ -171,6 +176,9 @@ async fn route_through_two_fences_with_offline_pod() {
         assert_eq!(trips.get(&("arrived".into(), stop.into())), Some(&1), "{trips:?}");
         assert_eq!(trips.get(&("departed".into(), stop.into())), Some(&1), "{trips:?}");
     }
+    // The ignition input: off at start (first reading), on for the drive, off at the end.
+    assert_eq!(trips.get(&("ignition_on".into(), String::new())), Some(&1), "{trips:?}");
+    assert_eq!(trips.get(&("ignition_off".into(), String::new())), Some(&2), "{trips:?}");
     let pods: Vec<&Value> = events.iter().filter(|e| e["kind"] == "pod").collect();
     assert_eq!(pods.len(), 1);
     assert_eq!(pods[0]["pod_id"], pod["pod_id"]);
