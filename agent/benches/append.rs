@@ -95,7 +95,10 @@ fn events(n: usize, seed: u64) -> Vec<Event> {
                 satellites: Some(10),
             })
         };
-        out.push(Event { time_ms: t_ms, body });
+        out.push(Event {
+            time_ms: t_ms,
+            body,
+        });
         t_ms += 1000;
     }
     out
@@ -272,7 +275,10 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         let store = open_store(&dir.path().join(format!("store-{n}")));
         g.bench_function(format!("store/{n}"), |b| {
-            b.iter_custom(|iters| rt.block_on(store_round(&store, &evs, n, None, Some(iters))).1)
+            b.iter_custom(|iters| {
+                rt.block_on(store_round(&store, &evs, n, None, Some(iters)))
+                    .1
+            })
         });
         drop(store);
         let mut file = File::create(dir.path().join(format!("baseline-{n}.log"))).expect("file");

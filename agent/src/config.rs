@@ -312,7 +312,9 @@ impl Config {
             src.parse::<crate::gps::GpsSource>()
                 .map_err(|e| ConfigError::Invalid(format!("gps.source {src:?}: {e}")))?;
         }
-        self.geofence.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.geofence
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.health.interval_s == 0 {
             return Err(ConfigError::Invalid(
                 "health.interval_s must be at least 1".into(),
@@ -388,6 +390,10 @@ mod deploy_example {
     /// deploy/agent.toml is what `fleetsync-agent config example` prints.
     #[test]
     fn deploy_copy_is_the_example() {
-        assert_eq!(include_str!("../../deploy/agent.toml"), super::EXAMPLE, "regenerate deploy/agent.toml");
+        assert_eq!(
+            include_str!("../../deploy/agent.toml"),
+            super::EXAMPLE,
+            "regenerate deploy/agent.toml"
+        );
     }
 }

@@ -39,7 +39,10 @@ pub struct Edge {
 impl Edge {
     /// A new edge with the given geofence thresholds.
     pub fn new(cfg: GeofenceConfig) -> Self {
-        Edge { last_fix: Mutex::new(None), engine: Mutex::new(Engine::new(cfg)) }
+        Edge {
+            last_fix: Mutex::new(None),
+            engine: Mutex::new(Engine::new(cfg)),
+        }
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {

@@ -57,7 +57,10 @@ pub async fn run(
                 info!(job = %a.id, version = a.version, stops = a.stops.len(), "assignment stored");
                 let ack = Event {
                     time_ms: crate::now_ms(),
-                    body: Body::AssignmentAck(AssignmentAck { assignment_id: a.id.clone(), version: a.version }),
+                    body: Body::AssignmentAck(AssignmentAck {
+                        assignment_id: a.id.clone(),
+                        version: a.version,
+                    }),
                 };
                 if let Err(e) = store.append(ack).await {
                     // The hub resends until acknowledged; the next copy is ignored as not

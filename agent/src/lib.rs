@@ -12,9 +12,9 @@
 pub mod api;
 pub mod config;
 pub mod edge;
-pub mod jobs;
-pub mod gps;
 pub mod geofence;
+pub mod gps;
+pub mod jobs;
 pub mod store;
 pub mod uplink;
 
@@ -144,7 +144,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     let mut tasks = Vec::new();
     let (assign_tx, assign_rx) = tokio::sync::mpsc::channel(jobs::ASSIGNMENT_QUEUE);
     let (current_tx, current) = jobs::current(&store);
-    tasks.push(tokio::spawn(jobs::run(assign_rx, store.clone(), wake.clone(), current_tx, shutdown.clone())));
+    tasks.push(tokio::spawn(jobs::run(
+        assign_rx,
+        store.clone(),
+        wake.clone(),
+        current_tx,
+        shutdown.clone(),
+    )));
     let (fix_tx, fix_rx) = tokio::sync::mpsc::channel(edge::FIX_QUEUE);
     if let Some(src) = &cfg.gps.source {
         let source: gps::GpsSource = src

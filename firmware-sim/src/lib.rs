@@ -4,6 +4,48 @@
 //! - [`route`]: generated drives between waypoints, 1 Hz.
 //! - [`nmea`]: the NMEA sentences a receiver would print for them (agents read them
 //!   through their real `nmea+tcp://` source).
+//! - [`images`]: small real PNG signatures and JPEG photos for POD.
+//! - [`chaos`]: the `chaos` mode: agent and hub processes under faults, and the oracle.
+//! - [`demo`]: the `demo` mode: an in-process hub and N vehicles with real agents,
+//!   drivers taking POD, a live display and a report checked against the hub.
 
+pub mod chaos;
+pub mod demo;
+pub mod images;
 pub mod nmea;
 pub mod route;
+
+pub use demo::{DemoOptions, Report, demo};
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Bad options (exit code 64).
+    #[error("{0}")]
+    Options(String),
+    /// The PKI could not be made.
+    #[error("pki: {0}")]
+    Pki(#[from] fleetsync_hub::pki::PkiError),
+    /// The in-process hub did not start.
+    #[error("hub: {0}")]
+    HubStart(#[from] fleetsync_hub::HubError),
+    /// The hub's API did not answer as expected.
+    #[error("hub API: {0}")]
+    Hub(String),
+    /// A vehicle's agent did not start.
+    #[error("agent of {vehicle}: {source}")]
+    Agent {
+        /// Device id.
+        vehicle: String,
+        /// Why.
+        source: fleetsync_agent::AgentError,
+    },
+    /// File system or sockets.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}

@@ -1,1 +1,206 @@
-fn main() {}
+//! `fleetsync-sim`: parses the command line, sets up tracing (stderr, `warn` unless
+//! `RUST_LOG` says otherwise, so the live display stays readable) and runs a mode of the
+//! library until Ctrl-C / SIGTERM (a second one quits at once).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetsync-sim",
+    version,
+    about = "Simulated vehicles, drivers and faults for fleetsync"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Start a hub and N vehicles with real agents in this process, drive delivery rounds
+    /// with POD at each stop, show live progress, and end with a summary checked against
+    /// the hub (exit code 1 if anything was lost or duplicated).
+    Demo(fleetsync_sim::DemoOptions),
+    /// Real agent processes and a hub process under faults (kill -9, link cuts, lost
+    /// acks, delays, disk quota pressure, clock skew), then the delivery-contract oracle.
+    /// Exit code 1 if the oracle fails.
+    Chaos(ChaosArgs),
+    /// Run a hub in this process (used by `chaos` to start killable hub processes).
+    #[command(hide = true)]
+    Hub {
+        /// Hub config file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+    /// Run an agent in this process (used by `chaos`).
+    #[command(hide = true)]
+    Agent {
+        /// Agent config file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ChaosArgs {
+    /// Vehicles (agent processes).
+    #[arg(long, default_value_t = 20)]
+    vehicles: usize,
+    /// Seconds of fault injection (then the backlog drains and the oracle runs).
+    #[arg(long, default_value_t = 90)]
+    duration: u64,
+    /// Seed of routes and the fault schedule.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// Keep the working directory (configs, stores, logs) here.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+/// Cancels `token` on the first Ctrl-C / SIGTERM; exits on the second.
+fn on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        for n in 0.. {
+            #[cfg(unix)]
+            let term_fut = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let term_fut = std::future::pending::<()>();
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                _ = term_fut => {}
+            }
+            if n == 0 {
+                eprintln!(
+                    "\nstopping: draining the agents' backlogs, then the summary (Ctrl-C again to quit at once)"
+                );
+                token.cancel();
+            } else {
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetsync-sim: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        on_signals(shutdown.clone());
+        match cli.mode {
+            Mode::Hub { config } => {
+                let cfg = match fleetsync_hub::Config::load(&config) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("fleetsync-sim hub: {e}");
+                        return ExitCode::from(64);
+                    }
+                };
+                match fleetsync_hub::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("fleetsync-sim hub: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Mode::Agent { config } => {
+                let cfg = match fleetsync_agent::Config::load(&config) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("fleetsync-sim agent: {e}");
+                        return ExitCode::from(64);
+                    }
+                };
+                match fleetsync_agent::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("fleetsync-sim agent: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Mode::Chaos(a) => {
+                let exe = match std::env::current_exe() {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("fleetsync-sim chaos: cannot find my own executable: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let opts = fleetsync_sim::chaos::ChaosOptions {
+                    vehicles: a.vehicles.max(2),
+                    duration: std::time::Duration::from_secs(a.duration),
+                    seed: a.seed,
+                    exe,
+                    dir: a.dir,
+                };
+                match fleetsync_sim::chaos::chaos(opts, shutdown).await {
+                    Ok(r) => {
+                        fleetsync_sim::chaos::print_summary(&r);
+                        if let Some(path) = a.report
+                            && let Err(e) = std::fs::write(
+                                &path,
+                                serde_json::to_vec_pretty(&r).unwrap_or_default(),
+                            )
+                        {
+                            eprintln!("fleetsync-sim chaos: cannot write {}: {e}", path.display());
+                        }
+                        if r.oracle.ok {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("fleetsync-sim chaos: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Mode::Demo(opts) => match fleetsync_sim::demo(opts, shutdown).await {
+                Ok(r) if r.oracle_ok => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e @ fleetsync_sim::SimError::Options(_)) => {
+                    eprintln!("fleetsync-sim demo: {e}");
+                    ExitCode::from(64)
+                }
+                Err(e) => {
+                    eprintln!("fleetsync-sim demo: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}

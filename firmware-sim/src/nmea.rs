@@ -29,7 +29,8 @@ fn lon_field(lon: f64) -> (String, char) {
 
 /// RMC and GGA sentences for one fix.
 pub fn sentences(fix: &SimFix) -> String {
-    let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(fix.time_ms as i64).unwrap_or_default();
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(fix.time_ms as i64)
+        .unwrap_or_default();
     let hms = t.format("%H%M%S%.3f").to_string();
     let dmy = t.format("%d%m%y").to_string();
     let (la, ns) = lat_field(fix.lat);
@@ -39,9 +40,18 @@ pub fn sentences(fix: &SimFix) -> String {
     let _ = write!(
         out,
         "{}",
-        sentence(&format!("GPRMC,{hms},A,{la},{ns},{lo},{ew},{knots:.2},{:.1},{dmy},,,A", fix.heading_deg))
+        sentence(&format!(
+            "GPRMC,{hms},A,{la},{ns},{lo},{ew},{knots:.2},{:.1},{dmy},,,A",
+            fix.heading_deg
+        ))
     );
-    let _ = write!(out, "{}", sentence(&format!("GPGGA,{hms},{la},{ns},{lo},{ew},1,09,0.9,12.0,M,46.9,M,,")));
+    let _ = write!(
+        out,
+        "{}",
+        sentence(&format!(
+            "GPGGA,{hms},{la},{ns},{lo},{ew},1,09,0.9,12.0,M,46.9,M,,"
+        ))
+    );
     out
 }
 
@@ -51,11 +61,21 @@ mod tests {
 
     #[test]
     fn sentences_carry_valid_checksums_and_coordinates() {
-        let f = SimFix { time_ms: 1_795_773_600_000, lat: 52.373_1, lon: -4.889_7, speed_mps: 10.0, heading_deg: 90.0 };
+        let f = SimFix {
+            time_ms: 1_795_773_600_000,
+            lat: 52.373_1,
+            lon: -4.889_7,
+            speed_mps: 10.0,
+            heading_deg: 90.0,
+        };
         let s = sentences(&f);
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("$GPRMC,100000.000,A,5222.3860,N,00453.3820,W,19.44,90.0,271126"), "{}", lines[0]);
+        assert!(
+            lines[0].starts_with("$GPRMC,100000.000,A,5222.3860,N,00453.3820,W,19.44,90.0,271126"),
+            "{}",
+            lines[0]
+        );
         for l in lines {
             let (body, cs) = l.trim_start_matches('$').split_once('*').unwrap();
             assert_eq!(u8::from_str_radix(cs, 16).unwrap(), checksum(body));

@@ -49,12 +49,20 @@ fn bearing_deg(a: (f64, f64), b: (f64, f64)) -> f64 {
 pub fn drive(waypoints: &[Waypoint], start_ms: u64, cruise_mps: f64, seed: u64) -> Vec<SimFix> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
-    let Some(first) = waypoints.first() else { return out };
+    let Some(first) = waypoints.first() else {
+        return out;
+    };
     let mut pos = (first.lat, first.lon);
     let mut t = start_ms;
     let mut heading = 0.0;
     let mut push = |t: &mut u64, pos: (f64, f64), speed: f64, heading: f64| {
-        out.push(SimFix { time_ms: *t, lat: pos.0, lon: pos.1, speed_mps: speed, heading_deg: heading });
+        out.push(SimFix {
+            time_ms: *t,
+            lat: pos.0,
+            lon: pos.1,
+            speed_mps: speed,
+            heading_deg: heading,
+        });
         *t += 1000;
     };
     for _ in 0..first.dwell_s {
@@ -63,7 +71,11 @@ pub fn drive(waypoints: &[Waypoint], start_ms: u64, cruise_mps: f64, seed: u64) 
     for wp in &waypoints[1..] {
         let target = (wp.lat, wp.lon);
         let cruise = cruise_mps * rng.random_range(0.85..1.15);
-        let light_at = if rng.random_bool(0.5) { Some(rng.random_range(0.3..0.7)) } else { None };
+        let light_at = if rng.random_bool(0.5) {
+            Some(rng.random_range(0.3..0.7))
+        } else {
+            None
+        };
         let total = dist_m(pos, target).max(1.0);
         let mut speed: f64 = 0.0;
         let mut light_done = false;
@@ -81,7 +93,11 @@ pub fn drive(waypoints: &[Waypoint], start_ms: u64, cruise_mps: f64, seed: u64) 
             });
             let brake_speed = (2.0 * 1.5 * stop_in).sqrt();
             let want = cruise.min(brake_speed).max(1.0);
-            speed = if want > speed { (speed + 1.2).min(want) } else { want };
+            speed = if want > speed {
+                (speed + 1.2).min(want)
+            } else {
+                want
+            };
             speed = (speed + rng.random_range(-0.1..0.1)).max(0.5);
             let step = speed.min(left);
             let b = heading.to_radians();
@@ -110,14 +126,30 @@ mod tests {
     #[test]
     fn drives_to_every_waypoint_at_town_speeds() {
         let wps = [
-            Waypoint { lat: 52.3731, lon: 4.8897, dwell_s: 5 },
-            Waypoint { lat: 52.3760, lon: 4.8950, dwell_s: 60 },
-            Waypoint { lat: 52.3700, lon: 4.9010, dwell_s: 30 },
+            Waypoint {
+                lat: 52.3731,
+                lon: 4.8897,
+                dwell_s: 5,
+            },
+            Waypoint {
+                lat: 52.3760,
+                lon: 4.8950,
+                dwell_s: 60,
+            },
+            Waypoint {
+                lat: 52.3700,
+                lon: 4.9010,
+                dwell_s: 30,
+            },
         ];
         let fixes = drive(&wps, 0, 11.0, 7);
         assert_eq!(fixes, drive(&wps, 0, 11.0, 7), "not reproducible");
         for wp in &wps {
-            assert!(fixes.iter().any(|f| dist_m((f.lat, f.lon), (wp.lat, wp.lon)) < 2.0));
+            assert!(
+                fixes
+                    .iter()
+                    .any(|f| dist_m((f.lat, f.lon), (wp.lat, wp.lon)) < 2.0)
+            );
         }
         assert!(fixes.iter().all(|f| f.speed_mps <= 14.0));
         for w in fixes.windows(2) {

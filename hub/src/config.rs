@@ -272,6 +272,10 @@ mod deploy_example {
     /// deploy/hub.toml is what `fleetsync-hub config example` prints.
     #[test]
     fn deploy_copy_is_the_example() {
-        assert_eq!(include_str!("../../deploy/hub.toml"), super::EXAMPLE, "regenerate deploy/hub.toml");
+        assert_eq!(
+            include_str!("../../deploy/hub.toml"),
+            super::EXAMPLE,
+            "regenerate deploy/hub.toml"
+        );
     }
 }

@@ -620,7 +620,10 @@ pub struct AssignmentJson {
 }
 
 fn point_of(field: &'static str, c: [f64; 2]) -> Result<Point, FieldError> {
-    Ok(Point { lon_e7: deg_to_e7(field, c[0], 180.0)?, lat_e7: deg_to_e7(field, c[1], 90.0)? })
+    Ok(Point {
+        lon_e7: deg_to_e7(field, c[0], 180.0)?,
+        lat_e7: deg_to_e7(field, c[1], 90.0)?,
+    })
 }
 
 impl AssignmentJson {
@@ -637,14 +640,20 @@ impl AssignmentJson {
                 return Err(err("stops.id", format!("stop id {:?} appears twice", s.id)));
             }
             if s.shipment_ids.len() > MAX_STOP_SHIPMENTS {
-                return Err(err("stops.shipment_ids", format!("at most {MAX_STOP_SHIPMENTS} per stop")));
+                return Err(err(
+                    "stops.shipment_ids",
+                    format!("at most {MAX_STOP_SHIPMENTS} per stop"),
+                ));
             }
             let fence = match &s.fence {
                 FenceJson::Circle { center, radius_m } => {
                     if !(1..=100_000).contains(radius_m) {
                         return Err(err("stops.fence.radius_m", "must be 1 to 100000 metres"));
                     }
-                    crate::Fence::Circle { center: point_of("stops.fence.center", *center)?, radius_m: *radius_m }
+                    crate::Fence::Circle {
+                        center: point_of("stops.fence.center", *center)?,
+                        radius_m: *radius_m,
+                    }
                 }
                 FenceJson::Polygon { coordinates } => {
                     if !(3..=MAX_POLYGON_POINTS).contains(&coordinates.len()) {
@@ -658,7 +667,8 @@ impl AssignmentJson {
                         .map(|c| point_of("stops.fence.coordinates", *c))
                         .collect::<Result<_, _>>()?;
                     crate::Fence::Polygon {
-                        points: BoundedVec::try_from_slice(&pts).map_err(|_| err("stops.fence.coordinates", "too many points"))?,
+                        points: BoundedVec::try_from_slice(&pts)
+                            .map_err(|_| err("stops.fence.coordinates", "too many points"))?,
                     }
                 }
             };
@@ -667,21 +677,32 @@ impl AssignmentJson {
             {
                 return Err(err("stops.window", "end is before start"));
             }
-            let ships: Vec<crate::Id> =
-                s.shipment_ids.iter().map(|i| id("stops.shipment_ids", i)).collect::<Result<_, _>>()?;
+            let ships: Vec<crate::Id> = s
+                .shipment_ids
+                .iter()
+                .map(|i| id("stops.shipment_ids", i))
+                .collect::<Result<_, _>>()?;
             let stop = crate::Stop {
                 id: id("stops.id", &s.id)?,
                 name: text("stops.name", &s.name)?,
                 address: text("stops.address", &s.address)?,
-                shipment_ids: BoundedVec::try_from_slice(&ships).map_err(|_| err("stops.shipment_ids", "too many"))?,
+                shipment_ids: BoundedVec::try_from_slice(&ships)
+                    .map_err(|_| err("stops.shipment_ids", "too many"))?,
                 fence,
-                window: s.window.map(|w| crate::Window { start_ms: w.start.0, end_ms: w.end.0 }),
+                window: s.window.map(|w| crate::Window {
+                    start_ms: w.start.0,
+                    end_ms: w.end.0,
+                }),
             };
             if stops.push(stop).is_err() {
                 return Err(err("stops", format!("at most {MAX_STOPS} stops")));
             }
         }
-        Ok(crate::Assignment { id: id("id", &self.id)?, version: self.version, stops })
+        Ok(crate::Assignment {
+            id: id("id", &self.id)?,
+            version: self.version,
+            stops,
+        })
     }
 
     /// The JSON form of a wire assignment.
@@ -699,14 +720,18 @@ impl AssignmentJson {
                     address: s.address.to_string(),
                     shipment_ids: s.shipment_ids.iter().map(|i| i.to_string()).collect(),
                     fence: match &s.fence {
-                        crate::Fence::Circle { center, radius_m } => {
-                            FenceJson::Circle { center: c(center), radius_m: *radius_m }
-                        }
-                        crate::Fence::Polygon { points } => {
-                            FenceJson::Polygon { coordinates: points.iter().map(c).collect() }
-                        }
+                        crate::Fence::Circle { center, radius_m } => FenceJson::Circle {
+                            center: c(center),
+                            radius_m: *radius_m,
+                        },
+                        crate::Fence::Polygon { points } => FenceJson::Polygon {
+                            coordinates: points.iter().map(c).collect(),
+                        },
                     },
-                    window: s.window.map(|w| WindowJson { start: Time(w.start_ms), end: Time(w.end_ms) }),
+                    window: s.window.map(|w| WindowJson {
+                        start: Time(w.start_ms),
+                        end: Time(w.end_ms),
+                    }),
                 })
                 .collect(),
         }
@@ -728,13 +753,25 @@ mod assignment_tests {
         let a = j.to_assignment().unwrap();
         assert_eq!(AssignmentJson::from_assignment(&a), j);
         let bad = text.replace("\"radius_m\":75", "\"radius_m\":0");
-        let e = serde_json::from_str::<AssignmentJson>(&bad).unwrap().to_assignment().unwrap_err();
+        let e = serde_json::from_str::<AssignmentJson>(&bad)
+            .unwrap()
+            .to_assignment()
+            .unwrap_err();
         assert_eq!(e.field, "stops.fence.radius_m");
-        let bad = text.replace("[[4.88,52.37],[4.89,52.37],[4.89,52.38]]", "[[4.88,52.37],[4.89,52.37]]");
-        let e = serde_json::from_str::<AssignmentJson>(&bad).unwrap().to_assignment().unwrap_err();
+        let bad = text.replace(
+            "[[4.88,52.37],[4.89,52.37],[4.89,52.38]]",
+            "[[4.88,52.37],[4.89,52.37]]",
+        );
+        let e = serde_json::from_str::<AssignmentJson>(&bad)
+            .unwrap()
+            .to_assignment()
+            .unwrap_err();
         assert_eq!(e.field, "stops.fence.coordinates");
         let bad = text.replace("\"id\":\"s2\"", "\"id\":\"s1\"");
-        let e = serde_json::from_str::<AssignmentJson>(&bad).unwrap().to_assignment().unwrap_err();
+        let e = serde_json::from_str::<AssignmentJson>(&bad)
+            .unwrap()
+            .to_assignment()
+            .unwrap_err();
         assert_eq!(e.field, "stops.id");
     }
 }

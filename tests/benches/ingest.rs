@@ -42,6 +42,8 @@ struct Counters {
     received: AtomicU64,
     /// Devices subscribed (hub side) or connected (baseline).
     ready: AtomicUsize,
+    /// `acked_events` during the measured window.
+    acked_in_window: AtomicU64,
     /// Connection errors seen by clients.
     errors: AtomicU64,
 }
@@ -79,7 +81,10 @@ async fn hub_device(
     sending: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
-    let up = Layout::Embedded.topic(&id, Channel::Up).unwrap().to_string();
+    let up = Layout::Embedded
+        .topic(&id, Channel::Up)
+        .unwrap()
+        .to_string();
     let down = Layout::Embedded
         .topic(&id, Channel::Down)
         .unwrap()
@@ -95,7 +100,9 @@ async fn hub_device(
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 // (Re)connected: whatever was in flight is lost with the session.
                 inflight = 0;
-                client.try_subscribe(down.clone(), QoS::AtLeastOnce).unwrap();
+                client
+                    .try_subscribe(down.clone(), QoS::AtLeastOnce)
+                    .unwrap();
             }
             Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                 if !counted_ready {
@@ -139,7 +146,10 @@ async fn raw_publisher(
     sending: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
-    let up = Layout::Embedded.topic(&id, Channel::Up).unwrap().to_string();
+    let up = Layout::Embedded
+        .topic(&id, Channel::Up)
+        .unwrap()
+        .to_string();
     let mut inflight = 0usize;
     let mut connected = false;
     loop {
@@ -212,7 +222,7 @@ async fn raw_subscriber(
 }
 
 /// Waits for `ready` clients, lets them send for the warm-up, measures `counter` over the
-/// window; returns (per second, window actually measured).
+/// window, then stops new sends; returns (per second, window actually measured).
 async fn measure(
     c: &Counters,
     sending: &AtomicBool,
@@ -230,11 +240,19 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    sending.store(true, Ordering::Relaxed);
     tokio::time::sleep(WARMUP).await;
-    let (n0, t0) = (counter(c), Instant::now());
+    let (n0, a0, t0) = (
+        counter(c),
+        c.acked_events.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     tokio::time::sleep(WINDOW).await;
-    let (n1, el) = (counter(c), t0.elapsed());
+    let (n1, a1, el) = (
+        counter(c),
+        c.acked_events.load(Ordering::Relaxed),
+        t0.elapsed(),
+    );
+    c.acked_in_window.store(a1 - a0, Ordering::Relaxed);
     sending.store(false, Ordering::Relaxed);
     Some(((n1 - n0) as f64 / el.as_secs_f64(), el))
 }
@@ -248,7 +266,9 @@ async fn baseline(fixes: &Arc<Vec<Event>>) -> Option<(f64, f64)> {
     .expect("embedded broker starts");
     let addr: SocketAddr = broker.addr;
     let c = Arc::new(Counters::default());
-    let sending = Arc::new(AtomicBool::new(false));
+    // Clients send as soon as they are up (an idle `EventLoop::poll` cannot be woken
+    // safely: it is not cancel-safe mid-write); the window starts once all are up.
+    let sending = Arc::new(AtomicBool::new(true));
     let stop = CancellationToken::new();
     let opts = |id: &str| {
         let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
@@ -289,20 +309,28 @@ async fn baseline(fixes: &Arc<Vec<Event>>) -> Option<(f64, f64)> {
             stop.clone(),
         )));
     }
-    let puback0 = c.acked_events.load(Ordering::Relaxed);
-    let res = measure(&c, &sending, |c| c.received.load(Ordering::Relaxed), DEVICES).await;
-    let pubacked = c.acked_events.load(Ordering::Relaxed) - puback0;
+    let res = measure(
+        &c,
+        &sending,
+        |c| c.received.load(Ordering::Relaxed),
+        DEVICES,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     for t in tasks {
         let _ = t.await;
     }
     let (per_s, el) = res?;
+    let pubacks = c.acked_in_window.load(Ordering::Relaxed) as f64 / BATCH as f64;
     println!(
-        "  baseline: {:.0} publishes/s received by the subscriber over {:.1} s ({} PUBACKed events in all, {} client errors)",
+        "  baseline: {:.0} publishes/s received by the subscriber over {:.1} s; the publishers \
+         got {:.0} PUBACKs/s ({:.1}x that: rumqttd acks from memory, a lagging subscriber \
+         misses the rest); {} client errors",
         per_s,
         el.as_secs_f64(),
-        pubacked,
+        pubacks / el.as_secs_f64(),
+        pubacks / el.as_secs_f64() / per_s,
         c.errors.load(Ordering::Relaxed)
     );
     // The broker's threads live until the process exits (rumqttd has no stop).
@@ -319,7 +347,9 @@ async fn through_hub(fixes: &Arc<Vec<Event>>) -> Option<f64> {
         setup.elapsed().as_secs_f64()
     );
     let c = Arc::new(Counters::default());
-    let sending = Arc::new(AtomicBool::new(false));
+    // Clients send as soon as they are up (an idle `EventLoop::poll` cannot be woken
+    // safely: it is not cancel-safe mid-write); the window starts once all are up.
+    let sending = Arc::new(AtomicBool::new(true));
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for id in &ids {
@@ -346,10 +376,7 @@ async fn through_hub(fixes: &Arc<Vec<Event>>) -> Option<f64> {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ingested = hub
-        .http
-        .metric("fleetsync_hub_events_ingested_total")
-        .await;
+    let ingested = hub.http.metric("fleetsync_hub_events_ingested_total").await;
     let dups = hub
         .http
         .metric("fleetsync_hub_duplicates_dropped_total")

@@ -425,7 +425,11 @@ pub fn drive(start_ms: u64, seconds: usize, seed: u64) -> Vec<fleetsync_protocol
         };
         if stopped_for > 0 {
             stopped_for -= 1;
-            target = if stopped_for == 0 { cruise(unit()) } else { 0.0 };
+            target = if stopped_for == 0 {
+                cruise(unit())
+            } else {
+                0.0
+            };
         } else if !highway && unit() < 1.0 / 90.0 {
             stopped_for = (15.0 + 45.0 * unit()) as u32;
         } else if unit() < 0.05 {

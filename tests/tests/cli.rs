@@ -10,15 +10,31 @@ use std::time::Duration;
 use fleetsync_tests::{Proc, bin, free_port, wait_http_ok};
 
 fn run(bin_name: &str, args: &[&str], dir: &std::path::Path) -> std::process::Output {
-    Command::new(bin(bin_name)).args(args).current_dir(dir).output().unwrap()
+    Command::new(bin(bin_name))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_example_config_runs_after_pki_init() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run("fleetsync-hub", &["pki", "init", "--dir", "pki"], dir.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = run("fleetsync-hub", &["pki", "issue-device", "--dir", "pki", "--device", "V1"], dir.path());
+    let out = run(
+        "fleetsync-hub",
+        &["pki", "init", "--dir", "pki"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        "fleetsync-hub",
+        &["pki", "issue-device", "--dir", "pki", "--device", "V1"],
+        dir.path(),
+    );
     assert!(out.status.success());
     let example = run("fleetsync-hub", &["config", "example"], dir.path()).stdout;
     std::fs::write(dir.path().join("hub.toml"), &example).unwrap();
@@ -33,60 +49,109 @@ async fn hub_example_config_runs_after_pki_init() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let _hub = Proc { child, name: "hub".into() };
+    let _hub = Proc {
+        child,
+        name: "hub".into(),
+    };
     let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-    assert!(wait_http_ok(addr, "/readyz", Duration::from_secs(20)).await, "example config did not run");
+    assert!(
+        wait_http_ok(addr, "/readyz", Duration::from_secs(20)).await,
+        "example config did not run"
+    );
 
     // The agent's example runs against it too (port and API moved the same way).
-    let example = String::from_utf8(run("fleetsync-agent", &["config", "example"], dir.path()).stdout).unwrap();
+    let example =
+        String::from_utf8(run("fleetsync-agent", &["config", "example"], dir.path()).stdout)
+            .unwrap();
     let api = free_port();
     let agent_toml = example
-        .replace("mqtts://localhost:8883", &format!("mqtts://localhost:{mqtt}"))
+        .replace(
+            "mqtts://localhost:8883",
+            &format!("mqtts://localhost:{mqtt}"),
+        )
         .replace("127.0.0.1:8090", &format!("127.0.0.1:{api}"));
     std::fs::write(dir.path().join("agent.toml"), agent_toml).unwrap();
-    let _agent = Proc::spawn("fleetsync-agent", &dir.path().join("agent.toml"), &dir.path().join("agent.log"));
+    let _agent = Proc::spawn(
+        "fleetsync-agent",
+        &dir.path().join("agent.toml"),
+        &dir.path().join("agent.log"),
+    );
     let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
-    assert!(wait_http_ok(api_addr, "/healthz", Duration::from_secs(20)).await, "agent example config did not run");
+    assert!(
+        wait_http_ok(api_addr, "/healthz", Duration::from_secs(20)).await,
+        "agent example config did not run"
+    );
 }
 
 #[test]
 fn bad_configs_exit_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let example = run("fleetsync-hub", &["config", "example"], dir.path()).stdout;
-    let text = String::from_utf8(example).unwrap().replace("[http]", "[http]\nlisten_port = 8080");
+    let text = String::from_utf8(example)
+        .unwrap()
+        .replace("[http]", "[http]\nlisten_port = 8080");
     std::fs::write(dir.path().join("bad.toml"), text).unwrap();
-    for args in [&["config", "check", "bad.toml"][..], &["run", "--config", "bad.toml"][..]] {
+    for args in [
+        &["config", "check", "bad.toml"][..],
+        &["run", "--config", "bad.toml"][..],
+    ] {
         let out = run("fleetsync-hub", args, dir.path());
         assert_eq!(out.status.code(), Some(64), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("listen_port"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("listen_port"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let example = run("fleetsync-agent", &["config", "example"], dir.path()).stdout;
-    let text = String::from_utf8(example).unwrap().replace("device_id = \"V1\"", "device_id = \"V1/../V2\"");
+    let text = String::from_utf8(example)
+        .unwrap()
+        .replace("device_id = \"V1\"", "device_id = \"V1/../V2\"");
     std::fs::write(dir.path().join("agent.toml"), text).unwrap();
-    let out = run("fleetsync-agent", &["run", "--config", "agent.toml"], dir.path());
+    let out = run(
+        "fleetsync-agent",
+        &["run", "--config", "agent.toml"],
+        dir.path(),
+    );
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("device_id"));
-    let out = run("fleetsync-agent", &["config", "check", "missing.toml"], dir.path());
+    let out = run(
+        "fleetsync-agent",
+        &["config", "check", "missing.toml"],
+        dir.path(),
+    );
     assert_eq!(out.status.code(), Some(64));
 }
 
 #[test]
 fn pki_refuses_overwrite_and_bad_ids_and_never_prints_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run("fleetsync-hub", &["pki", "init", "--dir", "p", "--san", "hub.example.net"], dir.path());
+    let out = run(
+        "fleetsync-hub",
+        &["pki", "init", "--dir", "p", "--san", "hub.example.net"],
+        dir.path(),
+    );
     assert!(out.status.success());
-    let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let printed =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!printed.contains("PRIVATE KEY"));
     let out = run("fleetsync-hub", &["pki", "init", "--dir", "p"], dir.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
-    let out = run("fleetsync-hub", &["pki", "issue-device", "--dir", "p", "--device", "a/b"], dir.path());
+    let out = run(
+        "fleetsync-hub",
+        &["pki", "issue-device", "--dir", "p", "--device", "a/b"],
+        dir.path(),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("device id"));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("p/ca-key.pem")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("p/ca-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "CA key readable by others");
     }
 }

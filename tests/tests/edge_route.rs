@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fleetsync_sim::route::{Waypoint, drive};
-use fleetsync_tests::{DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, free_port, hub_config, pki, wait_for, wait_http_ok};
+use fleetsync_tests::{
+    DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, free_port, hub_config, pki, wait_for,
+    wait_http_ok,
+};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -36,16 +39,31 @@ async fn route_through_two_fences_with_offline_pod() {
     let pki = pki(dir.path(), &["V1"]);
     let (mqtt, http_port, api, gps_port) = (free_port(), free_port(), free_port(), free_port());
     let hub_cfg = dir.path().join("hub.toml");
-    std::fs::write(&hub_cfg, hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port)).unwrap();
+    std::fs::write(
+        &hub_cfg,
+        hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port),
+    )
+    .unwrap();
     let agent_cfg = dir.path().join("agent.toml");
     let ignition = dir.path().join("ignition");
     std::fs::write(&ignition, "0\n").unwrap();
-    let text = agent_config("V1", &pki, &dir.path().join("agent-data"), mqtt, api, 64 << 20)
-        + &format!("[gps]\nsource = \"nmea+tcp://127.0.0.1:{gps_port}\"\n[ignition]\npath = \"{}\"\n", ignition.display());
+    let text = agent_config(
+        "V1",
+        &pki,
+        &dir.path().join("agent-data"),
+        mqtt,
+        api,
+        64 << 20,
+    ) + &format!(
+        "[gps]\nsource = \"nmea+tcp://127.0.0.1:{gps_port}\"\n[ignition]\npath = \"{}\"\n",
+        ignition.display()
+    );
     std::fs::write(&agent_cfg, text).unwrap();
     let hub_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
     let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
-    let gps = tokio::net::TcpListener::bind(("127.0.0.1", gps_port)).await.unwrap();
+    let gps = tokio::net::TcpListener::bind(("127.0.0.1", gps_port))
+        .await
+        .unwrap();
 
     let mut hub = Proc::spawn("fleetsync-hub", &hub_cfg, &dir.path().join("hub.log"));
     assert!(wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await);
@@ -61,12 +79,25 @@ async fn route_through_two_fences_with_offline_pod() {
          "fence": {"type": "polygon", "coordinates": [
              [S2.1 - 0.0009, S2.0 - 0.0006], [S2.1 + 0.0009, S2.0 - 0.0006],
              [S2.1 + 0.0009, S2.0 + 0.0006], [S2.1 - 0.0009, S2.0 + 0.0006]]}}]});
-    let r = ops.client.put(format!("{}/v1/ops/devices/V1/assignment", ops.base)).bearer_auth(OPERATOR_TOKEN).json(&assignment).send().await.unwrap();
+    let r = ops
+        .client
+        .put(format!("{}/v1/ops/devices/V1/assignment", ops.base))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&assignment)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     wait_for(Duration::from_secs(30), || {
         let ops = ops.clone();
         async move {
-            let v: Value = ops.get("/v1/ops/devices/V1/assignment").await.ok()?.json().await.ok()?;
+            let v: Value = ops
+                .get("/v1/ops/devices/V1/assignment")
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
             (v["acknowledged"] == true).then_some(())
         }
     })
@@ -74,29 +105,60 @@ async fn route_through_two_fences_with_offline_pod() {
     .expect("assignment not acknowledged");
     wait_for(Duration::from_secs(10), || {
         let driver = driver.clone();
-        async move { driver.get("/v1/jobs").await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+        async move {
+            driver
+                .get("/v1/jobs")
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        }
     })
     .await
     .expect("agent has no job");
 
     // The route: outside -> s1 (stand 90 s) -> s2 (stand 90 s) -> outside.
     let wps = [
-        Waypoint { lat: 52.3731, lon: 4.8897, dwell_s: 5 },
-        Waypoint { lat: S1.0, lon: S1.1, dwell_s: 90 },
-        Waypoint { lat: S2.0, lon: S2.1, dwell_s: 90 },
-        Waypoint { lat: 52.3660, lon: 4.9080, dwell_s: 5 },
+        Waypoint {
+            lat: 52.3731,
+            lon: 4.8897,
+            dwell_s: 5,
+        },
+        Waypoint {
+            lat: S1.0,
+            lon: S1.1,
+            dwell_s: 90,
+        },
+        Waypoint {
+            lat: S2.0,
+            lon: S2.1,
+            dwell_s: 90,
+        },
+        Waypoint {
+            lat: 52.3660,
+            lon: 4.9080,
+            dwell_s: 5,
+        },
     ];
     let start = fleetsync_agent::now_ms() - 3_600_000;
     let fixes = drive(&wps, start, 10.0, 11);
     let at_s1 = fixes
         .iter()
-        .position(|f| (f.lat - S1.0).abs() < 1e-6 && (f.lon - S1.1).abs() < 1e-6 && f.speed_mps == 0.0)
+        .position(|f| {
+            (f.lat - S1.0).abs() < 1e-6 && (f.lon - S1.1).abs() < 1e-6 && f.speed_mps == 0.0
+        })
         .unwrap()
         + 60;
     std::fs::write(&ignition, "1\n").unwrap();
-    let (mut sock, _) = tokio::time::timeout(Duration::from_secs(20), gps.accept()).await.expect("agent did not connect to the NMEA source").unwrap();
+    let (mut sock, _) = tokio::time::timeout(Duration::from_secs(20), gps.accept())
+        .await
+        .expect("agent did not connect to the NMEA source")
+        .unwrap();
     let send = |from: usize, to: usize| {
-        let text: String = fixes[from..to].iter().map(fleetsync_sim::nmea::sentences).collect();
+        let text: String = fixes[from..to]
+            .iter()
+            .map(fleetsync_sim::nmea::sentences)
+            .collect();
         text.into_bytes()
     };
     sock.write_all(&send(0, at_s1)).await.unwrap();
@@ -120,10 +182,26 @@ async fn route_through_two_fences_with_offline_pod() {
     let form = reqwest::multipart::Form::new()
         .text("outcome", "delivered")
         .text("recipient_name", "M. de Vries")
-        .part("signature", reqwest::multipart::Part::bytes(sig.clone()).file_name("sig.png"))
-        .part("photo", reqwest::multipart::Part::bytes(p1.clone()).file_name("1.jpg"))
-        .part("photo", reqwest::multipart::Part::bytes(p2.clone()).file_name("2.jpg"));
-    let r = driver.client.post(format!("{}/v1/stops/s1/pod", driver.base)).bearer_auth(DRIVER_TOKEN).multipart(form).send().await.unwrap();
+        .part(
+            "signature",
+            reqwest::multipart::Part::bytes(sig.clone()).file_name("sig.png"),
+        )
+        .part(
+            "photo",
+            reqwest::multipart::Part::bytes(p1.clone()).file_name("1.jpg"),
+        )
+        .part(
+            "photo",
+            reqwest::multipart::Part::bytes(p2.clone()).file_name("2.jpg"),
+        );
+    let r = driver
+        .client
+        .post(format!("{}/v1/stops/s1/pod", driver.base))
+        .bearer_auth(DRIVER_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let pod: Value = r.json().await.unwrap();
 
@@ -150,7 +228,9 @@ async fn route_through_two_fences_with_offline_pod() {
         async move {
             let s: Value = driver.get("/v1/status").await.ok()?.json().await.ok()?;
             let b = &s["backlog"];
-            let left = b["critical"]["events"].as_u64()? + b["telemetry"]["events"].as_u64()? + b["blobs"]["events"].as_u64()?;
+            let left = b["critical"]["events"].as_u64()?
+                + b["telemetry"]["events"].as_u64()?
+                + b["blobs"]["events"].as_u64()?;
             if left > 0 {
                 return None;
             }
@@ -165,27 +245,75 @@ async fn route_through_two_fences_with_offline_pod() {
     let mut trips: HashMap<(String, String), usize> = HashMap::new();
     for e in &events {
         match e["kind"].as_str().unwrap() {
-            "geofence" => *fence.entry((e["fence_id"].as_str().unwrap().into(), e["transition"].as_str().unwrap().into())).or_default() += 1,
-            "trip" => *trips.entry((e["trip"].as_str().unwrap().into(), e["stop_id"].as_str().unwrap_or("").into())).or_default() += 1,
+            "geofence" => {
+                *fence
+                    .entry((
+                        e["fence_id"].as_str().unwrap().into(),
+                        e["transition"].as_str().unwrap().into(),
+                    ))
+                    .or_default() += 1
+            }
+            "trip" => {
+                *trips
+                    .entry((
+                        e["trip"].as_str().unwrap().into(),
+                        e["stop_id"].as_str().unwrap_or("").into(),
+                    ))
+                    .or_default() += 1
+            }
             _ => {}
         }
     }
     for stop in ["s1", "s2"] {
-        assert_eq!(fence.get(&(stop.into(), "enter".into())), Some(&1), "{fence:?}");
-        assert_eq!(fence.get(&(stop.into(), "exit".into())), Some(&1), "{fence:?}");
-        assert_eq!(trips.get(&("arrived".into(), stop.into())), Some(&1), "{trips:?}");
-        assert_eq!(trips.get(&("departed".into(), stop.into())), Some(&1), "{trips:?}");
+        assert_eq!(
+            fence.get(&(stop.into(), "enter".into())),
+            Some(&1),
+            "{fence:?}"
+        );
+        assert_eq!(
+            fence.get(&(stop.into(), "exit".into())),
+            Some(&1),
+            "{fence:?}"
+        );
+        assert_eq!(
+            trips.get(&("arrived".into(), stop.into())),
+            Some(&1),
+            "{trips:?}"
+        );
+        assert_eq!(
+            trips.get(&("departed".into(), stop.into())),
+            Some(&1),
+            "{trips:?}"
+        );
     }
     // The ignition input: off at start (first reading), on for the drive, off at the end.
-    assert_eq!(trips.get(&("ignition_on".into(), String::new())), Some(&1), "{trips:?}");
-    assert_eq!(trips.get(&("ignition_off".into(), String::new())), Some(&2), "{trips:?}");
+    assert_eq!(
+        trips.get(&("ignition_on".into(), String::new())),
+        Some(&1),
+        "{trips:?}"
+    );
+    assert_eq!(
+        trips.get(&("ignition_off".into(), String::new())),
+        Some(&2),
+        "{trips:?}"
+    );
     let pods: Vec<&Value> = events.iter().filter(|e| e["kind"] == "pod").collect();
     assert_eq!(pods.len(), 1);
     assert_eq!(pods[0]["pod_id"], pod["pod_id"]);
     let geo = &pods[0]["geo"];
-    assert!((geo["lat"].as_f64().unwrap() - S1.0).abs() < 0.0005, "POD geo-stamp {geo} not at s1");
-    for (r, bytes) in [(&pods[0]["signature"], &sig), (&pods[0]["photos"][0], &p1), (&pods[0]["photos"][1], &p2)] {
-        let got = ops.get(&format!("/v1/ops/blobs/{}", r["sha256"].as_str().unwrap())).await.unwrap();
+    assert!(
+        (geo["lat"].as_f64().unwrap() - S1.0).abs() < 0.0005,
+        "POD geo-stamp {geo} not at s1"
+    );
+    for (r, bytes) in [
+        (&pods[0]["signature"], &sig),
+        (&pods[0]["photos"][0], &p1),
+        (&pods[0]["photos"][1], &p2),
+    ] {
+        let got = ops
+            .get(&format!("/v1/ops/blobs/{}", r["sha256"].as_str().unwrap()))
+            .await
+            .unwrap();
         assert_eq!(got.status(), 200);
         assert!(&got.bytes().await.unwrap().to_vec() == bytes);
     }

@@ -9,7 +9,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleetsync_tests::{DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, free_port, hub_config, pki, wait_for, wait_http_ok};
+use fleetsync_tests::{
+    DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, free_port, hub_config, pki, wait_for,
+    wait_http_ok,
+};
 use serde_json::{Value, json};
 
 fn image(magic: &[u8], n: usize, seed: u8) -> Vec<u8> {
@@ -31,12 +34,21 @@ fn assignment(version: u32) -> Value {
     })
 }
 
-async fn post_pod(driver: &Http, stop: &str, key: Option<&str>, parts: Vec<(&str, reqwest::multipart::Part)>) -> reqwest::Response {
+async fn post_pod(
+    driver: &Http,
+    stop: &str,
+    key: Option<&str>,
+    parts: Vec<(&str, reqwest::multipart::Part)>,
+) -> reqwest::Response {
     let mut form = reqwest::multipart::Form::new();
     for (name, part) in parts {
         form = form.part(name.to_string(), part);
     }
-    let mut req = driver.client.post(format!("{}/v1/stops/{stop}/pod", driver.base)).bearer_auth(&driver.token).multipart(form);
+    let mut req = driver
+        .client
+        .post(format!("{}/v1/stops/{stop}/pod", driver.base))
+        .bearer_auth(&driver.token)
+        .multipart(form);
     if let Some(k) = key {
         req = req.header("Idempotency-Key", k);
     }
@@ -57,9 +69,24 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     let pki = pki(dir.path(), &["V1"]);
     let (mqtt, http_port, api) = (free_port(), free_port(), free_port());
     let hub_cfg = dir.path().join("hub.toml");
-    std::fs::write(&hub_cfg, hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port)).unwrap();
+    std::fs::write(
+        &hub_cfg,
+        hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port),
+    )
+    .unwrap();
     let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(&agent_cfg, agent_config("V1", &pki, &dir.path().join("agent-data"), mqtt, api, 64 << 20)).unwrap();
+    std::fs::write(
+        &agent_cfg,
+        agent_config(
+            "V1",
+            &pki,
+            &dir.path().join("agent-data"),
+            mqtt,
+            api,
+            64 << 20,
+        ),
+    )
+    .unwrap();
     let hub_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
     let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
     let mut hub = Proc::spawn("fleetsync-hub", &hub_cfg, &dir.path().join("hub.log"));
@@ -70,12 +97,25 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     let driver = Http::new(api_addr, DRIVER_TOKEN);
 
     // Assignment down and acknowledged.
-    let r = ops.client.put(format!("{}/v1/ops/devices/V1/assignment", ops.base)).bearer_auth(OPERATOR_TOKEN).json(&assignment(1)).send().await.unwrap();
+    let r = ops
+        .client
+        .put(format!("{}/v1/ops/devices/V1/assignment", ops.base))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&assignment(1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     let acked = wait_for(Duration::from_secs(30), || {
         let ops = ops.clone();
         async move {
-            let v: Value = ops.get("/v1/ops/devices/V1/assignment").await.ok()?.json().await.ok()?;
+            let v: Value = ops
+                .get("/v1/ops/devices/V1/assignment")
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
             (v["acknowledged"] == true).then_some(v)
         }
     })
@@ -83,7 +123,14 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     .expect("assignment not acknowledged");
     assert_eq!(acked["acked_version"], 1);
     // An older or equal version is refused with 409.
-    let r = ops.client.put(format!("{}/v1/ops/devices/V1/assignment", ops.base)).bearer_auth(OPERATOR_TOKEN).json(&assignment(1)).send().await.unwrap();
+    let r = ops
+        .client
+        .put(format!("{}/v1/ops/devices/V1/assignment", ops.base))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&assignment(1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 409);
     let jobs = driver.get_json("/v1/jobs").await;
     assert_eq!(jobs["id"], "job-7");
@@ -99,11 +146,42 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     // Bad input: field named, nothing stored.
     let before: Value = driver.get_json("/v1/status").await;
     let cases: Vec<(Vec<(&str, reqwest::multipart::Part)>, &str, u16)> = vec![
-        (vec![("outcome", text("lost")), ("recipient_name", text("A"))], "outcome", 400),
+        (
+            vec![("outcome", text("lost")), ("recipient_name", text("A"))],
+            "outcome",
+            400,
+        ),
         (vec![("outcome", text("refused"))], "reason_code", 400),
-        (vec![("outcome", text("delivered")), ("recipient_name", text("A")), ("photo", file(b"GIF89a....", "x.gif"))], "photo", 400),
-        (vec![("outcome", text("delivered")), ("recipient_name", text("A")), ("signature", file(&photo1, "s.jpg"))], "signature", 400),
-        (vec![("outcome", text("delivered")), ("recipient_name", text("A")), ("photo", file(&image(&[0xff, 0xd8, 0xff], 9 << 20, 0), "big.jpg"))], "photo", 400),
+        (
+            vec![
+                ("outcome", text("delivered")),
+                ("recipient_name", text("A")),
+                ("photo", file(b"GIF89a....", "x.gif")),
+            ],
+            "photo",
+            400,
+        ),
+        (
+            vec![
+                ("outcome", text("delivered")),
+                ("recipient_name", text("A")),
+                ("signature", file(&photo1, "s.jpg")),
+            ],
+            "signature",
+            400,
+        ),
+        (
+            vec![
+                ("outcome", text("delivered")),
+                ("recipient_name", text("A")),
+                (
+                    "photo",
+                    file(&image(&[0xff, 0xd8, 0xff], 9 << 20, 0), "big.jpg"),
+                ),
+            ],
+            "photo",
+            400,
+        ),
     ];
     for (parts, field, status) in cases {
         let r = post_pod(&driver, "s1", None, parts).await;
@@ -111,10 +189,19 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
         let body: Value = r.json().await.unwrap();
         assert!(body["error"].as_str().unwrap().starts_with(field), "{body}");
     }
-    let r = post_pod(&driver, "nowhere", None, vec![("outcome", text("delivered"))]).await;
+    let r = post_pod(
+        &driver,
+        "nowhere",
+        None,
+        vec![("outcome", text("delivered"))],
+    )
+    .await;
     assert_eq!(r.status(), 404);
     let after: Value = driver.get_json("/v1/status").await;
-    assert_eq!(before["backlog"]["critical"], after["backlog"]["critical"], "a refused POD left something behind");
+    assert_eq!(
+        before["backlog"]["critical"], after["backlog"]["critical"],
+        "a refused POD left something behind"
+    );
 
     let parts = || {
         vec![
@@ -133,14 +220,36 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     let again = post_pod(&driver, "s1", Some("tablet-42-pod-1"), parts()).await;
     assert_eq!(again.status(), 201);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert_eq!(again.json::<Value>().await.unwrap(), first, "a repeated key must return the first answer");
-    let clash = post_pod(&driver, "s1", Some("tablet-42-pod-1"), vec![("outcome", text("delivered")), ("recipient_name", text("B"))]).await;
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        first,
+        "a repeated key must return the first answer"
+    );
+    let clash = post_pod(
+        &driver,
+        "s1",
+        Some("tablet-42-pod-1"),
+        vec![
+            ("outcome", text("delivered")),
+            ("recipient_name", text("B")),
+        ],
+    )
+    .await;
     assert_eq!(clash.status(), 422);
     let job = driver.get_json("/v1/jobs/s1").await;
     assert_eq!(job["pod"]["pod_id"], first["pod_id"]);
-    let exc = driver.post_json("/v1/exceptions", &json!({"code": "customer_absent", "text": "rang twice", "stop_id": "s1"})).await.unwrap();
+    let exc = driver
+        .post_json(
+            "/v1/exceptions",
+            &json!({"code": "customer_absent", "text": "rang twice", "stop_id": "s1"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(exc.status(), 201);
-    let bad = driver.post_json("/v1/exceptions", &json!({"code": "aliens", "text": "?"})).await.unwrap();
+    let bad = driver
+        .post_json("/v1/exceptions", &json!({"code": "aliens", "text": "?"}))
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
 
     // The hub returns: the POD and its blobs arrive.
@@ -149,7 +258,13 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     let pod = wait_for(Duration::from_secs(60), || {
         let ops = ops.clone();
         async move {
-            let page: Value = ops.get("/v1/ops/devices/V1/events?kind=pod").await.ok()?.json().await.ok()?;
+            let page: Value = ops
+                .get("/v1/ops/devices/V1/events?kind=pod")
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
             page["events"].as_array()?.first().cloned()
         }
     })
@@ -161,8 +276,16 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     assert_eq!(pod["shipment_id"], "shp-1");
     assert_eq!(pod["photos"].as_array().unwrap().len(), 2);
     let pods = ops.get_json("/v1/ops/devices/V1/events?kind=pod").await;
-    assert_eq!(pods["events"].as_array().unwrap().len(), 1, "the replayed POD was stored twice");
-    let want = [(&pod["signature"], &signature), (&pod["photos"][0], &photo1), (&pod["photos"][1], &photo2)];
+    assert_eq!(
+        pods["events"].as_array().unwrap().len(),
+        1,
+        "the replayed POD was stored twice"
+    );
+    let want = [
+        (&pod["signature"], &signature),
+        (&pod["photos"][0], &photo1),
+        (&pod["photos"][1], &photo2),
+    ];
     for (r, bytes) in want {
         let sha = r["sha256"].as_str().unwrap().to_string();
         let got = wait_for(Duration::from_secs(60), || {
@@ -188,5 +311,8 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
         }
     })
     .await;
-    assert!(drained.is_some(), "blobs not deleted on the device after the hub's BlobAck");
+    assert!(
+        drained.is_some(),
+        "blobs not deleted on the device after the hub's BlobAck"
+    );
 }

@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use fleetsync_protocol::json::{AssignmentJson, StopJson};
 use fleetsync_protocol::limits::MAX_PHOTOS;
 use fleetsync_protocol::{
-    Assignment, BlobRef, Body, BoundedString, BoundedVec, Code, Event, Exception, Id, MediaType, Outcome, Pod, Point,
-    Sha256, Stop,
+    Assignment, BlobRef, Body, BoundedString, BoundedVec, Code, Event, Exception, Id, MediaType,
+    Outcome, Pod, Point, Sha256, Stop,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -72,9 +72,14 @@ fn stop_out(st: &ApiState, stop: &Stop) -> Result<StopStateOut, ApiError> {
     let json = AssignmentJson::from_assignment(&Assignment {
         id: Id::new(),
         version: 0,
-        stops: BoundedVec::try_from_slice(std::slice::from_ref(stop)).map_err(|_| ApiError::Internal("stop".into()))?,
+        stops: BoundedVec::try_from_slice(std::slice::from_ref(stop))
+            .map_err(|_| ApiError::Internal("stop".into()))?,
     });
-    let stop_json = json.stops.into_iter().next().ok_or_else(|| ApiError::Internal("stop".into()))?;
+    let stop_json = json
+        .stops
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::Internal("stop".into()))?;
     Ok(StopStateOut {
         state: st.edge.stop_state(stop.id.as_str()).to_string(),
         pod: st.store.stop_pod(&stop.id)?,
@@ -85,12 +90,24 @@ fn stop_out(st: &ApiState, stop: &Stop) -> Result<StopStateOut, ApiError> {
 /// `GET /v1/jobs`
 pub(super) async fn jobs(State(st): State<ApiState>) -> Result<Response, ApiError> {
     let a = current(&st)?;
-    let stops = a.stops.iter().map(|s| stop_out(&st, s)).collect::<Result<_, _>>()?;
-    Ok(Json(JobOut { id: a.id.to_string(), version: a.version, stops }).into_response())
+    let stops = a
+        .stops
+        .iter()
+        .map(|s| stop_out(&st, s))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(JobOut {
+        id: a.id.to_string(),
+        version: a.version,
+        stops,
+    })
+    .into_response())
 }
 
 /// `GET /v1/jobs/{stop}`
-pub(super) async fn job_stop(State(st): State<ApiState>, Path(stop): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn job_stop(
+    State(st): State<ApiState>,
+    Path(stop): Path<String>,
+) -> Result<Response, ApiError> {
     let a = current(&st)?;
     let s = a
         .stops
@@ -110,23 +127,39 @@ pub(super) struct ExceptionIn {
 }
 
 /// `POST /v1/exceptions`
-pub(super) async fn exception(State(st): State<ApiState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let e: ExceptionIn = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+pub(super) async fn exception(
+    State(st): State<ApiState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let e: ExceptionIn =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
     if !EXCEPTION_CODES.contains(&e.code.as_str()) {
-        return Err(ApiError::BadRequest(format!("code: {:?} is not one of {}", e.code, EXCEPTION_CODES.join(", "))));
+        return Err(ApiError::BadRequest(format!(
+            "code: {:?} is not one of {}",
+            e.code,
+            EXCEPTION_CODES.join(", ")
+        )));
     }
     if let Some(stop) = &e.stop_id {
         let a = current(&st)?;
         if !a.stops.iter().any(|s| s.id.as_str() == stop) {
-            return Err(ApiError::NotFound(format!("stop_id: {stop:?} is not in job {}", a.id)));
+            return Err(ApiError::NotFound(format!(
+                "stop_id: {stop:?} is not in job {}",
+                a.id
+            )));
         }
     }
     let ev = Event {
         time_ms: crate::now_ms(),
         body: Body::Exception(Exception {
-            code: Code::try_from_str(&e.code).map_err(|_| ApiError::BadRequest("code: too long".into()))?,
-            text: BoundedString::try_from_str(&e.text)
-                .map_err(|_| ApiError::BadRequest(format!("text: longer than {} bytes", fleetsync_protocol::limits::MAX_TEXT_LEN)))?,
+            code: Code::try_from_str(&e.code)
+                .map_err(|_| ApiError::BadRequest("code: too long".into()))?,
+            text: BoundedString::try_from_str(&e.text).map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "text: longer than {} bytes",
+                    fleetsync_protocol::limits::MAX_TEXT_LEN
+                ))
+            })?,
             stop_id: e
                 .stop_id
                 .as_deref()
@@ -137,7 +170,11 @@ pub(super) async fn exception(State(st): State<ApiState>, body: axum::body::Byte
     };
     let id = st.store.append(ev).await?;
     st.wake.notify_one();
-    Ok((StatusCode::CREATED, Json(serde_json::json!({"epoch": id.epoch, "seq": id.seq}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"epoch": id.epoch, "seq": id.seq})),
+    )
+        .into_response())
 }
 
 /// What a file's leading bytes say it is.
@@ -148,7 +185,12 @@ pub fn sniff(bytes: &[u8]) -> Option<MediaType> {
     if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
         return Some(MediaType::Jpeg);
     }
-    if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" && matches!(&bytes[8..12], b"heic" | b"heix" | b"mif1" | b"msf1" | b"hevc")
+    if bytes.len() >= 12
+        && &bytes[4..8] == b"ftyp"
+        && matches!(
+            &bytes[8..12],
+            b"heic" | b"heix" | b"mif1" | b"msf1" | b"hevc"
+        )
     {
         return Some(MediaType::Heic);
     }
@@ -186,7 +228,11 @@ async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
         photos: Vec::new(),
     };
     let mut total = 0usize;
-    while let Some(mut field) = mp.next_field().await.map_err(|e| bad("body", format!("not valid multipart ({e})")))? {
+    while let Some(mut field) = mp
+        .next_field()
+        .await
+        .map_err(|e| bad("body", format!("not valid multipart ({e})")))?
+    {
         let name = field.name().unwrap_or_default().to_string();
         // Read in chunks so an oversized file is refused as soon as it passes the limit.
         let mut data = Vec::new();
@@ -204,9 +250,13 @@ async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
         }
         total += data.len();
         if total > MAX_POD_BYTES {
-            return Err(bad("body", format!("larger than {MAX_POD_BYTES} bytes in all")));
+            return Err(bad(
+                "body",
+                format!("larger than {MAX_POD_BYTES} bytes in all"),
+            ));
         }
-        let text = |data: Vec<u8>| String::from_utf8(data).map_err(|_| bad(&name, "not UTF-8 text"));
+        let text =
+            |data: Vec<u8>| String::from_utf8(data).map_err(|_| bad(&name, "not UTF-8 text"));
         match name.as_str() {
             "outcome" => f.outcome = Some(text(data)?),
             "reason_code" => f.reason_code = Some(text(data)?),
@@ -227,11 +277,18 @@ async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
                     return Err(bad("photo", format!("at most {MAX_PHOTOS} photos")));
                 }
                 match sniff(&data) {
-                    Some(m @ (MediaType::Jpeg | MediaType::Png | MediaType::Heic)) => f.photos.push((data, m)),
+                    Some(m @ (MediaType::Jpeg | MediaType::Png | MediaType::Heic)) => {
+                        f.photos.push((data, m))
+                    }
                     _ => return Err(bad("photo", "must be a JPEG, PNG or HEIC image")),
                 }
             }
-            other => return Err(bad(other, "unknown field; expected outcome, reason_code, recipient_name, notes, shipment_id, signature, photo")),
+            other => {
+                return Err(bad(
+                    other,
+                    "unknown field; expected outcome, reason_code, recipient_name, notes, shipment_id, signature, photo",
+                ));
+            }
         }
     }
     Ok(f)
@@ -239,7 +296,14 @@ async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
 
 fn blob(data: &[u8], media: MediaType) -> (Sha256, BlobRef) {
     let sha: Sha256 = sha2::Sha256::digest(data).into();
-    (sha, BlobRef { sha256: sha, len: data.len() as u32, media })
+    (
+        sha,
+        BlobRef {
+            sha256: sha,
+            len: data.len() as u32,
+            media,
+        },
+    )
 }
 
 #[derive(Serialize)]
@@ -258,7 +322,9 @@ pub(super) async fn pod(
 ) -> Result<Response, ApiError> {
     let idem = match headers.get("idempotency-key") {
         Some(v) => {
-            let k = v.to_str().map_err(|_| bad("Idempotency-Key", "must be printable ASCII"))?;
+            let k = v
+                .to_str()
+                .map_err(|_| bad("Idempotency-Key", "must be printable ASCII"))?;
             if k.is_empty() || k.len() > 128 {
                 return Err(bad("Idempotency-Key", "must be 1 to 128 characters"));
             }
@@ -280,28 +346,66 @@ pub(super) async fn pod(
         Some("refused") => Outcome::Refused,
         Some("damaged") => Outcome::Damaged,
         Some("partial") => Outcome::Partial,
-        Some(o) => return Err(bad("outcome", format!("{o:?} is not one of delivered, refused, damaged, partial"))),
-        None => return Err(bad("outcome", "required: delivered, refused, damaged or partial")),
+        Some(o) => {
+            return Err(bad(
+                "outcome",
+                format!("{o:?} is not one of delivered, refused, damaged, partial"),
+            ));
+        }
+        None => {
+            return Err(bad(
+                "outcome",
+                "required: delivered, refused, damaged or partial",
+            ));
+        }
     };
     let reason = form.reason_code.filter(|r| !r.trim().is_empty());
     if outcome != Outcome::Delivered && reason.is_none() {
-        return Err(bad("reason_code", "required unless the outcome is delivered"));
+        return Err(bad(
+            "reason_code",
+            "required unless the outcome is delivered",
+        ));
     }
     let recipient = form.recipient_name.unwrap_or_default();
     if outcome != Outcome::Refused && recipient.trim().is_empty() {
-        return Err(bad("recipient_name", "required unless the outcome is refused"));
+        return Err(bad(
+            "recipient_name",
+            "required unless the outcome is refused",
+        ));
     }
     let shipment = match (form.shipment_id, stop.shipment_ids.len()) {
         (Some(s), _) if stop.shipment_ids.iter().any(|x| x.as_str() == s) => s,
-        (Some(s), _) => return Err(bad("shipment_id", format!("{s:?} is not a shipment of stop {stop_id}"))),
+        (Some(s), _) => {
+            return Err(bad(
+                "shipment_id",
+                format!("{s:?} is not a shipment of stop {stop_id}"),
+            ));
+        }
         (None, 1) => stop.shipment_ids[0].to_string(),
-        (None, 0) => return Err(bad("shipment_id", format!("stop {stop_id} lists no shipments; give shipment_id"))),
-        (None, _) => return Err(bad("shipment_id", format!("stop {stop_id} has several shipments; say which"))),
+        (None, 0) => {
+            return Err(bad(
+                "shipment_id",
+                format!("stop {stop_id} lists no shipments; give shipment_id"),
+            ));
+        }
+        (None, _) => {
+            return Err(bad(
+                "shipment_id",
+                format!("stop {stop_id} has several shipments; say which"),
+            ));
+        }
     };
 
     // The request's fingerprint: what a replay with the same key must match.
     let mut fp = sha2::Sha256::new();
-    for part in [stop_id.as_str(), form.outcome.as_deref().unwrap_or(""), reason.as_deref().unwrap_or(""), &recipient, form.notes.as_deref().unwrap_or(""), &shipment] {
+    for part in [
+        stop_id.as_str(),
+        form.outcome.as_deref().unwrap_or(""),
+        reason.as_deref().unwrap_or(""),
+        &recipient,
+        form.notes.as_deref().unwrap_or(""),
+        &shipment,
+    ] {
         fp.update((part.len() as u64).to_be_bytes());
         fp.update(part.as_bytes());
     }
@@ -329,14 +433,22 @@ pub(super) async fn pod(
     {
         if prev.fingerprint != fingerprint {
             return Err(ApiError::Unprocessable(
-                "Idempotency-Key: already used for a different POD; use a new key for a new POD".into(),
+                "Idempotency-Key: already used for a different POD; use a new key for a new POD"
+                    .into(),
             ));
         }
         return Ok(created(&prev, true));
     }
     let now = crate::now_ms();
-    let pod_id = format!("pod-{}-{}", st.store.epoch(), hex::encode(rand::random::<[u8; 6]>()));
-    let geo = st.edge.last_fix().map(|(_, f)| Point { lat_e7: f.lat_e7, lon_e7: f.lon_e7 });
+    let pod_id = format!(
+        "pod-{}-{}",
+        st.store.epoch(),
+        hex::encode(rand::random::<[u8; 6]>())
+    );
+    let geo = st.edge.last_fix().map(|(_, f)| Point {
+        lat_e7: f.lat_e7,
+        lon_e7: f.lon_e7,
+    });
     let long = |field: &str, max: usize| bad(field, format!("longer than {max} bytes"));
     let ev = Event {
         time_ms: now,
@@ -345,9 +457,19 @@ pub(super) async fn pod(
             shipment_id: Id::try_from_str(&shipment).map_err(|_| long("shipment_id", 64))?,
             stop_id: stop.id.clone(),
             outcome,
-            reason_code: reason.as_deref().map(Code::try_from_str).transpose().map_err(|_| long("reason_code", 32))?,
-            recipient_name: BoundedString::try_from_str(&recipient).map_err(|_| long("recipient_name", 128))?,
-            notes: form.notes.as_deref().map(BoundedString::try_from_str).transpose().map_err(|_| long("notes", 512))?,
+            reason_code: reason
+                .as_deref()
+                .map(Code::try_from_str)
+                .transpose()
+                .map_err(|_| long("reason_code", 32))?,
+            recipient_name: BoundedString::try_from_str(&recipient)
+                .map_err(|_| long("recipient_name", 128))?,
+            notes: form
+                .notes
+                .as_deref()
+                .map(BoundedString::try_from_str)
+                .transpose()
+                .map_err(|_| long("notes", 512))?,
             signature,
             photos: BoundedVec::try_from_slice(&photos).map_err(|_| bad("photo", "too many"))?,
             geo,
@@ -356,16 +478,37 @@ pub(super) async fn pod(
     let outcome_name = form.outcome.unwrap_or_default();
     let stored = st
         .store
-        .append_pod(ev, blobs, idem.as_deref(), fingerprint, StopPod { pod_id, outcome: outcome_name, time_ms: now })
+        .append_pod(
+            ev,
+            blobs,
+            idem.as_deref(),
+            fingerprint,
+            StopPod {
+                pod_id,
+                outcome: outcome_name,
+                time_ms: now,
+            },
+        )
         .await?;
     st.wake.notify_one();
     Ok(created(&stored, false))
 }
 
 fn created(p: &PodStored, replayed: bool) -> Response {
-    let mut r = (StatusCode::CREATED, Json(PodCreated { pod_id: p.pod_id.clone(), epoch: p.epoch, seq: p.seq })).into_response();
+    let mut r = (
+        StatusCode::CREATED,
+        Json(PodCreated {
+            pod_id: p.pod_id.clone(),
+            epoch: p.epoch,
+            seq: p.seq,
+        }),
+    )
+        .into_response();
     if replayed {
-        r.headers_mut().insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+        r.headers_mut().insert(
+            "idempotent-replayed",
+            axum::http::HeaderValue::from_static("true"),
+        );
     }
     r
 }

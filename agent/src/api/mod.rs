@@ -131,11 +131,20 @@ async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> 
 pub fn app(state: ApiState) -> Router {
     Router::new()
         .route("/v1/status", get(status))
-        .route("/v1/events", post(post_event).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)))
+        .route(
+            "/v1/events",
+            post(post_event).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)),
+        )
         .route("/v1/jobs", get(driver::jobs))
         .route("/v1/jobs/{stop}", get(driver::job_stop))
-        .route("/v1/stops/{stop}/pod", post(driver::pod).layer(DefaultBodyLimit::max(MAX_POD_BYTES + 64 * 1024)))
-        .route("/v1/exceptions", post(driver::exception).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)))
+        .route(
+            "/v1/stops/{stop}/pod",
+            post(driver::pod).layer(DefaultBodyLimit::max(MAX_POD_BYTES + 64 * 1024)),
+        )
+        .route(
+            "/v1/exceptions",
+            post(driver::exception).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -245,27 +254,97 @@ async fn metrics(State(st): State<ApiState>) -> Response {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    m("fleetsync_agent_backlog_events", "gauge", "Events awaiting a hub ack.", &[
-        ("{lane=\"critical\"}", s.critical.events),
-        ("{lane=\"telemetry\"}", s.telemetry.events),
-        ("{lane=\"blobs\"}", s.blobs.events),
-    ]);
-    m("fleetsync_agent_backlog_bytes", "gauge", "Stored bytes awaiting a hub ack.", &[
-        ("{lane=\"critical\"}", s.critical.bytes),
-        ("{lane=\"telemetry\"}", s.telemetry.bytes),
-        ("{lane=\"blobs\"}", s.blobs.bytes),
-    ]);
-    m("fleetsync_agent_store_used_bytes", "gauge", "Logical bytes in the store.", &[("", s.used_bytes)]);
-    m("fleetsync_agent_store_quota_bytes", "gauge", "The store's quota.", &[("", s.quota_bytes)]);
-    m("fleetsync_agent_gaps_declared_total", "counter", "Gap events written since start.", &[("", s.gaps_declared)]);
-    m("fleetsync_agent_connected", "gauge", "1 when connected to the hub.", &[("", u64::from(st.link.connected.load(Ordering::Relaxed)))]);
-    m("fleetsync_agent_batches_sent_total", "counter", "Batches published.", &[("", u64::from(l.batches_sent))]);
-    m("fleetsync_agent_resends_total", "counter", "Batches resent after an ack timeout or reconnect.", &[("", u64::from(l.resends))]);
-    m("fleetsync_agent_connects_total", "counter", "Connections to the hub.", &[("", u64::from(l.connects))]);
-    m("fleetsync_agent_gps_sentences_total", "counter", "GPS sentences or reports read.", &[("", g.sentences)]);
-    m("fleetsync_agent_gps_fixes_total", "counter", "GPS fixes taken.", &[("", g.fixes)]);
-    m("fleetsync_agent_gps_no_fix_total", "counter", "GPS epochs without a valid fix.", &[("", g.no_fix)]);
-    m("fleetsync_agent_gps_checksum_errors_total", "counter", "NMEA sentences with a bad checksum.", &[("", g.checksum_errors)]);
-    m("fleetsync_agent_gps_garbage_total", "counter", "GPS input lines that were not NMEA/JSON.", &[("", g.garbage)]);
+    m(
+        "fleetsync_agent_backlog_events",
+        "gauge",
+        "Events awaiting a hub ack.",
+        &[
+            ("{lane=\"critical\"}", s.critical.events),
+            ("{lane=\"telemetry\"}", s.telemetry.events),
+            ("{lane=\"blobs\"}", s.blobs.events),
+        ],
+    );
+    m(
+        "fleetsync_agent_backlog_bytes",
+        "gauge",
+        "Stored bytes awaiting a hub ack.",
+        &[
+            ("{lane=\"critical\"}", s.critical.bytes),
+            ("{lane=\"telemetry\"}", s.telemetry.bytes),
+            ("{lane=\"blobs\"}", s.blobs.bytes),
+        ],
+    );
+    m(
+        "fleetsync_agent_store_used_bytes",
+        "gauge",
+        "Logical bytes in the store.",
+        &[("", s.used_bytes)],
+    );
+    m(
+        "fleetsync_agent_store_quota_bytes",
+        "gauge",
+        "The store's quota.",
+        &[("", s.quota_bytes)],
+    );
+    m(
+        "fleetsync_agent_gaps_declared_total",
+        "counter",
+        "Gap events written since start.",
+        &[("", s.gaps_declared)],
+    );
+    m(
+        "fleetsync_agent_connected",
+        "gauge",
+        "1 when connected to the hub.",
+        &[("", u64::from(st.link.connected.load(Ordering::Relaxed)))],
+    );
+    m(
+        "fleetsync_agent_batches_sent_total",
+        "counter",
+        "Batches published.",
+        &[("", u64::from(l.batches_sent))],
+    );
+    m(
+        "fleetsync_agent_resends_total",
+        "counter",
+        "Batches resent after an ack timeout or reconnect.",
+        &[("", u64::from(l.resends))],
+    );
+    m(
+        "fleetsync_agent_connects_total",
+        "counter",
+        "Connections to the hub.",
+        &[("", u64::from(l.connects))],
+    );
+    m(
+        "fleetsync_agent_gps_sentences_total",
+        "counter",
+        "GPS sentences or reports read.",
+        &[("", g.sentences)],
+    );
+    m(
+        "fleetsync_agent_gps_fixes_total",
+        "counter",
+        "GPS fixes taken.",
+        &[("", g.fixes)],
+    );
+    m(
+        "fleetsync_agent_gps_no_fix_total",
+        "counter",
+        "GPS epochs without a valid fix.",
+        &[("", g.no_fix)],
+    );
+    m(
+        "fleetsync_agent_gps_checksum_errors_total",
+        "counter",
+        "NMEA sentences with a bad checksum.",
+        &[("", g.checksum_errors)],
+    );
+    m(
+        "fleetsync_agent_gps_garbage_total",
+        "counter",
+        "GPS input lines that were not NMEA/JSON.",
+        &[("", g.garbage)],
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

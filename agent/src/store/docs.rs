@@ -82,7 +82,12 @@ impl Store {
                 None => Vec::new(),
             };
             let seq = st.alloc_seq()?;
-            let stored = PodStored { pod_id: pod.pod_id.to_string(), epoch: core.epoch, seq, fingerprint };
+            let stored = PodStored {
+                pod_id: pod.pod_id.to_string(),
+                epoch: core.epoch,
+                seq,
+                fingerprint,
+            };
             let stored_bytes = postcard::to_stdvec(&stored)?;
             let stop_bytes = postcard::to_stdvec(&stop)?;
             let key = core.key(seq);
@@ -148,7 +153,10 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.core.blobs.iter() {
             let (k, v) = item?;
-            let sha: Sha256 = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("blob key not 32 bytes".into()))?;
+            let sha: Sha256 = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("blob key not 32 bytes".into()))?;
             out.push((sha, v.len()));
         }
         Ok(out)
@@ -196,8 +204,11 @@ impl Store {
             }
             let new_job = self.assignment()?.is_none_or(|cur| cur.id != a.id);
             if new_job {
-                let old: Vec<sled::IVec> =
-                    core.docs.scan_prefix(STOP).keys().collect::<Result<_, _>>()?;
+                let old: Vec<sled::IVec> = core
+                    .docs
+                    .scan_prefix(STOP)
+                    .keys()
+                    .collect::<Result<_, _>>()?;
                 for k in old {
                     core.docs.remove(k)?;
                 }

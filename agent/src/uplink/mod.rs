@@ -20,9 +20,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleetsync_protocol::topic::{Channel, Layout};
 use fleetsync_protocol::limits::MAX_CHUNK_BYTES;
-use fleetsync_protocol::{Assignment, Batch, BlobChunk, BoundedVec, Downlink, Lane, LinkStats, Sha256, Uplink, frame};
+use fleetsync_protocol::topic::{Channel, Layout};
+use fleetsync_protocol::{
+    Assignment, Batch, BlobChunk, BoundedVec, Downlink, Lane, LinkStats, Sha256, Uplink, frame,
+};
 use rand::Rng as _;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -374,7 +376,9 @@ impl Sender {
             Ok(Downlink::BlobAck(b)) => {
                 let store = self.store.clone();
                 let sha = b.sha256;
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.remove_blob(&sha)).await {
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || store.remove_blob(&sha)).await
+                {
                     warn!(error = %e, "could not delete an uploaded blob");
                 }
                 if self.blob.as_ref().is_some_and(|u| u.sha256 == b.sha256) {
@@ -466,13 +470,28 @@ impl Sender {
             self.blob = None;
         }
         if self.blob.is_none() {
-            if !matches!(self.store.next_batch(Lane::Critical, None, 1, BATCH_MAX_BYTES), Ok(None)) {
+            if !matches!(
+                self.store
+                    .next_batch(Lane::Critical, None, 1, BATCH_MAX_BYTES),
+                Ok(None)
+            ) {
                 return;
             }
-            let Ok(pending) = self.store.pending_blobs() else { return };
-            let Some((sha, _)) = pending.first() else { return };
-            let Ok(Some(bytes)) = self.store.blob(sha) else { return };
-            self.blob = Some(BlobUpload { sha256: *sha, bytes, next: 0, finished: None });
+            let Ok(pending) = self.store.pending_blobs() else {
+                return;
+            };
+            let Some((sha, _)) = pending.first() else {
+                return;
+            };
+            let Ok(Some(bytes)) = self.store.blob(sha) else {
+                return;
+            };
+            self.blob = Some(BlobUpload {
+                sha256: *sha,
+                bytes,
+                next: 0,
+                finished: None,
+            });
         }
         let Some(u) = self.blob.as_mut() else { return };
         let total = u.bytes.len();
@@ -487,8 +506,14 @@ impl Sender {
                 total_len: total as u32,
                 data: BoundedVec::try_from_slice(&u.bytes[u.next..end]).unwrap_or_default(),
             };
-            let Ok(frame) = frame::encode(&Uplink::BlobChunk(chunk)) else { return };
-            if self.client.try_publish(self.blob_topic.clone(), QoS::AtLeastOnce, false, frame).is_err() {
+            let Ok(frame) = frame::encode(&Uplink::BlobChunk(chunk)) else {
+                return;
+            };
+            if self
+                .client
+                .try_publish(self.blob_topic.clone(), QoS::AtLeastOnce, false, frame)
+                .is_err()
+            {
                 return;
             }
             u.next = end;

@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use axum::body::Bytes;
 use fleetsync_protocol::json::{AssignmentJson, EventJson, Time, parse_sha256, sha256_hex};
 use serde::{Deserialize, Serialize};
 
@@ -124,7 +124,10 @@ pub fn app(state: AppState) -> Router {
     let ops = Router::new()
         .route("/devices", get(devices))
         .route("/devices/{id}/events", get(device_events))
-        .route("/devices/{id}/assignment", get(get_assignment).put(put_assignment))
+        .route(
+            "/devices/{id}/assignment",
+            get(get_assignment).put(put_assignment),
+        )
         .route("/blobs/{sha256}", get(blob))
         .route("/quarantine", get(quarantine))
         .route_layer(middleware::from_fn_with_state(
@@ -396,12 +399,20 @@ async fn put_assignment(
     fleetsync_protocol::topic::validate_device_id(&id)
         .map_err(|e| ApiError::BadRequest(format!("device id {id:?}: {e}")))?;
     if body.len() > MAX_ASSIGNMENT_BODY {
-        return Err(ApiError::BadRequest(format!("body: larger than {MAX_ASSIGNMENT_BODY} bytes")));
+        return Err(ApiError::BadRequest(format!(
+            "body: larger than {MAX_ASSIGNMENT_BODY} bytes"
+        )));
     }
-    let json: AssignmentJson = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
-    let a = json.to_assignment().map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let frame = fleetsync_protocol::frame::encode(&fleetsync_protocol::Downlink::Assignment(a.clone()))
-        .map_err(|e| ApiError::BadRequest(format!("assignment too large for one frame: {e}")))?;
+    let json: AssignmentJson =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    let a = json
+        .to_assignment()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let frame =
+        fleetsync_protocol::frame::encode(&fleetsync_protocol::Downlink::Assignment(a.clone()))
+            .map_err(|e| {
+                ApiError::BadRequest(format!("assignment too large for one frame: {e}"))
+            })?;
     let topic = st
         .layout
         .topic(&id, fleetsync_protocol::topic::Channel::Down)
@@ -432,7 +443,10 @@ async fn put_assignment(
         .into_response())
 }
 
-async fn get_assignment(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<AssignmentOut>, ApiError> {
+async fn get_assignment(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<AssignmentOut>, ApiError> {
     let store = st.store.clone();
     let dev = id.clone();
     let rec = tokio::task::spawn_blocking(move || store.assignment(&dev))

@@ -94,7 +94,8 @@ pub struct AssignmentRecord {
 impl AssignmentRecord {
     /// Whether the device has acknowledged the newest version.
     pub fn acknowledged(&self) -> bool {
-        self.acked_version.is_some_and(|v| v >= self.assignment.version)
+        self.acked_version
+            .is_some_and(|v| v >= self.assignment.version)
     }
 }
 
@@ -377,7 +378,12 @@ impl HubStore {
 
     /// Records `a` as the device's assignment if its version is higher than the one already
     /// sent; otherwise returns `Err(current version)`.
-    pub fn put_assignment(&self, device: &str, a: &Assignment, now_ms: u64) -> Result<Result<(), u32>, StoreError> {
+    pub fn put_assignment(
+        &self,
+        device: &str,
+        a: &Assignment,
+        now_ms: u64,
+    ) -> Result<Result<(), u32>, StoreError> {
         loop {
             let old = self.assignments.get(device.as_bytes())?;
             let prev: Option<AssignmentRecord> = match &old {
@@ -396,7 +402,11 @@ impl HubStore {
                 acked_ms: prev.as_ref().and_then(|p| p.acked_ms),
             };
             let new = postcard::to_stdvec(&rec)?;
-            if self.assignments.compare_and_swap(device.as_bytes(), old, Some(new))?.is_ok() {
+            if self
+                .assignments
+                .compare_and_swap(device.as_bytes(), old, Some(new))?
+                .is_ok()
+            {
                 return Ok(Ok(()));
             }
         }
@@ -412,27 +422,38 @@ impl HubStore {
 
     /// Notes that the assignment was sent again.
     pub fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.assignments.fetch_and_update(device.as_bytes(), |old| {
-            let mut rec: AssignmentRecord = postcard::from_bytes(old?).ok()?;
-            rec.sent_ms = now_ms;
-            postcard::to_stdvec(&rec).ok()
-        })?;
+        self.assignments
+            .fetch_and_update(device.as_bytes(), |old| {
+                let mut rec: AssignmentRecord = postcard::from_bytes(old?).ok()?;
+                rec.sent_ms = now_ms;
+                postcard::to_stdvec(&rec).ok()
+            })?;
         Ok(())
     }
 
-    fn ack_assignment(&self, device: &str, id: &str, version: u32, time_ms: u64) -> Result<(), StoreError> {
-        self.assignments.fetch_and_update(device.as_bytes(), |old| {
-            let bytes = old?;
-            let mut rec: AssignmentRecord = match postcard::from_bytes(bytes) {
-                Ok(r) => r,
-                Err(_) => return Some(bytes.to_vec()),
-            };
-            if rec.assignment.id.as_str() == id && rec.acked_version.is_none_or(|v| v < version) {
-                rec.acked_version = Some(version);
-                rec.acked_ms = Some(time_ms);
-            }
-            postcard::to_stdvec(&rec).ok().or_else(|| Some(bytes.to_vec()))
-        })?;
+    fn ack_assignment(
+        &self,
+        device: &str,
+        id: &str,
+        version: u32,
+        time_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.assignments
+            .fetch_and_update(device.as_bytes(), |old| {
+                let bytes = old?;
+                let mut rec: AssignmentRecord = match postcard::from_bytes(bytes) {
+                    Ok(r) => r,
+                    Err(_) => return Some(bytes.to_vec()),
+                };
+                if rec.assignment.id.as_str() == id && rec.acked_version.is_none_or(|v| v < version)
+                {
+                    rec.acked_version = Some(version);
+                    rec.acked_ms = Some(time_ms);
+                }
+                postcard::to_stdvec(&rec)
+                    .ok()
+                    .or_else(|| Some(bytes.to_vec()))
+            })?;
         Ok(())
     }
 

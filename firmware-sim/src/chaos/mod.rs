@@ -1,0 +1,710 @@
+//! `chaos`: real agent processes and a hub process under faults, then the oracle.
+//!
+//! ```text
+//! sim --NMEA/tcp--> agent process --mqtts--> proxy (per vehicle) --> hub process
+//!  |  driver: exceptions, PODs (with blobs), telemetry bursts via the agent's API
+//!  |  faults: kill -9 agent / hub (restarted), link cut, acks black-holed (-> resends
+//!  |          -> duplicates at the hub), link delay, disk quota pressure (vehicle 0:
+//!  |          small quota, bursts while cut off -> Gap events), clock skew (vehicle 1:
+//!  |          GPS time 2 minutes ahead)
+//!  `-> after the run: restore everything, wait for every backlog to drain, then the oracle
+//! ```
+//!
+//! Processes are this same executable run as `fleetsync-sim hub|agent --config FILE`, so
+//! they are the real hub and agent code in separate processes that can be killed with -9.
+//! Every loop is bounded by the run's duration plus a drain deadline.
+
+pub mod oracle;
+pub mod proxy;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::route::{SimFix, Waypoint, drive};
+use oracle::{Accepted, Verdict};
+use proxy::{Link, Mode};
+
+const OPERATOR_TOKEN: &str = "chaos-operator-token-0123456789abcdef";
+const DRIVER_TOKEN: &str = "chaos-driver-token-0123456789abcdef";
+/// The vehicle whose disk quota is squeezed.
+const QUOTA_VEHICLE: usize = 0;
+/// Its quota (the smallest the agent accepts).
+const SMALL_QUOTA: u64 = 64 * 1024;
+/// The vehicle whose GPS clock runs ahead.
+const SKEW_VEHICLE: usize = 1;
+const SKEW_MS: u64 = 120_000;
+/// How long the backlog may take to drain once faults stop.
+const DRAIN: Duration = Duration::from_secs(120);
+
+/// Flags of `fleetsync-sim chaos`.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// Vehicles (agent processes).
+    pub vehicles: usize,
+    /// How long faults are injected.
+    pub duration: Duration,
+    /// Seed of routes and the fault schedule.
+    pub seed: u64,
+    /// The executable to run as `hub` / `agent` (normally this one).
+    pub exe: PathBuf,
+    /// Keep the working directory here instead of a temporary one.
+    pub dir: Option<PathBuf>,
+}
+
+/// Faults injected, by kind.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Faults {
+    /// Agent processes killed with -9.
+    pub agent_kills: u32,
+    /// Hub process killed with -9.
+    pub hub_kills: u32,
+    /// Links cut.
+    pub link_cuts: u32,
+    /// Links whose acks were black-holed.
+    pub ack_blackholes: u32,
+    /// Links delayed.
+    pub link_delays: u32,
+    /// Telemetry bursts into the small-quota vehicle while cut off.
+    pub quota_bursts: u32,
+    /// Vehicles with a skewed GPS clock.
+    pub clock_skews: u32,
+}
+
+/// The chaos report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChaosReport {
+    /// Vehicles.
+    pub vehicles: usize,
+    /// Seconds of faults.
+    pub duration_s: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Faults by kind.
+    pub faults: Faults,
+    /// The oracle's figures and verdict.
+    pub oracle: Verdict,
+}
+
+/// Why chaos could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ChaosError {
+    /// Set-up failed.
+    #[error("chaos set-up: {0}")]
+    Setup(String),
+}
+
+fn setup<E: std::fmt::Display>(e: E) -> ChaosError {
+    ChaosError::Setup(e.to_string())
+}
+
+fn free_port() -> Result<u16, ChaosError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(setup)?
+        .local_addr()
+        .map_err(setup)?
+        .port())
+}
+
+/// A child process we can kill -9 and start again.
+struct Proc {
+    exe: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn new(exe: &Path, args: &[&str], log: PathBuf) -> Proc {
+        Proc {
+            exe: exe.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            log,
+            child: None,
+        }
+    }
+
+    fn start(&mut self) -> Result<(), ChaosError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(setup)?;
+        let child = Command::new(&self.exe)
+            .args(&self.args)
+            .env("RUST_LOG", "warn,rumqttd=off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(setup)?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Vehicle {
+    id: String,
+    api: SocketAddr,
+    proc: Mutex<Proc>,
+    link: Link,
+    fixes: Vec<SimFix>,
+    /// Fixes written to the agent's GPS socket: (index, wall time written).
+    sent: Mutex<Vec<(usize, Instant)>>,
+    /// Wall times of kills of this agent and when it was back.
+    kills: Mutex<Vec<(Instant, Instant)>>,
+    accepted: Mutex<Vec<Accepted>>,
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default()
+}
+
+async fn wait_ok(client: &reqwest::Client, url: &str, deadline: Duration) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+fn agent_toml(
+    dir: &Path,
+    pki: &Path,
+    id: &str,
+    proxy: u16,
+    api: u16,
+    gps: u16,
+    quota: u64,
+) -> String {
+    let d = pki.join("devices").join(id);
+    format!(
+        r#"device_id = "{id}"
+[hub]
+url = "mqtts://localhost:{proxy}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+ack_timeout_ms = 3000
+[store]
+path = "{store}"
+quota_bytes = {quota}
+[api]
+listen = "127.0.0.1:{api}"
+token = "{DRIVER_TOKEN}"
+[gps]
+source = "nmea+tcp://127.0.0.1:{gps}"
+[health]
+interval_s = 5
+[uplink]
+batch_max_delay_ms = 500
+"#,
+        ca = pki.join("ca.pem").display(),
+        cert = d.join("cert.pem").display(),
+        key = d.join("key.pem").display(),
+        store = dir.join(format!("agent-{id}")).display(),
+    )
+}
+
+/// Runs chaos and returns the report; the oracle's verdict is in it.
+pub async fn chaos(
+    opts: ChaosOptions,
+    shutdown: CancellationToken,
+) -> Result<ChaosReport, ChaosError> {
+    let tmp;
+    let dir = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(setup)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir().map_err(setup)?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let pki = dir.join("pki");
+    if !pki.join("ca.pem").exists() {
+        fleetsync_hub::pki::init(&pki, &[]).map_err(setup)?;
+    }
+    let (mqtt, http_port) = (free_port()?, free_port()?);
+    let hub_addr: SocketAddr = format!("127.0.0.1:{mqtt}").parse().map_err(setup)?;
+    let hub_http = format!("http://127.0.0.1:{http_port}");
+    let hub_toml = dir.join("hub.toml");
+    std::fs::write(
+        &hub_toml,
+        format!(
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[store]\npath = \"{store}\"\n[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+            ca = pki.join("ca.pem").display(),
+            cert = pki.join("hub.pem").display(),
+            key = pki.join("hub-key.pem").display(),
+            store = dir.join("hub-data").display(),
+        ),
+    )
+    .map_err(setup)?;
+    let hub_toml_s = hub_toml.display().to_string();
+    let hub = Arc::new(Mutex::new(Proc::new(
+        &opts.exe,
+        &["hub", "--config", &hub_toml_s],
+        dir.join("hub.log"),
+    )));
+    lock(&hub).start()?;
+    let client = http();
+    if !wait_ok(
+        &client,
+        &format!("{hub_http}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        return Err(ChaosError::Setup("hub did not become ready".into()));
+    }
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let start_ms = fleetsync_agent::now_ms();
+    let mut vehicles = Vec::new();
+    let mut gps_listeners = Vec::new();
+    for i in 0..opts.vehicles {
+        let id = format!("CHAOS-{i:03}");
+        if !pki.join("devices").join(&id).exists() {
+            fleetsync_hub::pki::issue_device(&pki, &id).map_err(setup)?;
+        }
+        let proxy_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(setup)?;
+        let proxy_port = proxy_l.local_addr().map_err(setup)?.port();
+        let link = proxy::start(proxy_l, hub_addr, shutdown.clone());
+        let gps_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(setup)?;
+        let gps_port = gps_l.local_addr().map_err(setup)?.port();
+        let api = free_port()?;
+        let quota = if i == QUOTA_VEHICLE {
+            SMALL_QUOTA
+        } else {
+            64 << 20
+        };
+        let toml = dir.join(format!("agent-{id}.toml"));
+        std::fs::write(
+            &toml,
+            agent_toml(&dir, &pki, &id, proxy_port, api, gps_port, quota),
+        )
+        .map_err(setup)?;
+        let toml_s = toml.display().to_string();
+        let mut p = Proc::new(
+            &opts.exe,
+            &["agent", "--config", &toml_s],
+            dir.join(format!("agent-{id}.log")),
+        );
+        p.start()?;
+        // A loop around a random centre, long enough for the run.
+        let (lat, lon) = (
+            52.30 + rng.random_range(0.0..0.1),
+            4.80 + rng.random_range(0.0..0.15),
+        );
+        let mut wps = vec![Waypoint {
+            lat,
+            lon,
+            dwell_s: 2,
+        }];
+        for _ in 0..12 {
+            wps.push(Waypoint {
+                lat: lat + rng.random_range(-0.01..0.01),
+                lon: lon + rng.random_range(-0.015..0.015),
+                dwell_s: rng.random_range(5..20),
+            });
+        }
+        let skew = if i == SKEW_VEHICLE { SKEW_MS } else { 0 };
+        let mut fixes = drive(&wps, start_ms + skew, 11.0, opts.seed ^ i as u64);
+        fixes.truncate(
+            (opts.duration.as_secs() as usize + DRAIN.as_secs() as usize + 30).min(fixes.len()),
+        );
+        vehicles.push(Arc::new(Vehicle {
+            api: format!("127.0.0.1:{api}").parse().map_err(setup)?,
+            id,
+            proc: Mutex::new(p),
+            link,
+            fixes,
+            sent: Mutex::new(Vec::new()),
+            kills: Mutex::new(Vec::new()),
+            accepted: Mutex::new(Vec::new()),
+        }));
+        gps_listeners.push(gps_l);
+    }
+    let mut faults = Faults {
+        clock_skews: u32::from(opts.vehicles > SKEW_VEHICLE),
+        ..Faults::default()
+    };
+    for v in &vehicles {
+        if !wait_ok(
+            &client,
+            &format!("http://{}/healthz", v.api),
+            Duration::from_secs(30),
+        )
+        .await
+        {
+            return Err(ChaosError::Setup(format!("agent {} did not start", v.id)));
+        }
+        let stop = &v.fixes[v.fixes.len() / 2];
+        let body = json!({"id": format!("job-{}", v.id), "version": 1, "stops": [
+            {"id": "s1", "name": "Customer", "shipment_ids": ["shp-1"],
+             "fence": {"type": "circle", "center": [stop.lon, stop.lat], "radius_m": 50}}]});
+        let r = client
+            .put(format!("{hub_http}/v1/ops/devices/{}/assignment", v.id))
+            .bearer_auth(OPERATOR_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .map_err(setup)?;
+        if r.status() != 202 {
+            return Err(ChaosError::Setup(format!(
+                "assignment for {}: {}",
+                v.id,
+                r.status()
+            )));
+        }
+    }
+
+    // Feeders and drivers run until `stop`; faults until the duration is over.
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for (v, l) in vehicles.iter().zip(gps_listeners) {
+        tasks.push(tokio::spawn(feed_gps(v.clone(), l, stop.clone())));
+        tasks.push(tokio::spawn(driver(
+            v.clone(),
+            client.clone(),
+            stop.clone(),
+            opts.seed,
+        )));
+    }
+    let run_until = Instant::now() + opts.duration;
+    let fault_gap = Duration::from_millis(
+        (opts.duration.as_millis() as u64 / (opts.vehicles as u64 + 6)).clamp(1500, 8000),
+    );
+    let mut next_hub_kill = opts.duration.as_secs_f64() * rng.random_range(0.3..0.45);
+    let mut hub_kills_left = 2;
+    let t0 = Instant::now();
+    while Instant::now() < run_until && !shutdown.is_cancelled() {
+        tokio::time::sleep(fault_gap.min(run_until.saturating_duration_since(Instant::now())))
+            .await;
+        if Instant::now() >= run_until {
+            break;
+        }
+        if hub_kills_left > 0 && t0.elapsed().as_secs_f64() > next_hub_kill {
+            hub_kills_left -= 1;
+            next_hub_kill += opts.duration.as_secs_f64() * 0.35;
+            lock(&hub).kill9();
+            faults.hub_kills += 1;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
+            lock(&hub).start()?;
+            continue;
+        }
+        let v = vehicles[rng.random_range(0..vehicles.len())].clone();
+        match rng.random_range(0..5) {
+            0 => {
+                let killed = Instant::now();
+                lock(&v.proc).kill9();
+                faults.agent_kills += 1;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(300..2000))).await;
+                lock(&v.proc).start()?;
+                let back = Instant::now() + Duration::from_secs(3);
+                lock(&v.kills).push((killed, back));
+            }
+            1 => {
+                v.link.set(Mode::Cut);
+                faults.link_cuts += 1;
+                let v2 = v.clone();
+                let d = Duration::from_millis(rng.random_range(2000..8000));
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    v2.link.set(Mode::Pass);
+                });
+            }
+            2 => {
+                v.link.set(Mode::Blackhole);
+                faults.ack_blackholes += 1;
+                let v2 = v.clone();
+                let d = Duration::from_millis(rng.random_range(2000..5000));
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    v2.link.set(Mode::Cut);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    v2.link.set(Mode::Pass);
+                });
+            }
+            3 => {
+                v.link.set(Mode::Delay(Duration::from_millis(
+                    rng.random_range(100..600),
+                )));
+                faults.link_delays += 1;
+                let v2 = v.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    v2.link.set(Mode::Pass);
+                });
+            }
+            _ => {
+                // Quota pressure: cut the small-quota vehicle off and post a burst of
+                // positions through its API: the store must thin and declare gaps.
+                let q = vehicles[QUOTA_VEHICLE].clone();
+                q.link.set(Mode::Cut);
+                faults.quota_bursts += 1;
+                burst(&q, &client, 1500).await;
+                q.link.set(Mode::Pass);
+            }
+        }
+    }
+    // Faults over: links up, processes up, then let the GPS feed stop and everything drain.
+    for v in &vehicles {
+        v.link.set(Mode::Pass);
+    }
+    if !wait_ok(
+        &client,
+        &format!("{hub_http}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        lock(&hub).kill9();
+        lock(&hub).start()?;
+    }
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let drained = oracle::wait_drained(
+        &client,
+        &vehicles.iter().map(|v| v.api).collect::<Vec<_>>(),
+        DRIVER_TOKEN,
+        DRAIN,
+    )
+    .await;
+    let verdict = oracle::check(
+        &client,
+        &hub_http,
+        OPERATOR_TOKEN,
+        &vehicles
+            .iter()
+            .map(|v| oracle::VehicleRecord {
+                id: v.id.clone(),
+                fixes: v.fixes.clone(),
+                sent: lock(&v.sent).clone(),
+                kill_windows: lock(&v.kills).clone(),
+                accepted: lock(&v.accepted).clone(),
+                skewed: v.id.ends_with(&format!("{SKEW_VEHICLE:03}")),
+            })
+            .collect::<Vec<_>>(),
+        drained,
+    )
+    .await;
+    Ok(ChaosReport {
+        vehicles: opts.vehicles,
+        duration_s: opts.duration.as_secs(),
+        seed: opts.seed,
+        faults,
+        oracle: verdict,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves the vehicle's route as NMEA at 1 Hz to whichever agent connection is open.
+async fn feed_gps(v: Arc<Vehicle>, listener: tokio::net::TcpListener, stop: CancellationToken) {
+    let mut sock: Option<tokio::net::TcpStream> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for (i, fix) in v.fixes.iter().enumerate() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Take the newest connection (an agent restarted since).
+        while let Ok(Ok((s, _))) =
+            tokio::time::timeout(Duration::from_millis(1), listener.accept()).await
+        {
+            sock = Some(s);
+        }
+        if let Some(s) = sock.as_mut() {
+            let text = crate::nmea::sentences(fix);
+            if s.write_all(text.as_bytes()).await.is_ok() {
+                lock(&v.sent).push((i, Instant::now()));
+            } else {
+                sock = None;
+            }
+        }
+    }
+}
+
+/// Posts exceptions and PODs like a driver; records what the agent accepted (201).
+async fn driver(v: Arc<Vehicle>, client: reqwest::Client, stop: CancellationToken, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed ^ v.id.len() as u64);
+    let base = format!("http://{}", v.api);
+    let mut n = 0u32;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))) => {}
+        }
+        n += 1;
+        if n.is_multiple_of(6) {
+            // A POD with a signature and a photo, retried with the same Idempotency-Key.
+            let key = format!("{}-pod-{n}", v.id);
+            let sig = crate::chaos::oracle::png_bytes(n, &v.id);
+            let photo = crate::chaos::oracle::jpeg_bytes(n, &v.id);
+            for _ in 0..5 {
+                let form = reqwest::multipart::Form::new()
+                    .text("outcome", "delivered")
+                    .text("recipient_name", "Chaos Monkey")
+                    .part(
+                        "signature",
+                        reqwest::multipart::Part::bytes(sig.clone()).file_name("s.png"),
+                    )
+                    .part(
+                        "photo",
+                        reqwest::multipart::Part::bytes(photo.clone()).file_name("p.jpg"),
+                    );
+                match client
+                    .post(format!("{base}/v1/stops/s1/pod"))
+                    .bearer_auth(DRIVER_TOKEN)
+                    .header("Idempotency-Key", &key)
+                    .multipart(form)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 201 => {
+                        if let Ok(b) = r.json::<Value>().await {
+                            lock(&v.accepted).push(Accepted::Pod {
+                                pod_id: b["pod_id"].as_str().unwrap_or_default().to_string(),
+                                blobs: vec![sig.clone(), photo.clone()],
+                            });
+                        }
+                        break;
+                    }
+                    // 404 until the assignment arrived, 507 under quota: not accepted.
+                    Ok(_) => break,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        } else {
+            let text = format!("{}-exception-{n}", v.id);
+            let body = json!({"code": "other", "text": text});
+            if let Ok(r) = client
+                .post(format!("{base}/v1/exceptions"))
+                .bearer_auth(DRIVER_TOKEN)
+                .json(&body)
+                .send()
+                .await
+                && r.status() == 201
+                && let Ok(b) = r.json::<Value>().await
+            {
+                lock(&v.accepted).push(Accepted::Critical {
+                    epoch: b["epoch"].as_u64().unwrap_or_default(),
+                    seq: b["seq"].as_u64().unwrap_or_default(),
+                    text,
+                });
+            }
+        }
+    }
+}
+
+/// Posts `n` positions through the agent's API (telemetry) and records the 201s.
+async fn burst(v: &Vehicle, client: &reqwest::Client, n: usize) {
+    let base = format!("http://{}/v1/events", v.api);
+    let t = fleetsync_agent::now_ms();
+    let mut accepted: HashMap<(u64, u64), u64> = HashMap::new();
+    for i in 0..n {
+        let time = t + i as u64;
+        let body = json!({"kind": "position", "event_time": fleetsync_protocol::json::Time(time).to_rfc3339(),
+            "lat": 10.0 + i as f64 * 1e-5, "lon": 10.0});
+        if let Ok(r) = client
+            .post(&base)
+            .bearer_auth(DRIVER_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            && r.status() == 201
+            && let Ok(b) = r.json::<Value>().await
+        {
+            accepted.insert(
+                (
+                    b["epoch"].as_u64().unwrap_or_default(),
+                    b["seq"].as_u64().unwrap_or_default(),
+                ),
+                time,
+            );
+        }
+    }
+    lock(&v.accepted).extend(accepted.into_iter().map(|((epoch, seq), time_ms)| {
+        Accepted::Telemetry {
+            epoch,
+            seq,
+            time_ms,
+        }
+    }));
+}
+
+/// The readable summary.
+pub fn print_summary(r: &ChaosReport) {
+    let o = &r.oracle;
+    let f = &r.faults;
+    println!(
+        "chaos: {} vehicles, {} s of faults, seed {}",
+        r.vehicles, r.duration_s, r.seed
+    );
+    println!(
+        "faults: agent kill -9 {}, hub kill -9 {}, link cuts {}, lost-ack windows {}, delayed links {}, quota bursts {}, skewed clocks {}",
+        f.agent_kills,
+        f.hub_kills,
+        f.link_cuts,
+        f.ack_blackholes,
+        f.link_delays,
+        f.quota_bursts,
+        f.clock_skews
+    );
+    println!(
+        "events: accepted {}, stored at hub {}, lost {}, duplicated {}, gaps {} (declaring {} dropped), fixes in kill windows {}",
+        o.accepted, o.stored, o.lost, o.duplicated, o.gap_events, o.gapped, o.fixes_in_kill_windows
+    );
+    println!(
+        "PODs {} with {} blobs byte-identical; assignments acknowledged {}; drained {}",
+        o.pods, o.blobs_verified, o.assignments_acked, o.drained
+    );
+    println!(
+        "latency capture -> hub (critical events): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        o.latency_ms.p50, o.latency_ms.p90, o.latency_ms.p99, o.latency_ms.max
+    );
+    for msg in &o.failures {
+        println!("FAIL {msg}");
+    }
+    println!("oracle: {}", if o.ok { "PASS" } else { "FAIL" });
+}

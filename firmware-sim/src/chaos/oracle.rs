@@ -1,0 +1,438 @@
+//! The end-to-end oracle: the delivery contract checked against the hub's APIs.
+//!
+//! - every critical event an agent accepted (201 with its `(epoch, seq)`) is at the hub
+//!   exactly once, with the same content;
+//! - every telemetry event an agent accepted is at the hub, or inside a declared `Gap`;
+//! - every GPS fix written to an agent is at the hub (matched by GPS time), except fixes
+//!   written in the moments around a kill -9 of that agent (not yet durable: the contract
+//!   allows GPS group commit) and fixes a `Gap` accounts for;
+//! - no content is stored twice; every POD's blobs are at the hub byte-identical; every
+//!   assignment is acknowledged; every backlog drained.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fleetsync_protocol::json::Time;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::route::SimFix;
+
+/// Something an agent answered 201 to.
+#[derive(Debug, Clone)]
+pub enum Accepted {
+    /// A critical event (exception) with its identity and unique text.
+    Critical {
+        /// Epoch.
+        epoch: u64,
+        /// Seq.
+        seq: u64,
+        /// Its unique text.
+        text: String,
+    },
+    /// A position posted through the API.
+    Telemetry {
+        /// Epoch.
+        epoch: u64,
+        /// Seq.
+        seq: u64,
+        /// Its event time.
+        time_ms: u64,
+    },
+    /// A POD and the bytes of its blobs.
+    Pod {
+        /// POD id.
+        pod_id: String,
+        /// Signature and photo bytes.
+        blobs: Vec<Vec<u8>>,
+    },
+}
+
+/// What the harness knows of one vehicle.
+#[derive(Debug, Clone)]
+pub struct VehicleRecord {
+    /// Device id.
+    pub id: String,
+    /// Its route.
+    pub fixes: Vec<SimFix>,
+    /// Fixes written to its GPS socket (index, when).
+    pub sent: Vec<(usize, Instant)>,
+    /// (killed, back) of each kill -9.
+    pub kill_windows: Vec<(Instant, Instant)>,
+    /// What its API accepted.
+    pub accepted: Vec<Accepted>,
+    /// GPS clock skewed (left out of latency figures).
+    pub skewed: bool,
+}
+
+/// Latency percentiles, ms.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// The oracle's figures and verdict.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Verdict {
+    /// True when every check held.
+    pub ok: bool,
+    /// Every agent's backlog reached zero.
+    pub drained: bool,
+    /// Events accepted by agents (API 201s and GPS fixes written outside kill windows).
+    pub accepted: u64,
+    /// Events stored at the hub.
+    pub stored: u64,
+    /// Accepted but missing and not accounted for by a gap.
+    pub lost: u64,
+    /// Content stored more than once.
+    pub duplicated: u64,
+    /// `Gap` events at the hub.
+    pub gap_events: u64,
+    /// Events the gaps declare dropped.
+    pub gapped: u64,
+    /// GPS fixes written in a kill window (the contract does not promise them).
+    pub fixes_in_kill_windows: u64,
+    /// PODs accepted / at the hub with byte-identical blobs.
+    pub pods: u64,
+    /// Blobs verified byte-identical.
+    pub blobs_verified: u64,
+    /// Assignments acknowledged / sent.
+    pub assignments_acked: u64,
+    /// Capture to hub record time of critical events (skewed clocks left out).
+    pub latency_ms: Latency,
+    /// What failed (first 20).
+    pub failures: Vec<String>,
+}
+
+/// A small valid-looking PNG, unique per (n, id).
+pub fn png_bytes(n: u32, id: &str) -> Vec<u8> {
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    v.extend(
+        format!("sig {id} {n}")
+            .bytes()
+            .cycle()
+            .take(2000 + n as usize),
+    );
+    v
+}
+
+/// A small JPEG-headed blob, unique per (n, id).
+pub fn jpeg_bytes(n: u32, id: &str) -> Vec<u8> {
+    let mut v = vec![0xff, 0xd8, 0xff, 0xe0];
+    v.extend(
+        format!("photo {id} {n}")
+            .bytes()
+            .cycle()
+            .take(30_000 + n as usize),
+    );
+    v
+}
+
+/// Waits until every agent reports an empty backlog (events and blobs).
+pub async fn wait_drained(
+    client: &reqwest::Client,
+    apis: &[SocketAddr],
+    token: &str,
+    deadline: Duration,
+) -> bool {
+    let end = Instant::now() + deadline;
+    'outer: while Instant::now() < end {
+        for api in apis {
+            let Ok(r) = client
+                .get(format!("http://{api}/v1/status"))
+                .bearer_auth(token)
+                .send()
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue 'outer;
+            };
+            let Ok(s) = r.json::<Value>().await else {
+                continue 'outer;
+            };
+            let b = &s["backlog"];
+            let left = ["critical", "telemetry", "blobs"]
+                .iter()
+                .map(|l| b[l]["events"].as_u64().unwrap_or(1))
+                .sum::<u64>();
+            if left > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue 'outer;
+            }
+        }
+        return true;
+    }
+    false
+}
+
+async fn all_events(
+    client: &reqwest::Client,
+    hub: &str,
+    token: &str,
+    device: &str,
+) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let url = format!("{hub}/v1/ops/devices/{device}/events?limit=1000&after={after}");
+        let r = client
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status() == 404 {
+            return Ok(out);
+        }
+        let page: Value = r.json().await.map_err(|e| e.to_string())?;
+        out.extend(page["events"].as_array().cloned().unwrap_or_default());
+        match page["next"].as_str() {
+            Some(n) => after = n.to_string(),
+            None => return Ok(out),
+        }
+    }
+}
+
+fn ms(v: &Value) -> Option<u64> {
+    Time::parse(v.as_str()?).ok().map(|t| t.0)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Checks the contract for every vehicle.
+pub async fn check(
+    client: &reqwest::Client,
+    hub: &str,
+    token: &str,
+    vehicles: &[VehicleRecord],
+    drained: bool,
+) -> Verdict {
+    let mut v = Verdict {
+        drained,
+        ..Verdict::default()
+    };
+    let fail = |v: &mut Verdict, msg: String| {
+        if v.failures.len() < 20 {
+            v.failures.push(msg);
+        }
+    };
+    if !drained {
+        fail(&mut v, "an agent's backlog did not drain".into());
+    }
+    let mut lat = Vec::new();
+    for rec in vehicles {
+        let events = match all_events(client, hub, token, &rec.id).await {
+            Ok(e) => e,
+            Err(e) => {
+                fail(&mut v, format!("{}: events not readable: {e}", rec.id));
+                continue;
+            }
+        };
+        v.stored += events.len() as u64;
+        let mut by_id: HashMap<(u64, u64), &Value> = HashMap::new();
+        let mut seen_content: HashSet<String> = HashSet::new();
+        let mut position_times: HashSet<u64> = HashSet::new();
+        let mut gaps: Vec<(u64, u64, u64)> = Vec::new();
+        for e in &events {
+            let id = (
+                e["epoch"].as_u64().unwrap_or_default(),
+                e["seq"].as_u64().unwrap_or_default(),
+            );
+            by_id.insert(id, e);
+            let content = match e["kind"].as_str().unwrap_or_default() {
+                "exception" => format!("x:{}", e["text"]),
+                "pod" => format!("p:{}", e["pod_id"]),
+                "position" => {
+                    if let Some(t) = ms(&e["event_time"]) {
+                        position_times.insert(t);
+                    }
+                    format!("g:{}:{}:{}", e["event_time"], e["lat"], e["lon"])
+                }
+                "gap" => {
+                    v.gap_events += 1;
+                    v.gapped += e["count"].as_u64().unwrap_or_default();
+                    gaps.push((
+                        e["epoch"].as_u64().unwrap_or_default(),
+                        e["first_seq"].as_u64().unwrap_or_default(),
+                        e["last_seq"].as_u64().unwrap_or_default(),
+                    ));
+                    continue;
+                }
+                _ => continue,
+            };
+            if !seen_content.insert(content.clone()) {
+                v.duplicated += 1;
+                fail(&mut v, format!("{}: stored twice: {content}", rec.id));
+            }
+        }
+        let in_gap = |epoch: u64, seq: u64| {
+            gaps.iter()
+                .any(|(e, f, l)| *e == epoch && (*f..=*l).contains(&seq))
+        };
+        for a in &rec.accepted {
+            match a {
+                Accepted::Critical { epoch, seq, text } => {
+                    v.accepted += 1;
+                    match by_id.get(&(*epoch, *seq)) {
+                        Some(e) if e["text"].as_str() == Some(text) => {
+                            if !rec.skewed
+                                && let (Some(c), Some(r)) =
+                                    (ms(&e["event_time"]), ms(&e["recorded_time"]))
+                            {
+                                lat.push(r.saturating_sub(c));
+                            }
+                        }
+                        Some(e) => {
+                            v.lost += 1;
+                            fail(
+                                &mut v,
+                                format!("{}: {epoch}-{seq} holds {e} instead of {text}", rec.id),
+                            );
+                        }
+                        None => {
+                            v.lost += 1;
+                            fail(
+                                &mut v,
+                                format!(
+                                    "{}: accepted {text} ({epoch}-{seq}) missing at the hub",
+                                    rec.id
+                                ),
+                            );
+                        }
+                    }
+                }
+                Accepted::Telemetry {
+                    epoch,
+                    seq,
+                    time_ms,
+                } => {
+                    v.accepted += 1;
+                    let here = by_id
+                        .get(&(*epoch, *seq))
+                        .is_some_and(|e| ms(&e["event_time"]) == Some(*time_ms));
+                    if !here && !in_gap(*epoch, *seq) {
+                        v.lost += 1;
+                        fail(
+                            &mut v,
+                            format!(
+                                "{}: accepted position {epoch}-{seq} missing and in no gap",
+                                rec.id
+                            ),
+                        );
+                    }
+                }
+                Accepted::Pod { pod_id, blobs } => {
+                    v.accepted += 1;
+                    let pods: Vec<&&Value> = by_id
+                        .values()
+                        .filter(|e| e["kind"] == "pod" && e["pod_id"].as_str() == Some(pod_id))
+                        .collect();
+                    let Some(pod) = pods.first() else {
+                        v.lost += 1;
+                        fail(
+                            &mut v,
+                            format!("{}: POD {pod_id} missing at the hub", rec.id),
+                        );
+                        continue;
+                    };
+                    v.pods += 1;
+                    let refs = [&pod["signature"], &pod["photos"][0]];
+                    for (r, want) in refs.iter().zip(blobs) {
+                        let sha = r["sha256"].as_str().unwrap_or_default();
+                        let got = match client
+                            .get(format!("{hub}/v1/ops/blobs/{sha}"))
+                            .bearer_auth(token)
+                            .send()
+                            .await
+                        {
+                            Ok(resp) if resp.status() == 200 => {
+                                resp.bytes().await.ok().map(|b| b.to_vec())
+                            }
+                            _ => None,
+                        };
+                        if got.as_ref() == Some(want) {
+                            v.blobs_verified += 1;
+                        } else {
+                            v.lost += 1;
+                            fail(
+                                &mut v,
+                                format!("{}: POD {pod_id} blob {sha} missing or different", rec.id),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // GPS fixes written to the agent.
+        let mut missing = 0u64;
+        for (i, when) in &rec.sent {
+            let exempt = rec
+                .kill_windows
+                .iter()
+                .any(|(k, back)| *when + Duration::from_secs(2) >= *k && *when <= *back);
+            if exempt {
+                v.fixes_in_kill_windows += 1;
+                continue;
+            }
+            v.accepted += 1;
+            if !position_times.contains(&rec.fixes[*i].time_ms) {
+                missing += 1;
+            }
+        }
+        // Fixes may only be missing where a gap declares drops (the small-quota vehicle).
+        let declared: u64 = events
+            .iter()
+            .filter(|e| e["kind"] == "gap")
+            .map(|e| e["count"].as_u64().unwrap_or_default())
+            .sum();
+        if missing > declared {
+            v.lost += missing - declared;
+            fail(
+                &mut v,
+                format!(
+                    "{}: {missing} GPS fixes missing, gaps declare {declared}",
+                    rec.id
+                ),
+            );
+        }
+        // The assignment.
+        match client
+            .get(format!("{hub}/v1/ops/devices/{}/assignment", rec.id))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => {
+                let a: Value = r.json().await.unwrap_or_default();
+                if a["acknowledged"] == true {
+                    v.assignments_acked += 1;
+                } else {
+                    fail(&mut v, format!("{}: assignment not acknowledged", rec.id));
+                }
+            }
+            _ => fail(&mut v, format!("{}: assignment not readable", rec.id)),
+        }
+    }
+    lat.sort_unstable();
+    v.latency_ms = Latency {
+        p50: percentile(&lat, 0.5),
+        p90: percentile(&lat, 0.9),
+        p99: percentile(&lat, 0.99),
+        max: lat.last().copied().unwrap_or_default(),
+    };
+    v.ok = v.failures.is_empty() && v.lost == 0 && v.duplicated == 0 && v.drained;
+    v
+}
