@@ -6,12 +6,14 @@
 //!   through their real `nmea+tcp://` source).
 //! - [`images`]: small real PNG signatures and JPEG photos for POD.
 //! - [`chaos`]: the `chaos` mode: agent and hub processes under faults, and the oracle.
+//! - [`load`]: the `load` mode: many protocol-level vehicles over TLS against a hub.
 //! - [`demo`]: the `demo` mode: an in-process hub and N vehicles with real agents,
 //!   drivers taking POD, a live display and a report checked against the hub.
 
 pub mod chaos;
 pub mod demo;
 pub mod images;
+pub mod load;
 pub mod nmea;
 pub mod route;
 

@@ -28,6 +28,10 @@ enum Mode {
     /// acks, delays, disk quota pressure, clock skew), then the delivery-contract oracle.
     /// Exit code 1 if the oracle fails.
     Chaos(ChaosArgs),
+    /// Many lightweight protocol-level vehicles (real TLS and certificates, no agent)
+    /// against a hub process: events/s acked, capture-to-ack latency, hub CPU and RSS,
+    /// and a check that every event sent is at the hub exactly once.
+    Load(LoadArgs),
     /// Run a hub in this process (used by `chaos` to start killable hub processes).
     #[command(hide = true)]
     Hub {
@@ -42,6 +46,25 @@ enum Mode {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Vehicles (MQTT clients with their own certificates).
+    #[arg(long, default_value_t = 1000)]
+    vehicles: usize,
+    /// Fixes per second per vehicle.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Seconds measured (after connecting and a 3 s settle).
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// Keep the working directory here.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +170,38 @@ fn main() -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("fleetsync-sim agent: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Mode::Load(a) => {
+                let Ok(exe) = std::env::current_exe() else {
+                    eprintln!("fleetsync-sim load: cannot find my own executable");
+                    return ExitCode::FAILURE;
+                };
+                if a.vehicles == 0 || !(a.rate > 0.0 && a.rate <= 50.0) {
+                    eprintln!("fleetsync-sim load: --vehicles must be at least 1 and --rate between 0 and 50");
+                    return ExitCode::from(64);
+                }
+                let opts = fleetsync_sim::load::LoadOptions {
+                    vehicles: a.vehicles,
+                    rate: a.rate,
+                    duration: std::time::Duration::from_secs(a.duration),
+                    exe,
+                    dir: a.dir,
+                };
+                match fleetsync_sim::load::load(opts, shutdown).await {
+                    Ok(r) => {
+                        fleetsync_sim::load::print_summary(&r);
+                        if let Some(path) = a.report
+                            && let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&r).unwrap_or_default())
+                        {
+                            eprintln!("fleetsync-sim load: cannot write {}: {e}", path.display());
+                        }
+                        if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                    }
+                    Err(e) => {
+                        eprintln!("fleetsync-sim load: {e}");
                         ExitCode::FAILURE
                     }
                 }

@@ -30,10 +30,10 @@ use fleetsync_tests::{
 };
 
 const POSITIONS: usize = 86_400;
-/// Exceptions in the day; `FLEETSYNC_BENCH_exc=0` isolates the positions (a
+/// Exceptions in the day; `FLEETSYNC_BENCH_EXCEPTIONS=0` isolates the positions (a
 /// diagnosis aid: critical events split the telemetry lane's seq runs).
 fn exceptions() -> usize {
-    std::env::var("FLEETSYNC_BENCH_exc")
+    std::env::var("FLEETSYNC_BENCH_EXCEPTIONS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500)

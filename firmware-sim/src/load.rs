@@ -1,0 +1,430 @@
+//! `load`: many lightweight protocol-level vehicles against a hub.
+//!
+//! Each vehicle is an MQTT client with its own certificate over real TLS (no agent, no
+//! sled): it captures `rate` fixes per second and publishes what it has every second as a
+//! `Batch` (what an agent's 1 s batch delay does), keeps up to 8 batches awaiting the hub's
+//! `Ack`, and measures capture-to-ack latency. The hub runs as a separate process (this
+//! executable's `hub` mode) unless `--hub` points at one, so its CPU time and RSS can be
+//! read from /proc. At the end the harness waits for every batch to be acked and checks
+//! the hub's event count of every vehicle: the load mode's oracle.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetsync_protocol::topic::{Channel, Layout};
+use fleetsync_protocol::{Batch, Body, BoundedVec, Downlink, Event, Fix, Uplink, frame};
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::chaos::oracle::Latency;
+
+const OPERATOR_TOKEN: &str = "load-operator-token-0123456789abcdef";
+const INFLIGHT: usize = 8;
+/// New TLS connections per second while ramping up.
+const RAMP_PER_S: usize = 250;
+
+/// Flags of `fleetsync-sim load`.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Vehicles.
+    pub vehicles: usize,
+    /// Fixes per second per vehicle.
+    pub rate: f64,
+    /// Seconds measured (after the ramp-up).
+    pub duration: Duration,
+    /// This executable (runs the hub process).
+    pub exe: PathBuf,
+    /// Working directory to keep (PKI, hub data, log).
+    pub dir: Option<PathBuf>,
+}
+
+/// The load report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadReport {
+    /// Vehicles connected.
+    pub vehicles: usize,
+    /// Fixes per second per vehicle.
+    pub rate_hz: f64,
+    /// Seconds measured.
+    pub duration_s: f64,
+    /// Events captured in the window.
+    pub events_sent: u64,
+    /// Events acked by the hub in the window.
+    pub events_acked: u64,
+    /// Acked events per second in the window.
+    pub acked_per_s: f64,
+    /// Capture to hub ack, ms.
+    pub latency_ms: Latency,
+    /// Hub CPU in the window, percent of one core.
+    pub hub_cpu_percent: f64,
+    /// Hub peak RSS, MiB.
+    pub hub_peak_rss_mib: f64,
+    /// Events captured over the whole run and not at the hub after the drain.
+    pub lost: u64,
+    /// Events at the hub beyond what was sent.
+    pub duplicated: u64,
+    /// Connection errors seen by clients.
+    pub client_errors: u64,
+    /// Oracle verdict.
+    pub ok: bool,
+}
+
+/// Why load could not run.
+#[derive(Debug, thiserror::Error)]
+#[error("load set-up: {0}")]
+pub struct LoadError(String);
+
+fn e<E: std::fmt::Display>(x: E) -> LoadError {
+    LoadError(x.to_string())
+}
+
+#[derive(Default)]
+struct Shared {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    errors: AtomicU64,
+    measuring: std::sync::atomic::AtomicBool,
+    sent_window: AtomicU64,
+    acked_window: AtomicU64,
+    latencies: std::sync::Mutex<Vec<u32>>,
+}
+
+fn proc_stat(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let cpu = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((cpu, hwm))
+}
+
+/// Runs the load and returns the report.
+pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<LoadReport, LoadError> {
+    let tmp;
+    let dir = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(e)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir().map_err(e)?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let pki = dir.join("pki");
+    if !pki.join("ca.pem").exists() {
+        fleetsync_hub::pki::init(&pki, &[]).map_err(e)?;
+    }
+    let ids: Vec<String> = (0..opts.vehicles).map(|i| format!("LOAD-{i:05}")).collect();
+    for id in &ids {
+        if !pki.join("devices").join(id).exists() {
+            fleetsync_hub::pki::issue_device(&pki, id).map_err(e)?;
+        }
+    }
+    let port = |_: ()| -> Result<u16, LoadError> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(e)?
+            .local_addr()
+            .map_err(e)?
+            .port())
+    };
+    let (mqtt, http) = (port(())?, port(())?);
+    let toml = dir.join("hub.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[store]\npath = \"{}\"\n[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+            pki.join("ca.pem").display(),
+            pki.join("hub.pem").display(),
+            pki.join("hub-key.pem").display(),
+            opts.vehicles + 100,
+            dir.join("hub-data").display()
+        ),
+    )
+    .map_err(e)?;
+    let log = std::fs::File::create(dir.join("hub.log")).map_err(e)?;
+    let mut hub = std::process::Command::new(&opts.exe)
+        .args(["hub", "--config"])
+        .arg(&toml)
+        .env("RUST_LOG", "warn,rumqttd=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(e)?;
+    let pid = hub.id();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(e)?;
+    let base = format!("http://127.0.0.1:{http}");
+    let ready = async {
+        for _ in 0..300 {
+            if client
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    if !ready.await {
+        let _ = hub.kill();
+        return Err(LoadError("hub did not become ready".into()));
+    }
+
+    let shared = Arc::new(Shared::default());
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 && i % RAMP_PER_S == 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let tls = fleetsync_agent::client_tls(
+            &pki.join("ca.pem"),
+            &pki.join("devices").join(id).join("cert.pem"),
+            &pki.join("devices").join(id).join("key.pem"),
+        )
+        .map_err(e)?;
+        tasks.push(tokio::spawn(vehicle(
+            id.clone(),
+            mqtt,
+            Arc::new(tls),
+            opts.rate,
+            shared.clone(),
+            stop.clone(),
+        )));
+    }
+    // Settle, then measure.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = proc_stat(pid);
+    shared.measuring.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    tokio::select! {
+        _ = tokio::time::sleep(opts.duration) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    shared.measuring.store(false, Ordering::SeqCst);
+    let window = t.elapsed().as_secs_f64();
+    let after = proc_stat(pid);
+    // Stop capturing; wait for the last acks.
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let ticks = 100.0; // USER_HZ on Linux
+    let (cpu, rss) = match (before, after) {
+        (Some((c0, _)), Some((c1, hwm))) => (
+            (c1 - c0) as f64 / ticks / window * 100.0,
+            hwm as f64 / 1024.0,
+        ),
+        _ => (0.0, 0.0),
+    };
+    // Oracle: every event sent is at the hub exactly once.
+    let sent_total = shared.sent.load(Ordering::SeqCst);
+    let mut at_hub = 0u64;
+    for id in &ids {
+        let mut after = String::new();
+        loop {
+            let Ok(r) = client
+                .get(format!(
+                    "{base}/v1/ops/devices/{id}/events?kind=position&limit=1000&after={after}"
+                ))
+                .bearer_auth(OPERATOR_TOKEN)
+                .send()
+                .await
+            else {
+                break;
+            };
+            let Ok(page) = r.json::<serde_json::Value>().await else {
+                break;
+            };
+            at_hub += page["events"].as_array().map_or(0, |a| a.len() as u64);
+            match page["next"].as_str() {
+                Some(n) => after = n.to_string(),
+                None => break,
+            }
+        }
+    }
+    let _ = hub.kill();
+    let _ = hub.wait();
+    let mut lat = std::mem::take(&mut *shared.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as u64
+    };
+    let acked_window = shared.acked_window.load(Ordering::SeqCst);
+    let lost = sent_total.saturating_sub(at_hub);
+    let duplicated = at_hub.saturating_sub(sent_total);
+    Ok(LoadReport {
+        vehicles: opts.vehicles,
+        rate_hz: opts.rate,
+        duration_s: window,
+        events_sent: shared.sent_window.load(Ordering::SeqCst),
+        events_acked: acked_window,
+        acked_per_s: acked_window as f64 / window,
+        latency_ms: Latency {
+            p50: pct(0.5),
+            p90: pct(0.9),
+            p99: pct(0.99),
+            max: lat.last().copied().unwrap_or(0) as u64,
+        },
+        hub_cpu_percent: cpu,
+        hub_peak_rss_mib: rss,
+        lost,
+        duplicated,
+        client_errors: shared.errors.load(Ordering::SeqCst),
+        ok: lost == 0 && duplicated == 0 && sent_total > 0,
+    })
+}
+
+fn now_ms() -> u64 {
+    fleetsync_agent::now_ms()
+}
+
+async fn vehicle(
+    id: String,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    rate: f64,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut opts = MqttOptions::new(id.clone(), "localhost", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    let up = Layout::Embedded
+        .topic(&id, Channel::Up)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let down = Layout::Embedded
+        .topic(&id, Channel::Down)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.01));
+    let mut capture = tokio::time::interval(period);
+    let mut send = tokio::time::interval(Duration::from_secs(1));
+    let mut pending: Vec<Event> = Vec::new();
+    // Batches awaiting the hub's ack: (first_seq, n, capture time of the first event, frame).
+    let mut inflight: VecDeque<(u64, usize, u64, Vec<u8>)> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut subscribed = false;
+    let mut stopping = false;
+    let drain_deadline = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(drain_deadline);
+    let (lat0, lon0) = (523_700_000, 48_900_000);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(30));
+            }
+            _ = &mut drain_deadline => return,
+            _ = capture.tick(), if subscribed && !stopping => {
+                pending.push(Event {
+                    time_ms: now_ms(),
+                    body: Body::Position(Fix { lat_e7: lat0 + pending.len() as i32 * 90, lon_e7: lon0, speed_cmps: Some(1000), heading_ddeg: Some(900), hdop_d: Some(9), satellites: Some(9) }),
+                });
+                shared.sent.fetch_add(1, Ordering::Relaxed);
+                if shared.measuring.load(Ordering::Relaxed) {
+                    shared.sent_window.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ = send.tick(), if subscribed => {
+                if !pending.is_empty() && inflight.len() < INFLIGHT {
+                    let n = pending.len().min(fleetsync_protocol::limits::MAX_BATCH_EVENTS);
+                    let events: Vec<Event> = pending.drain(..n).collect();
+                    let first_time = events[0].time_ms;
+                    let batch = Batch { epoch: 1, first_seq: seq, events: BoundedVec::try_from_iter(events).unwrap_or_default() };
+                    if let Ok(bytes) = frame::encode(&Uplink::Batch(batch)) {
+                        // Kept until acked: resent as is after a reconnect.
+                        let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, bytes.clone());
+                        inflight.push_back((seq, n, first_time, bytes));
+                        seq += n as u64;
+                    }
+                }
+                if stopping && pending.is_empty() && inflight.is_empty() {
+                    let _ = client.try_disconnect();
+                    return;
+                }
+            }
+            ev = el.poll() => match ev {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe(down.clone(), QoS::AtLeastOnce);
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    subscribed = true;
+                    for (_, _, _, bytes) in &inflight {
+                        let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, bytes.clone());
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
+                        let now = now_ms();
+                        while let Some(&(first, n, t0, _)) = inflight.front() {
+                            if a.ranges.iter().any(|r| r.first <= first && first + n as u64 - 1 <= r.last) {
+                                inflight.pop_front();
+                                shared.acked.fetch_add(n as u64, Ordering::Relaxed);
+                                if shared.measuring.load(Ordering::Relaxed) {
+                                    shared.acked_window.fetch_add(n as u64, Ordering::Relaxed);
+                                    shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now.saturating_sub(t0).min(u64::from(u32::MAX)) as u32);
+                                }
+                            } else {
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    // Unacked batches are resent after reconnecting (the hub dedups).
+                    subscribed = false;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The readable summary.
+pub fn print_summary(r: &LoadReport) {
+    println!(
+        "load: {} vehicles at {} Hz for {:.0} s: {:.0} events/s acked ({} of {} captured in the window)",
+        r.vehicles, r.rate_hz, r.duration_s, r.acked_per_s, r.events_acked, r.events_sent
+    );
+    println!(
+        "latency capture -> hub ack: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.max
+    );
+    println!(
+        "hub: {:.0}% of one core, peak RSS {:.1} MiB; client errors {}",
+        r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
+    );
+    println!(
+        "oracle: lost {}, duplicated {}: {}",
+        r.lost,
+        r.duplicated,
+        if r.ok { "PASS" } else { "FAIL" }
+    );
+}
