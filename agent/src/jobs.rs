@@ -71,8 +71,27 @@ pub async fn run(
                 publish.send_replace(Some(Arc::new(a)));
             }
             Ok(false) => {
-                // Not newer. If it is the one in force, the hub may not have our ack yet:
-                // it is in the store's critical lane and will arrive.
+                // Not newer. If it is the one in force, the hub is still waiting for our
+                // ack (it resends only then): the ack may be queued behind a backlog, or
+                // lost to a crash between storing the assignment and its ack. Ack again;
+                // the hub treats repeated acks as one.
+                let in_force = publish
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|cur| cur.id == a.id && cur.version == a.version);
+                if in_force {
+                    let ack = Event {
+                        time_ms: crate::now_ms(),
+                        body: Body::AssignmentAck(AssignmentAck {
+                            assignment_id: a.id.clone(),
+                            version: a.version,
+                        }),
+                    };
+                    if let Err(e) = store.append(ack).await {
+                        warn!(error = %e, "assignment ack not stored");
+                    }
+                    wake.notify_one();
+                }
             }
             Err(e) => warn!(error = %e, "assignment not stored; the hub will resend"),
         }

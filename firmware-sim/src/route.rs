@@ -160,3 +160,147 @@ mod tests {
         assert!(dist_m((last.lat, last.lon), (wps[2].lat, wps[2].lon)) < 1.0);
     }
 }
+
+/// A recorded track to replay: a GPX file (`.gpx`: `trkpt` points with optional `time`)
+/// or an NMEA 0183 log (anything else, parsed by the agent's own NMEA reader). Speed and
+/// heading come from the file where it has them, else from consecutive points; times are
+/// taken as 1 s apart when the file has none.
+pub fn load_track(path: &std::path::Path) -> Result<Vec<SimFix>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let is_gpx = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gpx"));
+    let mut fixes = if is_gpx {
+        parse_gpx(&text)?
+    } else {
+        parse_nmea(&text)
+    };
+    if fixes.len() < 2 {
+        return Err(format!(
+            "{}: fewer than 2 positions in the track",
+            path.display()
+        ));
+    }
+    for i in 1..fixes.len() {
+        let (a, b) = (fixes[i - 1], fixes[i]);
+        let dt = (b.time_ms.saturating_sub(a.time_ms)).max(1) as f64 / 1000.0;
+        if b.speed_mps == 0.0 && (a.lat, a.lon) != (b.lat, b.lon) {
+            fixes[i].speed_mps = dist_m((a.lat, a.lon), (b.lat, b.lon)) / dt;
+            fixes[i].heading_deg = bearing_deg((a.lat, a.lon), (b.lat, b.lon));
+        }
+    }
+    Ok(fixes)
+}
+
+fn attr(tag: &str, name: &str) -> Option<f64> {
+    let at = tag.find(&format!("{name}=\""))? + name.len() + 2;
+    tag[at..].split('"').next()?.parse().ok()
+}
+
+fn parse_gpx(text: &str) -> Result<Vec<SimFix>, String> {
+    let mut out = Vec::new();
+    for (n, part) in text.split("<trkpt").skip(1).enumerate() {
+        let tag = part.split('>').next().unwrap_or_default();
+        let (Some(lat), Some(lon)) = (attr(tag, "lat"), attr(tag, "lon")) else {
+            return Err(format!("trkpt {n}: lat and lon attributes expected"));
+        };
+        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            return Err(format!("trkpt {n}: lat {lat} lon {lon} out of range"));
+        }
+        let body = part.split("</trkpt>").next().unwrap_or_default();
+        let time_ms = body
+            .split("<time>")
+            .nth(1)
+            .and_then(|t| t.split("</time>").next())
+            .and_then(|t| fleetsync_protocol::json::Time::parse(t.trim()).ok())
+            .map(|t| t.0)
+            .unwrap_or(n as u64 * 1000);
+        out.push(SimFix {
+            time_ms,
+            lat,
+            lon,
+            speed_mps: 0.0,
+            heading_deg: 0.0,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_nmea(text: &str) -> Vec<SimFix> {
+    let stats = std::sync::Arc::new(fleetsync_agent::gps::GpsStats::default());
+    let mut merger = fleetsync_agent::gps::NmeaMerger::new(stats);
+    let mut out = Vec::new();
+    let mut take = |f: fleetsync_agent::gps::GpsFix| {
+        out.push(SimFix {
+            time_ms: f.time_ms,
+            lat: f64::from(f.lat_e7) / 1e7,
+            lon: f64::from(f.lon_e7) / 1e7,
+            speed_mps: f.speed_cmps.map_or(0.0, |s| f64::from(s) / 100.0),
+            heading_deg: f.heading_ddeg.map_or(0.0, |h| f64::from(h) / 10.0),
+        })
+    };
+    for line in text.lines() {
+        if let Some(f) = merger.push_line(line.as_bytes()) {
+            take(f);
+        }
+    }
+    if let Some(f) = merger.flush() {
+        take(f);
+    }
+    out
+}
+
+#[cfg(test)]
+mod track_tests {
+    use super::*;
+
+    #[test]
+    fn gpx_and_nmea_tracks_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let gpx = dir.path().join("t.gpx");
+        std::fs::write(
+            &gpx,
+            r#"<?xml version="1.0"?><gpx><trk><trkseg>
+            <trkpt lat="52.3731" lon="4.8897"><time>2026-11-27T10:00:00Z</time></trkpt>
+            <trkpt lat="52.3732" lon="4.8897"><time>2026-11-27T10:00:01Z</time></trkpt>
+            <trkpt lat="52.3733" lon="4.8898"><time>2026-11-27T10:00:02Z</time></trkpt>
+            </trkseg></trk></gpx>"#,
+        )
+        .unwrap();
+        let t = load_track(&gpx).unwrap();
+        assert_eq!(t.len(), 3);
+        assert!((t[1].speed_mps - 11.1).abs() < 0.2, "{}", t[1].speed_mps);
+        assert!(t[1].heading_deg.abs() < 1.0);
+
+        let fixes = drive(
+            &[
+                Waypoint {
+                    lat: 52.37,
+                    lon: 4.89,
+                    dwell_s: 0,
+                },
+                Waypoint {
+                    lat: 52.372,
+                    lon: 4.89,
+                    dwell_s: 1,
+                },
+            ],
+            1_795_773_600_000,
+            10.0,
+            1,
+        );
+        let nmea = dir.path().join("t.nmea");
+        std::fs::write(
+            &nmea,
+            fixes.iter().map(crate::nmea::sentences).collect::<String>(),
+        )
+        .unwrap();
+        let t = load_track(&nmea).unwrap();
+        assert_eq!(t.len(), fixes.len());
+        assert_eq!(t[5].time_ms, fixes[5].time_ms);
+        assert!((t[5].lat - fixes[5].lat).abs() < 1e-5);
+
+        std::fs::write(&gpx, "<gpx><trkpt lon=\"4\"></trkpt></gpx>").unwrap();
+        assert!(load_track(&gpx).unwrap_err().contains("lat and lon"));
+    }
+}

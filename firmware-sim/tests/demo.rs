@@ -55,3 +55,44 @@ async fn three_vans_at_20x_deliver_everything_exactly_once() {
     assert_eq!(json["total"]["lost"], 0);
     assert_eq!(json["vehicles"].as_array().unwrap().len(), 3);
 }
+
+/// `--route FILE`: vans replay a recorded GPX track, with stops along it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vans_replay_a_gpx_track() {
+    let dir = tempfile::tempdir().unwrap();
+    // A recorded-looking track: 1 Hz points along a street, about 10 m apart.
+    let mut gpx = String::from("<?xml version=\"1.0\"?>\n<gpx version=\"1.1\"><trk><trkseg>\n");
+    for i in 0..240 {
+        let t = fleetsync_protocol::json::Time(1_795_773_600_000 + i * 1000).to_rfc3339();
+        gpx += &format!(
+            "<trkpt lat=\"{:.7}\" lon=\"{:.7}\"><time>{t}</time></trkpt>\n",
+            52.3600 + i as f64 * 0.00009,
+            4.8800 + (i as f64 / 40.0).sin() * 0.0004
+        );
+    }
+    gpx += "</trkseg></trk></gpx>\n";
+    let route = dir.path().join("track.gpx");
+    std::fs::write(&route, gpx).unwrap();
+    let opts = DemoOptions {
+        vehicles: 2,
+        speedup: 10.0,
+        duration: Some(40),
+        http: "127.0.0.1:0".parse().unwrap(),
+        mqtt: "127.0.0.1:0".parse().unwrap(),
+        no_progress: true,
+        route: Some(route),
+        ..DemoOptions::default()
+    };
+    let r = demo(opts, CancellationToken::new()).await.unwrap();
+    println!("{}", r.summary());
+    assert!(r.oracle_ok, "{:?}", r.oracle_failures);
+    for v in &r.vehicles {
+        assert!(
+            v.counts.pods_posted >= 1,
+            "{} took no POD on the replayed track",
+            v.id
+        );
+        assert_eq!(v.counts.positions_at_hub, v.counts.fixes_sent);
+        assert!(v.counts.geofence_enter >= 1, "{}", v.id);
+    }
+}

@@ -207,6 +207,8 @@ async fn run() -> bool {
     let hub_http = Http::new(hub_addr, OPERATOR_TOKEN);
     let mut api_up: Option<Duration> = None;
     let mut rss_at_api_up = 0u64;
+    // The agent's round trip of its last acked batch, as seen by each status poll.
+    let mut rtts: Vec<u64> = Vec::new();
     let mut connected: Option<Duration> = None;
     let mut first_progress: Option<Duration> = None;
     let mut drained: Option<Duration> = None;
@@ -224,6 +226,9 @@ async fn run() -> bool {
             if v["connected"].as_bool() == Some(true) {
                 connected.get_or_insert(at);
             }
+            if let Some(rtt) = v["link"]["last_ack_rtt_ms"].as_u64() {
+                rtts.push(rtt);
+            }
             if let Some(b) = backlog(&v) {
                 if b < (POSITIONS + exc) as u64 {
                     first_progress.get_or_insert(at);
@@ -235,7 +240,7 @@ async fn run() -> bool {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     agent_mem.sample(agent_pid);
     hub_mem.sample(hub_pid);
@@ -252,9 +257,17 @@ async fn run() -> bool {
         ms(first_progress),
         ms(drained)
     );
+    rtts.sort_unstable();
+    let pct = |p: usize| rtts.get(rtts.len() * p / 100).copied().unwrap_or(0);
     println!(
-        "  uplink: batches sent {}, resends {}, disconnects {}",
-        link["batches_sent"], link["resends"], link["disconnects"]
+        "  uplink: batches sent {}, resends {}, disconnects {}; batch->ack round trip \
+         (sampled every 20 ms) median {} ms, p90 {} ms, max {} ms",
+        link["batches_sent"],
+        link["resends"],
+        link["disconnects"],
+        pct(50),
+        pct(90),
+        rtts.last().copied().unwrap_or(0)
     );
     let total = (POSITIONS + exc) as f64;
     let mut ok = true;

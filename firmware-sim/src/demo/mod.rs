@@ -75,6 +75,10 @@ pub struct DemoOptions {
     /// No live progress display (the start-up notes and the summary are still printed).
     #[arg(long)]
     pub no_progress: bool,
+    /// Replay a recorded track (GPX, or an NMEA log) instead of generated drives: every
+    /// van follows it, with 3 stops along it.
+    #[arg(long, value_name = "FILE")]
+    pub route: Option<PathBuf>,
     /// Longest wait at the end for every agent's backlog to reach the hub.
     #[arg(long, default_value_t = 30, value_name = "S")]
     pub drain_s: u64,
@@ -93,6 +97,7 @@ impl Default for DemoOptions {
             mqtt: SocketAddr::from(([127, 0, 0, 1], 8883)),
             no_progress: false,
             drain_s: 30,
+            route: None,
         }
     }
 }
@@ -394,6 +399,13 @@ async fn start_vehicle(
     let gps_addr = gps
         .local_addr()
         .map_err(io_err("GPS stream address of", Path::new(id)))?;
+    let track = match &opts.route {
+        Some(path) => Some(Arc::new(
+            crate::route::load_track(path)
+                .map_err(|e| SimError::Options(format!("--route: {e}")))?,
+        )),
+        None => None,
+    };
     let token = random_token();
     let mut cfg: fleetsync_agent::Config = toml::from_str(fleetsync_agent::config::EXAMPLE)
         .map_err(|e| SimError::Options(format!("agent example config: {e}")))?;
@@ -427,6 +439,7 @@ async fn start_vehicle(
         driver: Http::new(client, agent.api_addr, &token),
         ignition,
         state: Arc::new(VehicleState::default()),
+        track,
     };
     Ok(Started {
         id: id.to_string(),

@@ -75,6 +75,8 @@ pub struct Round {
     pub stops: Vec<PlannedStop>,
     /// Seed of the drive between the stops.
     pub drive_seed: u64,
+    /// On a replayed track: the index of each stop's point in the track (empty otherwise).
+    pub track_idx: Vec<usize>,
 }
 
 /// Distance in metres (equirectangular; fine at city scale).
@@ -190,7 +192,34 @@ pub fn round(seed: u64, vehicle: &str, vehicle_index: usize, round: u32) -> Roun
         depot,
         stops,
         drive_seed: rng.random(),
+        track_idx: Vec::new(),
     }
+}
+
+/// A round on a replayed track (`--route FILE`): the van follows the recording from its
+/// first point; 3 stops sit at evenly spaced points of it (a quarter, half and three
+/// quarters of the way), reproducible from `seed`.
+pub fn round_on_track(
+    track: &[crate::route::SimFix],
+    seed: u64,
+    vehicle: &str,
+    vehicle_index: usize,
+    round: u32,
+) -> Round {
+    let mut base = self::round(seed, vehicle, vehicle_index, round);
+    let n = track.len();
+    let idx: Vec<usize> = [n / 4, n / 2, 3 * n / 4]
+        .into_iter()
+        .filter(|i| *i > 0 && *i < n)
+        .collect();
+    base.stops.truncate(idx.len());
+    for (s, i) in base.stops.iter_mut().zip(&idx) {
+        s.lat = track[*i].lat;
+        s.lon = track[*i].lon;
+    }
+    base.depot = (track[0].lat, track[0].lon);
+    base.track_idx = idx;
+    base
 }
 
 impl Round {

@@ -180,6 +180,8 @@ pub struct VehicleCtx {
     pub ignition: PathBuf,
     /// Shared records.
     pub state: Arc<VehicleState>,
+    /// A recorded track to replay instead of generated drives (`--route FILE`).
+    pub track: Option<Arc<Vec<SimFix>>>,
 }
 
 /// Why driving stopped.
@@ -299,7 +301,10 @@ pub async fn run(ctx: VehicleCtx, gps: TcpListener, stop: CancellationToken) -> 
     let r = async {
         rx.accept().await?;
         for round in 1u32.. {
-            let plan = plan::round(ctx.seed, &ctx.id, ctx.index, round);
+            let plan = match &ctx.track {
+                Some(t) => plan::round_on_track(t, ctx.seed, &ctx.id, ctx.index, round),
+                None => plan::round(ctx.seed, &ctx.id, ctx.index, round),
+            };
             ctx.state.update(|p| {
                 p.round = round;
                 p.stop_k = 0;
@@ -435,6 +440,9 @@ async fn drive_round(
     done: watch::Receiver<usize>,
     leg: watch::Sender<usize>,
 ) -> Result<(), Halt> {
+    if let Some(track) = ctx.track.clone() {
+        return drive_track_round(ctx, plan, &track, rx, done, leg).await;
+    }
     let depot = Waypoint {
         lat: plan.depot.0,
         lon: plan.depot.1,
@@ -480,6 +488,45 @@ async fn drive_round(
     };
     let fixes = drive(&[prev, back], 0, CRUISE_MPS, plan.drive_seed ^ 0xD0);
     rx.send_all(&fixes).await
+}
+
+/// A round on a replayed track: the recording up to each stop, standing there until the
+/// driver is done, then the rest of the recording.
+async fn drive_track_round(
+    ctx: &VehicleCtx,
+    plan: &Round,
+    track: &[SimFix],
+    rx: &mut Receiver,
+    done: watch::Receiver<usize>,
+    leg: watch::Sender<usize>,
+) -> Result<(), Halt> {
+    ctx.state.update(|p| p.phase = "at depot");
+    for _ in 0..DEPOT_DWELL_S {
+        rx.send(track[0].lat, track[0].lon, 0.0, 0.0).await?;
+    }
+    let mut prev = 0usize;
+    for (k, (s, &i)) in plan.stops.iter().zip(&plan.track_idx).enumerate() {
+        leg.send_replace(k);
+        ctx.state.update(|p| {
+            p.stop_k = k + 1;
+            p.phase = "driving";
+        });
+        rx.send_all(&track[prev..=i]).await?;
+        ctx.state.update(|p| p.phase = "at stop");
+        let heading = track[i].heading_deg;
+        let mut waited = 0;
+        while waited < s.dwell_s || (*done.borrow() <= k && waited < MAX_WAIT_FOR_DRIVER_S) {
+            rx.send(s.lat, s.lon, 0.0, heading).await?;
+            waited += 1;
+        }
+        prev = i + 1;
+    }
+    leg.send_replace(plan.stops.len());
+    ctx.state.update(|p| {
+        p.stop_k = 0;
+        p.phase = "to depot";
+    });
+    rx.send_all(&track[prev.min(track.len())..]).await
 }
 
 /// The driver's side of a round: a POD at each stop once the agent says "arrived".
