@@ -70,7 +70,7 @@ interval_s = 60
 [uplink]
 # Events per batch, and batches awaiting a hub ack at once.
 batch_max_events = 60
-max_inflight = 8
+max_inflight = 32
 # A partly filled telemetry batch waits at most this long.
 batch_max_delay_ms = 1000
 "#;
@@ -218,7 +218,7 @@ fn default_batch_max_events() -> usize {
     60
 }
 fn default_max_inflight() -> usize {
-    8
+    32
 }
 fn default_batch_max_delay_ms() -> u64 {
     1000

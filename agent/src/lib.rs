@@ -128,7 +128,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     let store_cfg = store::StoreConfig {
         path: cfg.store.path.clone(),
         quota_bytes: cfg.store.quota_bytes,
-        commit_interval: Duration::from_millis(2),
+        // No waiting window: writers arriving during one round's fsync form the next group.
+        commit_interval: Duration::ZERO,
     };
     let store = tokio::task::spawn_blocking(move || store::Store::open(store_cfg))
         .await

@@ -313,6 +313,9 @@ async fn vehicle(
     opts.set_max_packet_size(256 * 1024, 256 * 1024);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut el) = AsyncClient::new(opts, 64);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    el.set_network_options(net);
     let up = Layout::Embedded
         .topic(&id, Channel::Up)
         .map(|t| t.to_string())

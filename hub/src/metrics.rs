@@ -30,6 +30,8 @@ pub struct Metrics {
     pub tls_handshake_failures: AtomicU64,
     /// Connections refused at the connection limit.
     pub connections_refused: AtomicU64,
+    /// Events whose identity was already stored with different content (quarantined).
+    pub identity_conflicts: AtomicU64,
     /// Gauge: devices with an open connection.
     pub connected_devices: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
@@ -59,7 +61,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             (
                 "fleetsync_hub_events_ingested_total",
                 "New events stored.",
@@ -109,6 +111,11 @@ impl Metrics {
                 "fleetsync_hub_connections_refused_total",
                 "Device connections refused at the limit.",
                 &self.connections_refused,
+            ),
+            (
+                "fleetsync_hub_identity_conflicts_total",
+                "Events reusing a stored (epoch, seq) with other content (quarantined).",
+                &self.identity_conflicts,
             ),
         ];
         for (name, help, c) in counters {

@@ -110,6 +110,52 @@ async fn v1_certificate_cannot_publish_as_v2() {
             >= 3
     );
 
+    // A last will naming V2's topic is refused: the broker would publish it unchecked.
+    let dev = hub.pki.join("devices").join("V1");
+    let tls = fleetsync_agent::client_tls(
+        &hub.pki.join("ca.pem"),
+        &dev.join("cert.pem"),
+        &dev.join("key.pem"),
+    )
+    .unwrap();
+    let mut opts = rumqttc::MqttOptions::new("V1", "localhost", hub.running_mqtt.port());
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+    ));
+    opts.set_last_will(rumqttc::LastWill::new(
+        Layout::Embedded.topic("V2", Channel::Up).unwrap().as_str(),
+        one_event_batch("will"),
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (_c5, mut el5) = rumqttc::AsyncClient::new(opts, 8);
+    let mut will_connected = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), el5.poll()).await {
+            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => will_connected = true,
+            Ok(Err(_)) => break,
+            _ => {}
+        }
+    }
+    assert!(
+        !will_connected,
+        "a CONNECT with a last will on V2's topic was let through"
+    );
+    let before_v1 = hub
+        .http
+        .metric("fleetsync_hub_topic_violations_total")
+        .await;
+    assert!(before_v1 >= 4);
+    assert_eq!(
+        hub.http
+            .get("/v1/ops/devices/V2/events")
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
     // V1 on its own topic is fine and gets acked.
     let (c4, mut el4) = device_client(&hub.pki, "V1", "V1", hub.running_mqtt);
     let down = Layout::Embedded.topic("V1", Channel::Down).unwrap();

@@ -101,13 +101,63 @@ async fn bad_frames_are_quarantined_and_ingest_goes_on() {
         .map(|e| e["raw_hex"].as_str().unwrap().to_string())
         .collect();
     raws.sort();
-    let mut want: Vec<String> = bad.iter().map(|b| hex_of(b)).collect();
+    // The hub keeps up to 64 KiB of each frame.
+    let mut want: Vec<String> = bad
+        .iter()
+        .map(|b| hex_of(&b[..b.len().min(64 * 1024)]))
+        .collect();
     want.sort();
     assert_eq!(raws, want, "quarantine does not hold the raw bytes");
     for e in q {
         assert_eq!(e["device"], "V1");
         assert!(!e["error"].as_str().unwrap().is_empty());
     }
+    // The same identities with different content (a device whose store was wiped): not
+    // "deduplicated" away silently but counted and kept for an operator; stored events
+    // keep their first content.
+    let mut forged = None;
+    let conflicting = {
+        let mut b = batch(30, 30);
+        // Same (epoch 2, seqs 30..59), another position: flip a byte of the first fix's lat.
+        let n = b.len();
+        b[n - 20] ^= 0x01;
+        b
+    };
+    client
+        .publish(up.as_str(), QoS::AtLeastOnce, false, conflicting.clone())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && forged.is_none() {
+        match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
+            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
+                if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
+                    forged = Some(a.ranges[0].first);
+                }
+            }
+            Ok(Err(e)) => panic!("device disconnected: {e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(forged, Some(30), "the conflicting batch was not answered");
+    assert!(
+        hub.http
+            .metric("fleetsync_hub_identity_conflicts_total")
+            .await
+            >= 1
+    );
+    let q = hub.http.get_json("/v1/ops/quarantine").await;
+    assert_eq!(q.as_array().unwrap().len(), 4);
+    assert!(
+        q[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("already stored with different content"),
+        "{}",
+        q[0]
+    );
+    assert_eq!(q[0]["raw_hex"], hex_of(&conflicting));
+
     let events = hub.http.all_events("V1").await;
     assert_eq!(events.len(), 30);
     assert_eq!(events[0]["seq"], 30);

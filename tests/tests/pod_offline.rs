@@ -145,7 +145,8 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
 
     // Bad input: field named, nothing stored.
     let before: Value = driver.get_json("/v1/status").await;
-    let cases: Vec<(Vec<(&str, reqwest::multipart::Part)>, &str, u16)> = vec![
+    type Case<'a> = (Vec<(&'a str, reqwest::multipart::Part)>, &'a str, u16);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec![("outcome", text("lost")), ("recipient_name", text("A"))],
             "outcome",

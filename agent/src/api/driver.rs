@@ -437,6 +437,9 @@ pub(super) async fn pod(
                     .into(),
             ));
         }
+        // The first request may still be in its commit (or have failed it): answer only
+        // once what it stored is durable.
+        st.store.sync().await?;
         return Ok(created(&prev, true));
     }
     let now = crate::now_ms();

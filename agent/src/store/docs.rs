@@ -63,13 +63,26 @@ impl Store {
         };
         let stop_id = pod.stop_id.to_string();
         let core = &self.inner.core;
+        // The same picture twice (or one still pending from an earlier POD) is one blob.
+        let mut blobs = blobs;
+        blobs.sort_by_key(|b| b.0);
+        blobs.dedup_by(|a, b| a.0 == b.0);
         let value = postcard::to_stdvec(&ev)?;
-        let mut n = (KEY_LEN + value.len()) as u64;
-        for (_, b) in &blobs {
-            n += (32 + b.len()) as u64;
-        }
         let (stored, ticket) = {
             let mut st = core.state()?;
+            // Blob writers hold the state lock, so this stays true until the transaction.
+            let mut fresh = Vec::with_capacity(blobs.len());
+            for b in blobs {
+                if !core.blobs.contains_key(b.0)? {
+                    fresh.push(b);
+                }
+            }
+            let blobs = fresh;
+            let n = (KEY_LEN + value.len()) as u64
+                + blobs
+                    .iter()
+                    .map(|(_, b)| (32 + b.len()) as u64)
+                    .sum::<u64>();
             let plan = core.plan_room(&st, n)?;
             let gap_kvs: Vec<(Vec<u8>, Vec<u8>)> = match &plan {
                 Some(p) => {

@@ -84,7 +84,7 @@ const GAP_EVENT_MAX: u64 = KEY_LEN as u64 + 64;
 const LOCK_RETRY: Duration = Duration::from_secs(3);
 
 /// sled's page cache: a gateway has little memory.
-const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Where and how to keep the store.
 #[derive(Debug, Clone)]
@@ -490,7 +490,11 @@ impl Store {
             .name("store-commit".into())
             .spawn(move || {
                 let c = &thread_core;
-                c.commits.run(interval, || c.make_durable());
+                let mut cache = commit::SyncCache::default();
+                c.commits.run(interval, || {
+                    c.db.flush()?;
+                    commit::sync_sled_changes(&c.path, &mut cache)
+                });
             })
             .map_err(|source| StoreError::Io {
                 path: core.path.clone(),

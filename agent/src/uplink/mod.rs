@@ -126,7 +126,11 @@ pub async fn run(
     )));
     // The client queue is larger than the in-flight window: `try_publish` never finds it full
     // in normal operation.
-    let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    let (client, mut eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    // Batches and acks are small and latency-bound: no Nagle delay (rumqttc's default).
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let (tx, rx) = mpsc::channel(256);
     let down = match cfg.layout.topic(&cfg.device_id, Channel::Down) {
         Ok(t) => t.to_string(),
@@ -307,6 +311,7 @@ impl Sender {
         self.cursor_critical = None;
         self.cursor_telemetry = None;
         self.blob = None;
+        self.sent_first = None;
     }
 
     fn connected(&mut self) {
@@ -358,7 +363,7 @@ impl Sender {
                 }
                 let now_ms = crate::now_ms();
                 self.link.last_ack_ms.store(now_ms, Ordering::Relaxed);
-                for r in ack.ranges.iter() {
+                for r in ack.ranges.iter().filter(|r| r.first <= r.last) {
                     let done: Vec<(u32, u64)> = self
                         .inflight
                         .range((ack.epoch, r.first)..=(ack.epoch, r.last))
@@ -441,7 +446,11 @@ impl Sender {
                     self.cursor_telemetry = Some(last);
                     continue;
                 }
-                if batch.events.len() < self.cfg.batch_max_events && !flush_partial {
+                // A short batch waits to fill only when it ends at the newest fix; one cut
+                // short by a seq hole (a critical event took that seq) goes at once.
+                let at_head =
+                    matches!(self.store.newest(Lane::Telemetry), Ok(Some((id, _))) if id == last);
+                if batch.events.len() < self.cfg.batch_max_events && !flush_partial && at_head {
                     return;
                 }
             }

@@ -252,9 +252,21 @@ pub async fn check(
                 e["seq"].as_u64().unwrap_or_default(),
             );
             by_id.insert(id, e);
+            // What makes an event unique apart from its identity: the same content under two
+            // identities means it was stored twice.
             let content = match e["kind"].as_str().unwrap_or_default() {
                 "exception" => format!("x:{}", e["text"]),
                 "pod" => format!("p:{}", e["pod_id"]),
+                "geofence" => format!(
+                    "f:{}:{}:{}",
+                    e["fence_id"], e["transition"], e["event_time"]
+                ),
+                "trip" => format!("t:{}:{}:{}", e["trip"], e["stop_id"], e["event_time"]),
+                "health" => format!("h:{}:{}", e["event_time"], e["uptime_s"]),
+                "assignment_ack" => format!(
+                    "a:{}:{}:{}",
+                    e["assignment_id"], e["version"], e["event_time"]
+                ),
                 "position" => {
                     if let Some(t) = ms(&e["event_time"]) {
                         position_times.insert(t);
@@ -349,7 +361,20 @@ pub async fn check(
                         continue;
                     };
                     v.pods += 1;
-                    let refs = [&pod["signature"], &pod["photos"][0]];
+                    let mut refs = vec![&pod["signature"]];
+                    refs.extend(pod["photos"].as_array().into_iter().flatten());
+                    if refs.len() != blobs.len() {
+                        v.lost += 1;
+                        fail(
+                            &mut v,
+                            format!(
+                                "{}: POD {pod_id} lists {} blobs, {} were posted",
+                                rec.id,
+                                refs.len(),
+                                blobs.len()
+                            ),
+                        );
+                    }
                     for (r, want) in refs.iter().zip(blobs) {
                         let sha = r["sha256"].as_str().unwrap_or_default();
                         let got = match client
@@ -392,10 +417,10 @@ pub async fn check(
                 missing += 1;
             }
         }
-        // Fixes may only be missing where a gap declares drops (the small-quota vehicle).
+        // Fixes may only be missing where the store declared drops for quota.
         let declared: u64 = events
             .iter()
-            .filter(|e| e["kind"] == "gap")
+            .filter(|e| e["kind"] == "gap" && e["reason"] == "quota")
             .map(|e| e["count"].as_u64().unwrap_or_default())
             .sum();
         if missing > declared {

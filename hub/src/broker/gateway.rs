@@ -11,7 +11,8 @@
 //! ```text
 //! device --TLS 1.3, client cert--> gateway --plain MQTT, loopback--> rumqttd
 //!   device id = O field of the verified client certificate
-//!   CONNECT     client id must equal the device id; rewritten to log in as
+//!   CONNECT     client id must equal the device id, no last will (rumqttd would publish
+//!               it unchecked); rewritten to log in as
 //!               (device id, broker secret) so only the gateway can speak for a device
 //!   PUBLISH     topic must be /tenants/{id}/up or /tenants/{id}/blob
 //!   SUBSCRIBE   every filter must start with /tenants/{id}/
@@ -300,6 +301,14 @@ where
                             return Err(GuardError::Violation {
                                 topic: format!("client id {}", connect.client_id),
                                 other: connect.client_id.clone(),
+                            });
+                        }
+                        if let Some(will) = &connect.last_will {
+                            // rumqttd publishes a will without any prefix check, and agents
+                            // do not use one: a will is refused outright.
+                            return Err(GuardError::Violation {
+                                topic: format!("last will on {}", will.topic),
+                                other: other_device(&will.topic),
                             });
                         }
                         connect.login = Some(Login::new(device, cfg.secret.clone()));

@@ -90,7 +90,11 @@ pub async fn run(
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(cfg.max_packet_bytes + 1024, cfg.max_packet_bytes + 1024);
     opts.set_inflight(1000);
-    let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    let (client, mut eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    // Acks are small and latency-bound: no Nagle delay (rumqttc's default).
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let (tx, rx) = mpsc::channel(INGEST_QUEUE);
     let layout = cfg.layout;
     let pump = tokio::spawn(pump(
@@ -126,10 +130,16 @@ async fn pump(
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!("ingest connected to broker; subscribing");
-                for ch in [Channel::Up, Channel::Blob] {
-                    if let Err(e) = client.try_subscribe(layout.hub_filter(ch), QoS::AtLeastOnce) {
-                        warn!(error = %e, "subscribe request failed");
-                    }
+                // One SUBSCRIBE for both filters: one SubAck means both are in place.
+                let filters = [Channel::Up, Channel::Blob].map(|ch| {
+                    rumqttc::SubscribeFilter::new(
+                        layout.hub_filter(ch).to_string(),
+                        QoS::AtLeastOnce,
+                    )
+                });
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    warn!(error = %e, "subscribe request failed; reconnecting");
+                    let _ = client.try_disconnect();
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -163,7 +173,7 @@ async fn worker(
                 Some(p) => group.push(p),
                 None => return,
             },
-            d = downlinks.recv() => if let Some(d) = d { pending.push_back(d) },
+            Some(d) = downlinks.recv() => pending.push_back(d),
             _ = tokio::time::sleep(Duration::from_millis(20)), if !pending.is_empty() => {}
         }
         while group.len() < GROUP {
@@ -234,6 +244,18 @@ fn commit(
                         Metrics::add(&metrics.batches, 1);
                         Metrics::add(&metrics.events_ingested, r.inserted);
                         Metrics::add(&metrics.duplicates_dropped, r.duplicates);
+                        if r.conflicts > 0 {
+                            // The device reused identities for different events (its store
+                            // was wiped?). The frame is kept whole for an operator; the batch
+                            // is still acked so the device is not stuck resending it.
+                            Metrics::add(&metrics.identity_conflicts, r.conflicts);
+                            tracing::error!(%device, epoch = batch.epoch, first = batch.first_seq, conflicts = r.conflicts,
+                                "device reused event identities with different content; frame quarantined, operator action needed");
+                            quarantine(format!(
+                                "{} events reuse an (epoch, seq) already stored with different content",
+                                r.conflicts
+                            ));
+                        }
                         if r.inserted > 0 {
                             for ev in batch.events.iter() {
                                 metrics.observe_lag_ms(now.saturating_sub(ev.time_ms));

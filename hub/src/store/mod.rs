@@ -17,6 +17,8 @@
 //! ingest acks anything it wrote.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Event, Health, Sha256};
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,8 @@ use sha2::Digest as _;
 pub const MAX_BLOB_BYTES: u32 = 32 * 1024 * 1024;
 /// Quarantined frames kept (oldest dropped past this).
 pub const MAX_QUARANTINE: usize = 10_000;
+/// Bytes kept of each quarantined frame.
+pub const MAX_QUARANTINE_RAW: usize = 64 * 1024;
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +108,10 @@ impl AssignmentRecord {
 pub struct Ingested {
     /// New events written.
     pub inserted: u64,
-    /// Events already present.
+    /// Events already present with the same content.
     pub duplicates: u64,
+    /// Identities already taken by different content (see [`HubStore::ingest_batch`]).
+    pub conflicts: u64,
 }
 
 /// Result of storing a blob chunk.
@@ -132,6 +138,7 @@ pub struct HubStore {
     blob_parts: sled::Tree,
     quarantine: sled::Tree,
     assignments: sled::Tree,
+    quarantined_count: Arc<AtomicUsize>,
 }
 
 fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
@@ -153,7 +160,12 @@ pub fn fsync_sled(db: &sled::Db, dir: &Path) -> std::io::Result<()> {
             if ft.is_dir() {
                 sync_tree(&entry.path())?;
             } else if ft.is_file() {
-                std::fs::File::open(entry.path())?.sync_all()?;
+                // sled may remove an old segment or snapshot while we walk: nothing to sync.
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         std::fs::File::open(dir)?.sync_all()
@@ -164,6 +176,13 @@ pub fn fsync_sled(db: &sled::Db, dir: &Path) -> std::io::Result<()> {
 impl HubStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let store = Self::open_trees(path)?;
+        let n = store.quarantine.iter().keys().count();
+        store.quarantined_count.store(n, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    fn open_trees(path: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path)?;
         let db = sled::Config::new()
             .path(path)
@@ -176,6 +195,7 @@ impl HubStore {
             blob_parts: db.open_tree("blob_parts")?,
             quarantine: db.open_tree("quarantine")?,
             assignments: db.open_tree("assignments")?,
+            quarantined_count: Arc::new(AtomicUsize::new(0)),
             path: path.to_path_buf(),
             db,
         })
@@ -218,7 +238,21 @@ impl HubStore {
                         newest_health = Some((event.time_ms, h.clone()));
                     }
                 }
-                Err(_) => out.duplicates += 1,
+                Err(existing) => {
+                    // Same identity: a redelivery, unless the content differs (a device whose
+                    // store was wiped and restarted its epochs). That is counted apart so the
+                    // caller keeps the frame and tells an operator; never silently "deduped".
+                    let same = existing
+                        .current
+                        .as_ref()
+                        .and_then(|b| postcard::from_bytes::<StoredEvent>(b).ok())
+                        .is_some_and(|old| old.event == *event);
+                    if same {
+                        out.duplicates += 1;
+                    } else {
+                        out.conflicts += 1;
+                    }
+                }
             }
         }
         self.devices.fetch_and_update(device.as_bytes(), |old| {
@@ -354,8 +388,12 @@ impl HubStore {
         }
         let mut blob = vec![0u8; chunk.total_len as usize];
         for (off, v) in &parts {
+            // Parts stored under another total length may lie past this blob's end.
             let off = *off as usize;
-            let n = v.len().min(blob.len().saturating_sub(off));
+            if off >= blob.len() {
+                continue;
+            }
+            let n = v.len().min(blob.len() - off);
             blob[off..off + n].copy_from_slice(&v[..n]);
         }
         let digest: Sha256 = sha2::Sha256::digest(&blob).into();
@@ -460,12 +498,14 @@ impl HubStore {
     /// Keeps a refused frame for operators.
     pub fn quarantine(&self, q: &Quarantined) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
+        let mut q = q.clone();
+        q.raw.truncate(MAX_QUARANTINE_RAW);
         self.quarantine
-            .insert(id.to_be_bytes(), postcard::to_stdvec(q)?)?;
-        while self.quarantine.len() > MAX_QUARANTINE {
-            if self.quarantine.pop_min()?.is_none() {
-                break;
-            }
+            .insert(id.to_be_bytes(), postcard::to_stdvec(&q)?)?;
+        // Counted in memory: sled's len() walks the whole tree.
+        let n = self.quarantined_count.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > MAX_QUARANTINE && self.quarantine.pop_min()?.is_some() {
+            self.quarantined_count.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(id)
     }
