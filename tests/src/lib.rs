@@ -29,29 +29,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Directory of the workspace's debug binaries, built once per test process.
-pub fn bin(name: &str) -> PathBuf {
-    static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
+/// Builds the hub and agent binaries with `profile_args` (once per `once`) and returns the
+/// path of `name` beside the running test or bench executable's directory.
+fn built_bin(once: &Once, profile_args: &[&str], name: &str) -> PathBuf {
+    once.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "fleetsync-hub",
-                "-p",
-                "fleetsync-agent",
-                "--bins",
-            ])
+            .args(["build", "--quiet"])
+            .args(profile_args)
+            .args(["-p", "fleetsync-hub", "-p", "fleetsync-agent", "--bins"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo build runs");
         assert!(status.success(), "building the binaries failed");
     });
-    // target/debug/deps/<test> -> target/debug
+    // target/<profile dir>/deps/<test> -> target/<profile dir>
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+/// Path of a workspace debug binary, built once per test process.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    built_bin(&BUILD, &[], name)
 }
 
 /// A fresh PKI with a CA, hub certificate, and the given devices.
@@ -332,28 +332,7 @@ pub fn device_client(
 /// binaries say nothing about speed or memory.
 pub fn release_bin(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--profile",
-                "bench",
-                "-p",
-                "fleetsync-hub",
-                "-p",
-                "fleetsync-agent",
-                "--bins",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo build runs");
-        assert!(status.success(), "building the release binaries failed");
-    });
-    // target/release/deps/<bench> -> target/release (the bench profile's directory)
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
+    built_bin(&BUILD, &["--profile", "bench"], name)
 }
 
 impl Proc {
