@@ -65,6 +65,10 @@ pub struct LoadReport {
     pub hub_cpu_percent: f64,
     /// Hub peak RSS, MiB.
     pub hub_peak_rss_mib: f64,
+    /// Events captured over the whole run.
+    pub events_captured: u64,
+    /// Events the hub holds for the vehicles after the drain.
+    pub stored_at_hub: u64,
     /// Events captured over the whole run and not at the hub after the drain.
     pub lost: u64,
     /// Events at the hub beyond what was sent.
@@ -289,6 +293,8 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         },
         hub_cpu_percent: cpu,
         hub_peak_rss_mib: rss,
+        events_captured: sent_total,
+        stored_at_hub: at_hub,
         lost,
         duplicated,
         client_errors: shared.errors.load(Ordering::SeqCst),
@@ -425,7 +431,9 @@ pub fn print_summary(r: &LoadReport) {
         r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
     );
     println!(
-        "oracle: lost {}, duplicated {}: {}",
+        "oracle: captured {}, stored at the hub {}, lost {}, duplicated {}: {}",
+        r.events_captured,
+        r.stored_at_hub,
         r.lost,
         r.duplicated,
         if r.ok { "PASS" } else { "FAIL" }
