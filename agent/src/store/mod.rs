@@ -84,7 +84,7 @@ const GAP_EVENT_MAX: u64 = KEY_LEN as u64 + 64;
 const LOCK_RETRY: Duration = Duration::from_secs(3);
 
 /// sled's page cache: a gateway has little memory.
-const CACHE_BYTES: u64 = 4 * 1024 * 1024;
+const CACHE_BYTES: u64 = 1024 * 1024;
 
 /// Where and how to keep the store.
 #[derive(Debug, Clone)]
