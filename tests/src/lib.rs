@@ -461,3 +461,85 @@ pub fn drive(start_ms: u64, seconds: usize, seed: u64) -> Vec<fleetsync_protocol
     }
     out
 }
+
+/// One hub and one agent (`V1`) as processes-to-be: a temporary directory with a PKI, both
+/// configs on free ports, and where their logs go. Tests start, kill and restart them.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub pki: PathBuf,
+    pub hub_cfg: PathBuf,
+    pub agent_cfg: PathBuf,
+    pub hub_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+}
+
+impl Stack {
+    /// Writes the configs; the agent's store gets `quota` bytes.
+    pub fn new(quota: u64) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path(), &["V1"]);
+        let (mqtt, http, api) = (free_port(), free_port(), free_port());
+        let hub_cfg = dir.path().join("hub.toml");
+        std::fs::write(
+            &hub_cfg,
+            hub_config(&pki, &dir.path().join("hub-data"), mqtt, http),
+        )
+        .unwrap();
+        let agent_cfg = dir.path().join("agent.toml");
+        let agent = agent_config("V1", &pki, &dir.path().join("agent-data"), mqtt, api, quota);
+        std::fs::write(&agent_cfg, agent).unwrap();
+        Stack {
+            hub_addr: SocketAddr::from(([127, 0, 0, 1], http)),
+            api_addr: SocketAddr::from(([127, 0, 0, 1], api)),
+            pki,
+            hub_cfg,
+            agent_cfg,
+            dir,
+        }
+    }
+
+    /// Appends sections to the agent's config (before the agent starts).
+    pub fn add_agent_config(&self, toml: &str) {
+        let mut text = std::fs::read_to_string(&self.agent_cfg).unwrap();
+        text.push_str(toml);
+        std::fs::write(&self.agent_cfg, text).unwrap();
+    }
+
+    /// Starts the hub process and waits until it is ready.
+    pub async fn start_hub(&self) -> Proc {
+        let p = Proc::spawn(
+            "fleetsync-hub",
+            &self.hub_cfg,
+            &self.dir.path().join("hub.log"),
+        );
+        assert!(
+            wait_http_ok(self.hub_addr, "/readyz", Duration::from_secs(30)).await,
+            "hub did not start"
+        );
+        p
+    }
+
+    /// Starts the agent process and waits until its API answers.
+    pub async fn start_agent(&self) -> Proc {
+        let p = Proc::spawn(
+            "fleetsync-agent",
+            &self.agent_cfg,
+            &self.dir.path().join("agent.log"),
+        );
+        assert!(
+            wait_http_ok(self.api_addr, "/healthz", Duration::from_secs(30)).await,
+            "agent did not start"
+        );
+        p
+    }
+
+    /// The operator API.
+    pub fn ops(&self) -> Http {
+        Http::new(self.hub_addr, OPERATOR_TOKEN)
+    }
+
+    /// The agent's local API with the driver's token.
+    pub fn driver(&self) -> Http {
+        Http::new(self.api_addr, DRIVER_TOKEN)
+    }
+}

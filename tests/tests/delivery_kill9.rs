@@ -5,15 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use fleetsync_tests::{
-    DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, free_port, hub_config, pki, wait_for,
-    wait_http_ok,
-};
+use fleetsync_tests::{Proc, Stack, wait_for, wait_http_ok};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -46,54 +42,20 @@ fn key_of(v: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_accepted_event_arrives_exactly_once_through_kill9() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path(), &["V1"]);
-    let (mqtt, http_port, api) = (free_port(), free_port(), free_port());
-    let hub_cfg = dir.path().join("hub.toml");
-    std::fs::write(
-        &hub_cfg,
-        hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port),
-    )
-    .unwrap();
-    let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        agent_config(
-            "V1",
-            &pki,
-            &dir.path().join("agent-data"),
-            mqtt,
-            api,
-            256 << 20,
-        ),
-    )
-    .unwrap();
-    let hub_log = dir.path().join("hub.log");
-    let agent_log = dir.path().join("agent.log");
-    let hub_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
-    let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
-
-    let hub = Arc::new(Mutex::new(Proc::spawn("fleetsync-hub", &hub_cfg, &hub_log)));
-    assert!(
-        wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await,
-        "hub did not start"
-    );
-    let agent = Arc::new(Mutex::new(Proc::spawn(
-        "fleetsync-agent",
-        &agent_cfg,
-        &agent_log,
-    )));
-    assert!(
-        wait_http_ok(api_addr, "/healthz", Duration::from_secs(30)).await,
-        "agent did not start"
-    );
+    let stack = Stack::new(256 << 20);
+    let (hub_cfg, agent_cfg) = (&stack.hub_cfg, &stack.agent_cfg);
+    let hub_log = stack.dir.path().join("hub.log");
+    let agent_log = stack.dir.path().join("agent.log");
+    let hub_addr = stack.hub_addr;
+    let hub = Arc::new(Mutex::new(stack.start_hub().await));
+    let agent = Arc::new(Mutex::new(stack.start_agent().await));
 
     // Posters: each post uses a fresh event number (so every attempt has unique content);
     // only a 201 counts as accepted. A post cut off by a kill may or may not have been
     // stored: it is not counted, and the poster moves on to a new number.
     let next = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
-    let driver = Http::new(api_addr, DRIVER_TOKEN);
+    let driver = stack.driver();
     let mut posters = Vec::new();
     for _ in 0..POSTERS {
         let (next, accepted, driver) = (next.clone(), accepted.clone(), driver.clone());
@@ -127,12 +89,12 @@ async fn every_accepted_event_arrives_exactly_once_through_kill9() {
         if *who == "agent" {
             let mut a = agent.lock().await;
             a.kill9();
-            *a = Proc::spawn("fleetsync-agent", &agent_cfg, &agent_log);
+            *a = Proc::spawn("fleetsync-agent", agent_cfg, &agent_log);
         } else {
             let mut h = hub.lock().await;
             h.kill9();
             tokio::time::sleep(Duration::from_millis(300)).await;
-            *h = Proc::spawn("fleetsync-hub", &hub_cfg, &hub_log);
+            *h = Proc::spawn("fleetsync-hub", hub_cfg, &hub_log);
         }
     }
     for p in posters {
@@ -159,7 +121,7 @@ async fn every_accepted_event_arrives_exactly_once_through_kill9() {
     .await;
     assert!(drained.is_some(), "agent backlog did not drain");
 
-    let ops = Http::new(hub_addr, OPERATOR_TOKEN);
+    let ops = stack.ops();
     let events = ops.all_events("V1").await;
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut ids = HashSet::new();

@@ -7,14 +7,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use fleetsync_sim::route::{Waypoint, drive};
-use fleetsync_tests::{
-    DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, free_port, hub_config, pki, wait_for,
-    wait_http_ok,
-};
+use fleetsync_tests::{DRIVER_TOKEN, OPERATOR_TOKEN, Stack, free_port, wait_for};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -35,42 +31,22 @@ fn jpeg(n: usize, seed: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_through_two_fences_with_offline_pod() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path(), &["V1"]);
-    let (mqtt, http_port, api, gps_port) = (free_port(), free_port(), free_port(), free_port());
-    let hub_cfg = dir.path().join("hub.toml");
-    std::fs::write(
-        &hub_cfg,
-        hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port),
-    )
-    .unwrap();
-    let agent_cfg = dir.path().join("agent.toml");
-    let ignition = dir.path().join("ignition");
+    let stack = Stack::new(64 << 20);
+    let gps_port = free_port();
+    let ignition = stack.dir.path().join("ignition");
     std::fs::write(&ignition, "0\n").unwrap();
-    let text = agent_config(
-        "V1",
-        &pki,
-        &dir.path().join("agent-data"),
-        mqtt,
-        api,
-        64 << 20,
-    ) + &format!(
+    stack.add_agent_config(&format!(
         "[gps]\nsource = \"nmea+tcp://127.0.0.1:{gps_port}\"\n[ignition]\npath = \"{}\"\n",
         ignition.display()
-    );
-    std::fs::write(&agent_cfg, text).unwrap();
-    let hub_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
-    let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
+    ));
     let gps = tokio::net::TcpListener::bind(("127.0.0.1", gps_port))
         .await
         .unwrap();
 
-    let mut hub = Proc::spawn("fleetsync-hub", &hub_cfg, &dir.path().join("hub.log"));
-    assert!(wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await);
-    let _agent = Proc::spawn("fleetsync-agent", &agent_cfg, &dir.path().join("agent.log"));
-    assert!(wait_http_ok(api_addr, "/healthz", Duration::from_secs(30)).await);
-    let ops = Http::new(hub_addr, OPERATOR_TOKEN);
-    let driver = Http::new(api_addr, DRIVER_TOKEN);
+    let mut hub = stack.start_hub().await;
+    let _agent = stack.start_agent().await;
+    let ops = stack.ops();
+    let driver = stack.driver();
 
     let assignment = json!({"id": "job-1", "version": 1, "stops": [
         {"id": "s1", "name": "Bakery", "shipment_ids": ["shp-1"],
@@ -219,8 +195,7 @@ async fn route_through_two_fences_with_offline_pod() {
     .expect("rest of the route not taken");
     std::fs::write(&ignition, "0\n").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let _hub = Proc::spawn("fleetsync-hub", &hub_cfg, &dir.path().join("hub.log"));
-    assert!(wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await);
+    let _hub = stack.start_hub().await;
 
     // Everything arrives.
     let events = wait_for(Duration::from_secs(90), || {

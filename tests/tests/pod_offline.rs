@@ -6,13 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleetsync_tests::{
-    DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, agent_config, free_port, hub_config, pki, wait_for,
-    wait_http_ok,
-};
+use fleetsync_tests::{Http, OPERATOR_TOKEN, Stack, wait_for};
 use serde_json::{Value, json};
 
 fn image(magic: &[u8], n: usize, seed: u8) -> Vec<u8> {
@@ -65,36 +61,11 @@ fn file(bytes: &[u8], name: &str) -> reqwest::multipart::Part {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_captured_offline_arrives_with_its_blobs() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path(), &["V1"]);
-    let (mqtt, http_port, api) = (free_port(), free_port(), free_port());
-    let hub_cfg = dir.path().join("hub.toml");
-    std::fs::write(
-        &hub_cfg,
-        hub_config(&pki, &dir.path().join("hub-data"), mqtt, http_port),
-    )
-    .unwrap();
-    let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        agent_config(
-            "V1",
-            &pki,
-            &dir.path().join("agent-data"),
-            mqtt,
-            api,
-            64 << 20,
-        ),
-    )
-    .unwrap();
-    let hub_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
-    let api_addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
-    let mut hub = Proc::spawn("fleetsync-hub", &hub_cfg, &dir.path().join("hub.log"));
-    assert!(wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await);
-    let _agent = Proc::spawn("fleetsync-agent", &agent_cfg, &dir.path().join("agent.log"));
-    assert!(wait_http_ok(api_addr, "/healthz", Duration::from_secs(30)).await);
-    let ops = Http::new(hub_addr, OPERATOR_TOKEN);
-    let driver = Http::new(api_addr, DRIVER_TOKEN);
+    let stack = Stack::new(64 << 20);
+    let mut hub = stack.start_hub().await;
+    let _agent = stack.start_agent().await;
+    let ops = stack.ops();
+    let driver = stack.driver();
 
     // Assignment down and acknowledged.
     let r = ops
@@ -254,8 +225,7 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     assert_eq!(bad.status(), 400);
 
     // The hub returns: the POD and its blobs arrive.
-    let _hub = Proc::spawn("fleetsync-hub", &hub_cfg, &dir.path().join("hub.log"));
-    assert!(wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await);
+    let _hub = stack.start_hub().await;
     let pod = wait_for(Duration::from_secs(60), || {
         let ops = ops.clone();
         async move {
