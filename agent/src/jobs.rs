@@ -1,13 +1,15 @@
 //! Jobs: the assignment the hub sent down, kept durably so the driver works offline.
 //!
 //! ```text
-//! uplink (Downlink::Assignment) --> run() --> store.put_assignment (durable, newer only)
-//!                                          --> AssignmentAck event (critical lane)
+//! uplink (Downlink::Assignment) --> run() --> store.put_assignment: the assignment and its
+//!                                             AssignmentAck event (critical lane) in one
+//!                                             durable transaction, newer versions only
 //!                                          --> watch channel: driver API, geofence engine
 //! ```
 //!
-//! A newer version replaces an older one; an older one arriving late is ignored (and not
-//! acknowledged again). The current assignment is loaded from the store at start.
+//! A newer version replaces an older one; an older one arriving late, or the one in force
+//! arriving again, is ignored: its ack was stored with it and is on its way to the hub,
+//! whatever crashed since. The current assignment is loaded from the store at start.
 
 use std::sync::Arc;
 
@@ -52,46 +54,22 @@ pub async fn run(
                 None => return,
             },
         };
-        match store.put_assignment(&a).await {
+        let ack = Event {
+            time_ms: crate::now_ms(),
+            body: Body::AssignmentAck(AssignmentAck {
+                assignment_id: a.id.clone(),
+                version: a.version,
+            }),
+        };
+        match store.put_assignment(&a, ack).await {
             Ok(true) => {
                 info!(job = %a.id, version = a.version, stops = a.stops.len(), "assignment stored");
-                let ack = Event {
-                    time_ms: crate::now_ms(),
-                    body: Body::AssignmentAck(AssignmentAck {
-                        assignment_id: a.id.clone(),
-                        version: a.version,
-                    }),
-                };
-                if let Err(e) = store.append(ack).await {
-                    // The hub resends until acknowledged; the next copy is ignored as not
-                    // newer, so acknowledge what is in force when that happens.
-                    warn!(error = %e, "assignment ack not stored");
-                }
                 wake.notify_one();
                 publish.send_replace(Some(Arc::new(a)));
             }
             Ok(false) => {
-                // Not newer. If it is the one in force, the hub is still waiting for our
-                // ack (it resends only then): the ack may be queued behind a backlog, or
-                // lost to a crash between storing the assignment and its ack. Ack again;
-                // the hub treats repeated acks as one.
-                let in_force = publish
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|cur| cur.id == a.id && cur.version == a.version);
-                if in_force {
-                    let ack = Event {
-                        time_ms: crate::now_ms(),
-                        body: Body::AssignmentAck(AssignmentAck {
-                            assignment_id: a.id.clone(),
-                            version: a.version,
-                        }),
-                    };
-                    if let Err(e) = store.append(ack).await {
-                        warn!(error = %e, "assignment ack not stored");
-                    }
-                    wake.notify_one();
-                }
+                // Older, or the one in force again (the hub resends until our ack arrives;
+                // that ack was stored with the assignment and is on its way).
             }
             Err(e) => warn!(error = %e, "assignment not stored; the hub will resend"),
         }

@@ -593,3 +593,80 @@ fn concurrent_appends_get_unique_ids_and_survive_reopen() {
     let s = store.stats();
     assert_eq!(s.critical.events + s.telemetry.events, 320);
 }
+
+fn assignment(id: &str, version: u32) -> fleetsync_protocol::Assignment {
+    fleetsync_protocol::Assignment {
+        id: BoundedString::try_from_str(id).unwrap(),
+        version,
+        stops: Default::default(),
+    }
+}
+
+fn assignment_ack(id: &str, version: u32) -> Event {
+    Event {
+        time_ms: u64::from(version),
+        body: Body::AssignmentAck(fleetsync_protocol::AssignmentAck {
+            assignment_id: BoundedString::try_from_str(id).unwrap(),
+            version,
+        }),
+    }
+}
+
+/// An assignment and its ack are stored together; a repeated or older one leaves no
+/// trace (no second ack, no hole in the seqs); both survive a reopen.
+#[test]
+fn assignment_and_its_ack_are_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = open(dir.path(), 1 << 20);
+    rt.block_on(async {
+        assert!(
+            store
+                .put_assignment(&assignment("j1", 2), assignment_ack("j1", 2))
+                .await
+                .unwrap()
+        );
+        // The hub resends until it sees the ack; an older one arrives late.
+        assert!(
+            !store
+                .put_assignment(&assignment("j1", 2), assignment_ack("j1", 2))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .put_assignment(&assignment("j0", 1), assignment_ack("j0", 1))
+                .await
+                .unwrap()
+        );
+        store.append(critical(9, 4)).await.unwrap();
+        assert!(
+            store
+                .put_assignment(&assignment("j2", 3), assignment_ack("j2", 3))
+                .await
+                .unwrap()
+        );
+        // Anything but an AssignmentAck is refused.
+        assert!(
+            store
+                .put_assignment(&assignment("j3", 4), critical(1, 1))
+                .await
+                .is_err()
+        );
+    });
+    drop(store);
+    let store = open(dir.path(), 1 << 20);
+    assert_eq!(store.assignment().unwrap().unwrap().version, 3);
+    let events: Vec<((u32, u64), Event)> = dump(&store).into_iter().collect();
+    let seqs: Vec<u64> = events.iter().map(|((_, s), _)| *s).collect();
+    assert_eq!(
+        seqs,
+        vec![0, 1, 2],
+        "one ack per stored assignment, seqs dense"
+    );
+    assert_eq!(events[0].1, assignment_ack("j1", 2));
+    assert_eq!(events[2].1, assignment_ack("j2", 3));
+}

@@ -101,12 +101,14 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         max_packet_bytes: cfg.mqtt.max_packet_bytes,
     };
     let (downlink_tx, downlink_rx) = tokio::sync::mpsc::channel(ingest::DOWNLINK_QUEUE);
+    let (listening_tx, listening_rx) = tokio::sync::mpsc::channel(ingest::DOWNLINK_QUEUE);
     tasks.push(tokio::spawn(ingest::run(
         ingest_cfg,
         store.clone(),
         metrics.clone(),
         ready.clone(),
         downlink_rx,
+        listening_rx,
         shutdown.clone(),
     )));
     // Devices may only come in once the hub's subscriptions exist.
@@ -136,6 +138,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         max_packet_bytes: cfg.mqtt.max_packet_bytes,
         upstream: broker.addr,
         secret: broker.secret.clone(),
+        listening: Some(listening_tx),
     };
     tasks.push(tokio::spawn(broker::gateway::run(
         listener,

@@ -47,28 +47,31 @@ fn doc_key(prefix: &[u8], id: &str) -> Vec<u8> {
     k
 }
 
+/// What goes into the same transaction as a critical event, beside it.
+#[derive(Default)]
+struct Beside {
+    /// New blobs (sha256, bytes); they count in the quota.
+    blobs: Vec<(Sha256, Vec<u8>)>,
+    /// Documents written.
+    put: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Documents removed.
+    remove: Vec<sled::IVec>,
+}
+
 impl Store {
-    /// Stores a POD event with its blobs, idempotency answer and stop record atomically;
-    /// returns once durable.
-    pub async fn append_pod(
+    /// Appends the critical event `value` and, in ONE sled transaction with it, the blobs
+    /// `blobs` (those not stored yet) and the documents `docs` builds from the event's seq,
+    /// after making room by thinning telemetry like any append. Returns the seq once the
+    /// transaction is durable. `docs` runs under the state lock, before any seq is taken,
+    /// so what it reads holds until the transaction and its error leaves no trace.
+    async fn append_critical_with(
         &self,
-        ev: Event,
+        value: Vec<u8>,
         blobs: Vec<(Sha256, Vec<u8>)>,
-        idempotency_key: Option<&str>,
-        fingerprint: [u8; 32],
-        stop: StopPod,
-    ) -> Result<PodStored, StoreError> {
-        let Body::Pod(pod) = &ev.body else {
-            return Err(StoreError::Corrupt("append_pod needs a POD event".into()));
-        };
-        let stop_id = pod.stop_id.to_string();
+        docs: impl FnOnce(&Self, u64) -> Result<Beside, StoreError>,
+    ) -> Result<u64, StoreError> {
         let core = &self.inner.core;
-        // The same picture twice (or one still pending from an earlier POD) is one blob.
-        let mut blobs = blobs;
-        blobs.sort_by_key(|b| b.0);
-        blobs.dedup_by(|a, b| a.0 == b.0);
-        let value = postcard::to_stdvec(&ev)?;
-        let (stored, ticket) = {
+        let (seq, ticket) = {
             let mut st = core.state()?;
             // Blob writers hold the state lock, so this stays true until the transaction.
             let mut fresh = Vec::with_capacity(blobs.len());
@@ -77,13 +80,18 @@ impl Store {
                     fresh.push(b);
                 }
             }
-            let blobs = fresh;
             let n = (KEY_LEN + value.len()) as u64
-                + blobs
+                + fresh
                     .iter()
                     .map(|(_, b)| (32 + b.len()) as u64)
                     .sum::<u64>();
             let plan = core.plan_room(&st, n)?;
+            // Nothing may fail between taking seqs and the transaction (a seq taken and not
+            // written would be a hole), so the documents are built first, for the seq the
+            // event will get after any gap records.
+            let gaps = plan.as_ref().map_or(0, |p| p.gaps.len() as u64);
+            let mut beside = docs(self, st.next_seq + gaps)?;
+            beside.blobs = fresh;
             let gap_kvs: Vec<(Vec<u8>, Vec<u8>)> = match &plan {
                 Some(p) => {
                     let mut v = Vec::with_capacity(p.gaps.len());
@@ -95,32 +103,26 @@ impl Store {
                 None => Vec::new(),
             };
             let seq = st.alloc_seq()?;
-            let stored = PodStored {
-                pod_id: pod.pod_id.to_string(),
-                epoch: core.epoch,
-                seq,
-                fingerprint,
-            };
-            let stored_bytes = postcard::to_stdvec(&stored)?;
-            let stop_bytes = postcard::to_stdvec(&stop)?;
             let key = core.key(seq);
             let victims: &[sled::IVec] = plan.as_ref().map_or(&[], |p| &p.victims);
             (&core.critical, &core.telemetry, &core.blobs, &core.docs)
-                .transaction(|(crit, tele, blob_t, docs)| {
+                .transaction(|(crit, tele, blob_t, docs_t)| {
                     for (k, v) in &gap_kvs {
                         crit.insert(k.as_slice(), v.as_slice())?;
                     }
                     for k in victims {
                         tele.remove(k)?;
                     }
-                    for (sha, b) in &blobs {
+                    for (sha, b) in &beside.blobs {
                         blob_t.insert(sha.as_slice(), b.as_slice())?;
                     }
                     crit.insert(&key, value.as_slice())?;
-                    if let Some(k) = idempotency_key {
-                        docs.insert(doc_key(IDEM, k), stored_bytes.as_slice())?;
+                    for k in &beside.remove {
+                        docs_t.remove(k)?;
                     }
-                    docs.insert(doc_key(STOP, &stop_id), stop_bytes.as_slice())?;
+                    for (k, v) in &beside.put {
+                        docs_t.insert(k.as_slice(), v.as_slice())?;
+                    }
                     Ok::<(), ConflictableTransactionError<StoreError>>(())
                 })
                 .map_err(map_tx)?;
@@ -135,14 +137,62 @@ impl Store {
             }
             st.critical.events += 1;
             st.critical.bytes += (KEY_LEN + value.len()) as u64;
-            for (_, b) in &blobs {
+            for (_, b) in &beside.blobs {
                 st.blobs.events += 1;
                 st.blobs.bytes += (32 + b.len()) as u64;
             }
-            (stored, core.commits.register())
+            (seq, core.commits.register())
         };
         core.commits.wait(ticket).await?;
-        Ok(stored)
+        Ok(seq)
+    }
+
+    /// Stores a POD event with its blobs, idempotency answer and stop record atomically;
+    /// returns once durable.
+    pub async fn append_pod(
+        &self,
+        ev: Event,
+        blobs: Vec<(Sha256, Vec<u8>)>,
+        idempotency_key: Option<&str>,
+        fingerprint: [u8; 32],
+        stop: StopPod,
+    ) -> Result<PodStored, StoreError> {
+        let Body::Pod(pod) = &ev.body else {
+            return Err(StoreError::Corrupt("append_pod needs a POD event".into()));
+        };
+        let stop_id = pod.stop_id.to_string();
+        let pod_id = pod.pod_id.to_string();
+        // The same picture twice (or one still pending from an earlier POD) is one blob.
+        let mut blobs = blobs;
+        blobs.sort_by_key(|b| b.0);
+        blobs.dedup_by(|a, b| a.0 == b.0);
+        let value = postcard::to_stdvec(&ev)?;
+        let epoch = self.inner.core.epoch;
+        let stop_bytes = postcard::to_stdvec(&stop)?;
+        let seq = self
+            .append_critical_with(value, blobs, |_, seq| {
+                let stored = PodStored {
+                    pod_id: pod_id.clone(),
+                    epoch,
+                    seq,
+                    fingerprint,
+                };
+                let mut put = vec![(doc_key(STOP, &stop_id), stop_bytes)];
+                if let Some(k) = idempotency_key {
+                    put.push((doc_key(IDEM, k), postcard::to_stdvec(&stored)?));
+                }
+                Ok(Beside {
+                    put,
+                    ..Beside::default()
+                })
+            })
+            .await?;
+        Ok(PodStored {
+            pod_id,
+            epoch,
+            seq,
+            fingerprint,
+        })
     }
 
     /// The answer stored for a POD `Idempotency-Key`.
@@ -203,33 +253,46 @@ impl Store {
         }
     }
 
-    /// Stores `a` durably if its version is higher than the one in force (versions count
-    /// up per device across jobs; the hub enforces it), so a late, older assignment is
-    /// ignored; returns whether it was stored. A new job clears the old one's stop records.
-    pub async fn put_assignment(&self, a: &Assignment) -> Result<bool, StoreError> {
-        let core = &self.inner.core;
-        let ticket = {
-            let _st = core.state()?;
-            if let Some(cur) = self.assignment()?
-                && cur.version >= a.version
-            {
-                return Ok(false);
-            }
-            let new_job = self.assignment()?.is_none_or(|cur| cur.id != a.id);
-            if new_job {
-                let old: Vec<sled::IVec> = core
-                    .docs
-                    .scan_prefix(STOP)
-                    .keys()
-                    .collect::<Result<_, _>>()?;
-                for k in old {
-                    core.docs.remove(k)?;
+    /// Stores `a` if its version is higher than the one in force (versions count up per
+    /// device across jobs; the hub enforces it), together with `ack` (its `AssignmentAck`
+    /// event) in one transaction, so an assignment in force always has its ack on the way
+    /// to the hub; returns once durable whether it was stored. A late, older or repeated
+    /// assignment is ignored. A new job clears the old one's stop records.
+    pub async fn put_assignment(&self, a: &Assignment, ack: Event) -> Result<bool, StoreError> {
+        if !matches!(ack.body, Body::AssignmentAck(_)) {
+            return Err(StoreError::Corrupt(
+                "put_assignment needs an AssignmentAck event".into(),
+            ));
+        }
+        let value = postcard::to_stdvec(&ack)?;
+        let doc = postcard::to_stdvec(a)?;
+        let r = self
+            .append_critical_with(value, Vec::new(), |store, _| {
+                let cur = store.assignment()?;
+                if cur.as_ref().is_some_and(|cur| cur.version >= a.version) {
+                    return Err(StoreError::NotNewer);
                 }
-            }
-            core.docs.insert(ASSIGNMENT, postcard::to_stdvec(a)?)?;
-            core.commits.register()
-        };
-        core.commits.wait(ticket).await?;
-        Ok(true)
+                let mut remove = Vec::new();
+                if cur.is_none_or(|cur| cur.id != a.id) {
+                    remove = store
+                        .inner
+                        .core
+                        .docs
+                        .scan_prefix(STOP)
+                        .keys()
+                        .collect::<Result<_, _>>()?;
+                }
+                Ok(Beside {
+                    put: vec![(ASSIGNMENT.to_vec(), doc)],
+                    remove,
+                    ..Beside::default()
+                })
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotNewer) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -179,6 +179,10 @@ pub enum StoreError {
     /// The store is shutting down.
     #[error("store closed")]
     Closed,
+    /// An assignment is not newer than the one in force (internal: `put_assignment`
+    /// answers `false`).
+    #[error("assignment not newer than the one in force")]
+    NotNewer,
     /// A thread panicked while holding the store's state lock.
     #[error("store state lock poisoned by a panic")]
     Poisoned,

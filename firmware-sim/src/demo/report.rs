@@ -182,6 +182,7 @@ pub(crate) fn check(
             continue;
         }
         if !ids.insert((epoch, seq)) {
+            tracing::warn!(epoch, seq, "the hub lists this event twice");
             c.duplicated += 1;
             continue;
         }
@@ -191,8 +192,12 @@ pub(crate) fn check(
                 m.remove(k);
             }
         }
-        if !contents.insert(content.to_string()) {
+        let content = content.to_string();
+        if contents.contains(&content) {
+            tracing::warn!(epoch, seq, event = %content, "the hub holds this event's content twice");
             c.duplicated += 1;
+        } else {
+            contents.insert(content);
         }
         max_seq = Some(max_seq.map_or(seq, |m| m.max(seq)));
         c.events_at_hub += 1;

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use fleetsync_protocol::topic::{Channel, Layout};
 use rumqttc::mqttbytes::v4::{Login, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -92,6 +92,10 @@ pub struct GatewayConfig {
     pub upstream: SocketAddr,
     /// The broker login secret.
     pub secret: String,
+    /// Told the id of every device whose downlink subscription the broker has just
+    /// confirmed (its SUBACK went by): from then on a downlink publish reaches it, so
+    /// whatever it has not acknowledged can be sent at once instead of at the next resend.
+    pub listening: Option<mpsc::Sender<String>>,
 }
 
 /// Runs the accept loop until `shutdown`.
@@ -267,13 +271,38 @@ where
     let blob_topic = Layout::Embedded
         .topic(device, Channel::Blob)
         .map_err(|e| GuardError::Protocol(e.to_string()))?;
+    let down_topic = Layout::Embedded
+        .topic(device, Channel::Down)
+        .map_err(|e| GuardError::Protocol(e.to_string()))?;
     let max = cfg.max_packet_bytes;
+    // Packet id of the device's SUBSCRIBE that covers its downlink topic, plus one (0: none).
+    let down_sub = AtomicU32::new(0);
 
     let downstream = async {
-        // broker -> device, untouched.
-        let r = tokio::io::copy(&mut up_r, &mut dev_w).await;
+        // broker -> device: bytes pass as they come; a side scanner only watches for the
+        // SUBACK of the downlink subscription.
+        let mut watch = SubackWatch::new(max + 1024);
+        let mut buf = vec![0u8; 16 * 1024];
+        let r = loop {
+            let n = match up_r.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = dev_w.write_all(&buf[..n]).await {
+                break Err(e);
+            }
+            let want = down_sub.load(Ordering::Relaxed);
+            if want != 0
+                && watch.feed(&buf[..n], want - 1)
+                && let Some(tx) = &cfg.listening
+            {
+                down_sub.store(0, Ordering::Relaxed);
+                let _ = tx.try_send(device.to_string());
+            }
+        };
         let _ = dev_w.shutdown().await;
-        r.map(|_| ())
+        r
     };
     let upstream_dir = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -347,7 +376,12 @@ where
                         let filters: Vec<String> = match Packet::read(&mut copy, max)
                             .map_err(|e| GuardError::Protocol(e.to_string()))?
                         {
-                            Packet::Subscribe(s) => s.filters.into_iter().map(|f| f.path).collect(),
+                            Packet::Subscribe(s) => {
+                                if s.filters.iter().any(|f| f.path == down_topic.as_str()) {
+                                    down_sub.store(u32::from(s.pkid) + 1, Ordering::Relaxed);
+                                }
+                                s.filters.into_iter().map(|f| f.path).collect()
+                            }
                             Packet::Unsubscribe(u) => u.topics,
                             _ => return Err(GuardError::Protocol("bad SUBSCRIBE".into())),
                         };
@@ -382,7 +416,135 @@ where
     }
 }
 
+/// Follows the broker-to-device byte stream packet by packet without holding on to it,
+/// to spot the SUBACK of one packet id. Only packet headers (and a SUBACK's id) are kept.
+struct SubackWatch {
+    max: usize,
+    /// Bytes of the packet being read, until its header (or a whole SUBACK) is in.
+    head: Vec<u8>,
+    /// Bytes still to pass of a packet that is not a SUBACK.
+    skip: usize,
+    /// The stream could not be followed (never happens with a sound broker): stop looking.
+    lost: bool,
+}
+
+impl SubackWatch {
+    fn new(max: usize) -> Self {
+        SubackWatch {
+            max,
+            head: Vec::new(),
+            skip: 0,
+            lost: false,
+        }
+    }
+
+    /// Feeds the next bytes; true if they complete a successful SUBACK for `pkid`.
+    fn feed(&mut self, mut data: &[u8], pkid: u32) -> bool {
+        let mut seen = false;
+        while !self.lost && !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            // At most one packet header plus a SUBACK body is ever held.
+            let take = data.len().min(16);
+            self.head.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            loop {
+                let (kind, hlen, rlen) = match fixed_header(&self.head, self.max) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.lost = true;
+                        break;
+                    }
+                };
+                let total = hlen + rlen;
+                if kind == 9 {
+                    if self.head.len() < total.min(hlen + 3) {
+                        break;
+                    }
+                    // SUBACK: packet id, then one return code per filter (0x80 = refused).
+                    let id = self
+                        .head
+                        .get(hlen..hlen + 2)
+                        .map(|b| u16::from_be_bytes([b[0], b[1]]));
+                    let code = self.head.get(hlen + 2).copied();
+                    if id.map(u32::from) == Some(pkid) && code.is_some_and(|c| c != 0x80) {
+                        seen = true;
+                    }
+                }
+                if self.head.len() >= total {
+                    self.head.drain(..total);
+                } else {
+                    self.skip = total - self.head.len();
+                    self.head.clear();
+                    break;
+                }
+            }
+        }
+        seen
+    }
+}
+
 /// Logs the gateway's start.
 pub fn log_listening(addr: SocketAddr) {
     info!(%addr, "device gateway listening (TLS 1.3, client certificates required)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SubackWatch;
+
+    fn publish(len: usize) -> Vec<u8> {
+        // Remaining length as a varint, then that many bytes.
+        let mut v = vec![0x30];
+        let mut n = len;
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            v.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        }
+        v.extend(std::iter::repeat_n(0xAA, len));
+        v
+    }
+
+    fn stream(pkid: u16, code: u8) -> Vec<u8> {
+        let mut s = publish(300_000);
+        s.extend([0x90, 3]);
+        s.extend(pkid.to_be_bytes());
+        s.push(code);
+        s.extend([0xd0, 0]); // PINGRESP
+        s.extend(publish(5));
+        s
+    }
+
+    #[test]
+    fn spots_the_suback_however_the_stream_is_cut() {
+        for cut in [1usize, 2, 3, 7, 16, 1000, 16 * 1024, usize::MAX] {
+            let bytes = stream(7, 1);
+            let mut w = SubackWatch::new(1 << 20);
+            let seen = bytes
+                .chunks(cut.min(bytes.len()))
+                .fold(false, |seen, c| w.feed(c, 7) || seen);
+            assert!(seen, "cut {cut}");
+            assert!(
+                w.head.is_empty() && w.skip == 0,
+                "cut {cut}: stream not followed"
+            );
+        }
+    }
+
+    #[test]
+    fn ignores_other_ids_and_refusals() {
+        let mut w = SubackWatch::new(1 << 20);
+        assert!(!w.feed(&stream(8, 1), 7));
+        assert!(!w.feed(&stream(7, 0x80), 7));
+        assert!(w.feed(&stream(7, 0), 7));
+    }
 }

@@ -79,6 +79,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     downlinks: DownlinkRx,
+    listening: mpsc::Receiver<String>,
     shutdown: CancellationToken,
 ) {
     let mut opts = MqttOptions::new(
@@ -105,7 +106,12 @@ pub async fn run(
         ready,
         shutdown.clone(),
     ));
-    worker(rx, downlinks, client, layout, store, metrics, shutdown).await;
+    let inputs = Inputs {
+        frames: rx,
+        downlinks,
+        listening,
+    };
+    worker(inputs, client, layout, store, metrics, shutdown).await;
     let _ = pump.await;
 }
 
@@ -155,15 +161,29 @@ async fn pump(
     }
 }
 
+/// What the worker waits on.
+struct Inputs {
+    /// Device frames from the broker.
+    frames: mpsc::Receiver<Publish>,
+    /// Frames the API wants sent.
+    downlinks: DownlinkRx,
+    /// Devices whose downlink subscription was just confirmed.
+    listening: mpsc::Receiver<String>,
+}
+
 async fn worker(
-    mut rx: mpsc::Receiver<Publish>,
-    mut downlinks: DownlinkRx,
+    inputs: Inputs,
     client: AsyncClient,
     layout: Layout,
     store: HubStore,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let Inputs {
+        frames: mut rx,
+        mut downlinks,
+        mut listening,
+    } = inputs;
     let mut pending: VecDeque<(String, Vec<u8>)> = VecDeque::new();
     loop {
         let mut group = Vec::new();
@@ -174,6 +194,13 @@ async fn worker(
                 None => return,
             },
             Some(d) = downlinks.recv() => pending.push_back(d),
+            Some(device) = listening.recv() => {
+                // A (re)connected device: what it has not acknowledged goes now.
+                if let Some(d) = unacked_assignment(&store, layout, &device, now_ms(), 0) {
+                    debug!(%device, "device listening again; sending its unacknowledged assignment");
+                    pending.push_back(d);
+                }
+            }
             _ = tokio::time::sleep(Duration::from_millis(20)), if !pending.is_empty() => {}
         }
         while group.len() < GROUP {
@@ -312,16 +339,29 @@ fn commit(
     }
     // A device we hear from that has not acknowledged its assignment gets it again.
     for device in heard {
-        if let Ok(Some(rec)) = store.assignment(&device)
-            && !rec.acknowledged()
-            && now.saturating_sub(rec.sent_ms) >= ASSIGNMENT_RESEND_MS
-            && let Ok(down) = layout.topic(&device, Channel::Down)
-            && let Ok(bytes) = frame::encode(&Downlink::Assignment(rec.assignment))
-        {
+        if let Some(d) = unacked_assignment(store, layout, &device, now, ASSIGNMENT_RESEND_MS) {
             debug!(%device, "assignment not acknowledged yet; sending it again");
-            let _ = store.mark_assignment_sent(&device, now);
-            acks.push((down.to_string(), bytes));
+            acks.push(d);
         }
     }
     acks
+}
+
+/// The device's assignment as a downlink frame if the device has not acknowledged it and
+/// it was last sent at least `min_gap_ms` ago; marks it sent.
+fn unacked_assignment(
+    store: &HubStore,
+    layout: Layout,
+    device: &str,
+    now: u64,
+    min_gap_ms: u64,
+) -> Option<(String, Vec<u8>)> {
+    let rec = store.assignment(device).ok().flatten()?;
+    if rec.acknowledged() || now.saturating_sub(rec.sent_ms) < min_gap_ms {
+        return None;
+    }
+    let down = layout.topic(device, Channel::Down).ok()?;
+    let bytes = frame::encode(&Downlink::Assignment(rec.assignment)).ok()?;
+    let _ = store.mark_assignment_sent(device, now);
+    Some((down.to_string(), bytes))
 }
