@@ -7,6 +7,8 @@
 //!   following `flush` + fsync covers it.
 //! - `Status::durable` and `Status::failed` only grow. A waiter with ticket `t` is done once
 //!   either is `>= t`; `durable` is checked first, so a later successful round wins.
+//! - A writer wakes the committer only when the committer waits for that write
+//!   (`Req::wake_at`), not on every write.
 //! - Durable means sled's `flush()` and then `fsync` of sled's files and directories
 //!   (sled 0.34.7 only calls `sync_file_range` on Linux, which leaves the device cache).
 
@@ -15,8 +17,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
@@ -41,6 +42,10 @@ struct Req {
     handled: u64,
     /// Set when the store is dropped: one last round, then exit.
     shutdown: bool,
+    /// The committer is asleep until `written` reaches this; a writer wakes it only then
+    /// (a wake-up per write would cost a futex syscall each, mostly for nothing while a
+    /// round is running).
+    wake_at: u64,
 }
 
 /// Shared between writers, waiters and the committer thread.
@@ -70,7 +75,10 @@ impl Commits {
     pub(super) fn register(&self) -> u64 {
         let mut r = self.req();
         r.written += 1;
-        self.cv.notify_one();
+        if r.written >= r.wake_at {
+            r.wake_at = u64::MAX;
+            self.cv.notify_one();
+        }
         r.written
     }
 
@@ -114,8 +122,10 @@ impl Commits {
             let shutdown = {
                 let mut r = self.req();
                 while r.written <= r.handled && !r.shutdown {
+                    r.wake_at = r.handled + 1;
                     r = self.cv.wait(r).unwrap_or_else(PoisonError::into_inner);
                 }
+                r.wake_at = u64::MAX;
                 r.shutdown
             };
             // The group-commit window: let concurrent writers join this round.
