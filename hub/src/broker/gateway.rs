@@ -529,9 +529,11 @@ mod tests {
         for cut in [1usize, 2, 3, 7, 16, 1000, 16 * 1024, usize::MAX] {
             let bytes = stream(7, 1);
             let mut w = SubackWatch::new(1 << 20);
-            let seen = bytes
-                .chunks(cut.min(bytes.len()))
-                .fold(false, |seen, c| w.feed(c, 7) || seen);
+            // Every chunk is fed (no short circuit): the watch must follow the whole stream.
+            let mut seen = false;
+            for c in bytes.chunks(cut.min(bytes.len())) {
+                seen |= w.feed(c, 7);
+            }
             assert!(seen, "cut {cut}");
             assert!(
                 w.head.is_empty() && w.skip == 0,
