@@ -59,8 +59,11 @@ pub struct LoadReport {
     pub events_acked: u64,
     /// Acked events per second in the window.
     pub acked_per_s: f64,
-    /// Capture to hub ack, ms.
+    /// Capture to hub ack, ms: includes the vehicle's own batching (it publishes what it
+    /// captured once a second, as an agent batches).
     pub latency_ms: Latency,
+    /// Publish to hub ack, ms: the hub's part (TLS, broker, ingest, dedup, fsync, ack).
+    pub hub_latency_ms: Latency,
     /// Hub CPU in the window, percent of one core.
     pub hub_cpu_percent: f64,
     /// Hub peak RSS, MiB.
@@ -97,6 +100,7 @@ struct Shared {
     sent_window: AtomicU64,
     acked_window: AtomicU64,
     latencies: std::sync::Mutex<Vec<u32>>,
+    hub_latencies: std::sync::Mutex<Vec<u32>>,
 }
 
 fn proc_stat(pid: u32) -> Option<(u64, u64)> {
@@ -268,12 +272,10 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     }
     let _ = hub.kill();
     let _ = hub.wait();
-    let mut lat = std::mem::take(&mut *shared.latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
-            .copied()
-            .unwrap_or(0) as u64
+    let take = |m: &std::sync::Mutex<Vec<u32>>| {
+        percentiles(std::mem::take(
+            &mut *m.lock().unwrap_or_else(|p| p.into_inner()),
+        ))
     };
     let acked_window = shared.acked_window.load(Ordering::SeqCst);
     let lost = sent_total.saturating_sub(at_hub);
@@ -285,12 +287,8 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         events_sent: shared.sent_window.load(Ordering::SeqCst),
         events_acked: acked_window,
         acked_per_s: acked_window as f64 / window,
-        latency_ms: Latency {
-            p50: pct(0.5),
-            p90: pct(0.9),
-            p99: pct(0.99),
-            max: lat.last().copied().unwrap_or(0) as u64,
-        },
+        latency_ms: take(&shared.latencies),
+        hub_latency_ms: take(&shared.hub_latencies),
         hub_cpu_percent: cpu,
         hub_peak_rss_mib: rss,
         events_captured: sent_total,
@@ -334,8 +332,9 @@ async fn vehicle(
     let mut capture = tokio::time::interval(period);
     let mut send = tokio::time::interval(Duration::from_secs(1));
     let mut pending: Vec<Event> = Vec::new();
-    // Batches awaiting the hub's ack: (first_seq, n, capture time of the first event, frame).
-    let mut inflight: VecDeque<(u64, usize, u64, Vec<u8>)> = VecDeque::new();
+    // Batches awaiting the hub's ack: (first_seq, n, capture time of the first event, time
+    // of the last publish, frame).
+    let mut inflight: VecDeque<(u64, usize, u64, u64, Vec<u8>)> = VecDeque::new();
     let mut seq = 0u64;
     let mut subscribed = false;
     let mut stopping = false;
@@ -368,7 +367,7 @@ async fn vehicle(
                     if let Ok(bytes) = frame::encode(&Uplink::Batch(batch)) {
                         // Kept until acked: resent as is after a reconnect.
                         let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, bytes.clone());
-                        inflight.push_back((seq, n, first_time, bytes));
+                        inflight.push_back((seq, n, first_time, now_ms(), bytes));
                         seq += n as u64;
                     }
                 }
@@ -383,20 +382,23 @@ async fn vehicle(
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     subscribed = true;
-                    for (_, _, _, bytes) in &inflight {
+                    for (_, _, _, published, bytes) in &mut inflight {
+                        *published = now_ms();
                         let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, bytes.clone());
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
                         let now = now_ms();
-                        while let Some(&(first, n, t0, _)) = inflight.front() {
+                        while let Some(&(first, n, t0, published, _)) = inflight.front() {
                             if a.ranges.iter().any(|r| r.first <= first && first + n as u64 - 1 <= r.last) {
                                 inflight.pop_front();
                                 shared.acked.fetch_add(n as u64, Ordering::Relaxed);
                                 if shared.measuring.load(Ordering::Relaxed) {
                                     shared.acked_window.fetch_add(n as u64, Ordering::Relaxed);
-                                    shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now.saturating_sub(t0).min(u64::from(u32::MAX)) as u32);
+                                    let ms = |since: u64| now.saturating_sub(since).min(u64::from(u32::MAX)) as u32;
+                                    shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(t0));
+                                    shared.hub_latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(published));
                                 }
                             } else {
                                 break;
@@ -416,16 +418,37 @@ async fn vehicle(
     }
 }
 
+/// Percentiles of a set of latencies in ms.
+fn percentiles(mut lat: Vec<u32>) -> Latency {
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as u64
+    };
+    Latency {
+        p50: pct(0.5),
+        p90: pct(0.9),
+        p99: pct(0.99),
+        max: lat.last().copied().unwrap_or(0) as u64,
+    }
+}
+
 /// The readable summary.
 pub fn print_summary(r: &LoadReport) {
     println!(
         "load: {} vehicles at {} Hz for {:.0} s: {:.0} events/s acked ({} of {} captured in the window)",
         r.vehicles, r.rate_hz, r.duration_s, r.acked_per_s, r.events_acked, r.events_sent
     );
-    println!(
-        "latency capture -> hub ack: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
-        r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.max
-    );
+    for (what, l) in [
+        ("capture -> hub ack", &r.latency_ms),
+        ("publish -> hub ack", &r.hub_latency_ms),
+    ] {
+        println!(
+            "latency {what}: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+            l.p50, l.p90, l.p99, l.max
+        );
+    }
     println!(
         "hub: {:.0}% of one core, peak RSS {:.1} MiB; client errors {}",
         r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors

@@ -40,4 +40,11 @@ fn load_short_run_passes_the_oracle() {
         r["hub_peak_rss_mib"].as_f64().unwrap() > 1.0,
         "hub RSS not measured"
     );
+    // The hub's part of the latency is measured and is part of the whole.
+    let (whole, hub) = (&r["latency_ms"], &r["hub_latency_ms"]);
+    assert!(hub["max"].as_u64().unwrap() > 0, "{hub}");
+    assert!(
+        hub["max"].as_u64().unwrap() <= whole["max"].as_u64().unwrap(),
+        "{hub} vs {whole}"
+    );
 }

@@ -289,6 +289,12 @@ where
                 Ok(n) => n,
                 Err(e) => break Err(e),
             };
+            // rumqttd leaves Nagle on for its sockets: its PUBACK to a device sits unacked
+            // under our delayed ACK, and the hub's `Ack` that follows a few ms later waits
+            // behind it for the delayed-ACK timer (40 ms: every batch's round trip was
+            // 45 ms). Acking at once lets the broker's next write go out as it is made.
+            #[cfg(target_os = "linux")]
+            let _ = up_r.as_ref().set_quickack(true);
             if let Err(e) = dev_w.write_all(&buf[..n]).await {
                 break Err(e);
             }
