@@ -208,6 +208,34 @@ impl Http {
             .await
     }
 
+    /// `PUT /v1/ops/devices/{device}/assignment`; returns the status.
+    pub async fn put_assignment(&self, device: &str, body: &Value) -> reqwest::StatusCode {
+        let r = self
+            .client
+            .put(format!("{}/v1/ops/devices/{device}/assignment", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        r.status()
+    }
+
+    /// Waits (30 s at most) until the hub shows `version` of `device`'s assignment
+    /// acknowledged; returns what `GET .../assignment` answered then.
+    pub async fn wait_assignment_acked(&self, device: &str, version: u32) -> Value {
+        let path = format!("/v1/ops/devices/{device}/assignment");
+        wait_for(Duration::from_secs(30), || {
+            let (ops, path) = (self.clone(), path.clone());
+            async move {
+                let v: Value = ops.get(&path).await.ok()?.json().await.ok()?;
+                (v["acknowledged"] == true && v["acked_version"] == version).then_some(v)
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("{device}: assignment v{version} never acknowledged"))
+    }
+
     /// Every event of `device` at the hub, following `next` cursors.
     pub async fn all_events(&self, device: &str) -> Vec<Value> {
         let mut out = Vec::new();

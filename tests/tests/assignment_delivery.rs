@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use fleetsync_tests::{Http, OPERATOR_TOKEN, Stack, wait_for};
+use fleetsync_tests::Stack;
 use serde_json::{Value, json};
 
 /// Well under the hub's periodic resend, so only delivery on subscribe can meet it.
@@ -20,38 +20,6 @@ fn assignment(version: u32) -> Value {
     })
 }
 
-async fn put(ops: &Http, version: u32) {
-    let r = ops
-        .client
-        .put(format!("{}/v1/ops/devices/V1/assignment", ops.base))
-        .bearer_auth(OPERATOR_TOKEN)
-        .json(&assignment(version))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-}
-
-/// Waits until the hub shows `version` acknowledged; returns how long that took.
-async fn acked_within(ops: &Http, version: u32, since: Instant) -> Duration {
-    wait_for(Duration::from_secs(30), || {
-        let ops = ops.clone();
-        async move {
-            let v: Value = ops
-                .get("/v1/ops/devices/V1/assignment")
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["acknowledged"] == true && v["acked_version"] == version).then_some(())
-        }
-    })
-    .await
-    .unwrap_or_else(|| panic!("assignment v{version} never acknowledged"));
-    since.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assignment_sent_while_offline_arrives_when_the_device_subscribes() {
     let stack = Stack::new(64 << 20);
@@ -59,10 +27,11 @@ async fn assignment_sent_while_offline_arrives_when_the_device_subscribes() {
     let ops = stack.ops();
 
     // Dispatched before the van's gateway ever connected.
-    put(&ops, 1).await;
+    assert_eq!(ops.put_assignment("V1", &assignment(1)).await, 202);
     let started = Instant::now();
     let mut agent = stack.start_agent().await;
-    let took = acked_within(&ops, 1, started).await;
+    ops.wait_assignment_acked("V1", 1).await;
+    let took = started.elapsed();
     assert!(
         took < PROMPT,
         "first connection: v1 acknowledged after {took:?}"
@@ -73,10 +42,11 @@ async fn assignment_sent_while_offline_arrives_when_the_device_subscribes() {
 
     // A new version while the gateway is off (killed: no clean goodbye).
     agent.kill9();
-    put(&ops, 2).await;
+    assert_eq!(ops.put_assignment("V1", &assignment(2)).await, 202);
     let started = Instant::now();
     let _agent = stack.start_agent().await;
-    let took = acked_within(&ops, 2, started).await;
+    ops.wait_assignment_acked("V1", 2).await;
+    let took = started.elapsed();
     assert!(
         took < PROMPT,
         "reconnection: v2 acknowledged after {took:?}"

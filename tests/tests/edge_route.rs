@@ -55,30 +55,8 @@ async fn route_through_two_fences_with_offline_pod() {
          "fence": {"type": "polygon", "coordinates": [
              [S2.1 - 0.0009, S2.0 - 0.0006], [S2.1 + 0.0009, S2.0 - 0.0006],
              [S2.1 + 0.0009, S2.0 + 0.0006], [S2.1 - 0.0009, S2.0 + 0.0006]]}}]});
-    let r = ops
-        .client
-        .put(format!("{}/v1/ops/devices/V1/assignment", ops.base))
-        .bearer_auth(OPERATOR_TOKEN)
-        .json(&assignment)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    wait_for(Duration::from_secs(30), || {
-        let ops = ops.clone();
-        async move {
-            let v: Value = ops
-                .get("/v1/ops/devices/V1/assignment")
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["acknowledged"] == true).then_some(())
-        }
-    })
-    .await
-    .expect("assignment not acknowledged");
+    assert_eq!(ops.put_assignment("V1", &assignment).await, 202);
+    ops.wait_assignment_acked("V1", 1).await;
     wait_for(Duration::from_secs(10), || {
         let driver = driver.clone();
         async move {

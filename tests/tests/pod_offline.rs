@@ -68,41 +68,11 @@ async fn pod_captured_offline_arrives_with_its_blobs() {
     let driver = stack.driver();
 
     // Assignment down and acknowledged.
-    let r = ops
-        .client
-        .put(format!("{}/v1/ops/devices/V1/assignment", ops.base))
-        .bearer_auth(OPERATOR_TOKEN)
-        .json(&assignment(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    let acked = wait_for(Duration::from_secs(30), || {
-        let ops = ops.clone();
-        async move {
-            let v: Value = ops
-                .get("/v1/ops/devices/V1/assignment")
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["acknowledged"] == true).then_some(v)
-        }
-    })
-    .await
-    .expect("assignment not acknowledged");
+    assert_eq!(ops.put_assignment("V1", &assignment(1)).await, 202);
+    let acked = ops.wait_assignment_acked("V1", 1).await;
     assert_eq!(acked["acked_version"], 1);
     // An older or equal version is refused with 409.
-    let r = ops
-        .client
-        .put(format!("{}/v1/ops/devices/V1/assignment", ops.base))
-        .bearer_auth(OPERATOR_TOKEN)
-        .json(&assignment(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
+    assert_eq!(ops.put_assignment("V1", &assignment(1)).await, 409);
     let jobs = driver.get_json("/v1/jobs").await;
     assert_eq!(jobs["id"], "job-7");
     assert_eq!(jobs["stops"][1]["state"], "not_visited");
