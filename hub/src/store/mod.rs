@@ -16,9 +16,11 @@
 //! plus fsync of sled's files, which sled 0.34.7's flush does not do) runs before the
 //! ingest acks anything it wrote.
 
+mod durable;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Event, Health, Sha256};
 use serde::{Deserialize, Serialize};
@@ -139,6 +141,8 @@ pub struct HubStore {
     quarantine: sled::Tree,
     assignments: sled::Tree,
     quarantined_count: Arc<AtomicUsize>,
+    /// What the last `make_durable` synced (one round at a time).
+    synced: Arc<Mutex<durable::Synced>>,
 }
 
 fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
@@ -148,29 +152,6 @@ fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
     k.extend_from_slice(&epoch.to_be_bytes());
     k.extend_from_slice(&seq.to_be_bytes());
     k
-}
-
-/// Flushes sled and fsyncs its files and directory: what "durable" means here.
-pub fn fsync_sled(db: &sled::Db, dir: &Path) -> std::io::Result<()> {
-    db.flush().map_err(std::io::Error::other)?;
-    fn sync_tree(dir: &Path) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let ft = entry.file_type()?;
-            if ft.is_dir() {
-                sync_tree(&entry.path())?;
-            } else if ft.is_file() {
-                // sled may remove an old segment or snapshot while we walk: nothing to sync.
-                match std::fs::File::open(entry.path()) {
-                    Ok(f) => f.sync_all()?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        std::fs::File::open(dir)?.sync_all()
-    }
-    sync_tree(dir)
 }
 
 impl HubStore {
@@ -196,6 +177,7 @@ impl HubStore {
             quarantine: db.open_tree("quarantine")?,
             assignments: db.open_tree("assignments")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
+            synced: Arc::new(Mutex::new(durable::Synced::default())),
             path: path.to_path_buf(),
             db,
         })
@@ -203,7 +185,10 @@ impl HubStore {
 
     /// Makes everything written so far durable.
     pub fn make_durable(&self) -> Result<(), StoreError> {
-        Ok(fsync_sled(&self.db, &self.path)?)
+        // A panic in another round cannot leave the map wrong, only stale: a stale entry
+        // at worst syncs a file once more.
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(durable::make_durable(&self.db, &self.path, &mut synced)?)
     }
 
     /// Stores a batch's events that are not yet stored; updates the device record.
