@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fleetsync_sim::route::{Waypoint, drive};
-use fleetsync_tests::{DRIVER_TOKEN, OPERATOR_TOKEN, Stack, free_port, wait_for};
+use fleetsync_tests::{DRIVER_TOKEN, Stack, free_port, wait_for};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
