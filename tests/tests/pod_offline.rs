@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use fleetsync_tests::{Http, OPERATOR_TOKEN, Stack, wait_for};
+use fleetsync_tests::{Http, Stack, wait_for};
 use serde_json::{Value, json};
 
 fn image(magic: &[u8], n: usize, seed: u8) -> Vec<u8> {
