@@ -78,6 +78,8 @@ pub struct LoadReport {
     pub duplicated: u64,
     /// Connection errors seen by clients.
     pub client_errors: u64,
+    /// The same errors by message (most frequent first, at most 5 kinds).
+    pub client_error_kinds: Vec<(String, u64)>,
     /// Oracle verdict.
     pub ok: bool,
 }
@@ -96,6 +98,7 @@ struct Shared {
     sent: AtomicU64,
     acked: AtomicU64,
     errors: AtomicU64,
+    error_kinds: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     measuring: std::sync::atomic::AtomicBool,
     sent_window: AtomicU64,
     acked_window: AtomicU64,
@@ -296,6 +299,13 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         lost,
         duplicated,
         client_errors: shared.errors.load(Ordering::SeqCst),
+        client_error_kinds: {
+            let kinds = shared.error_kinds.lock().unwrap_or_else(|p| p.into_inner());
+            let mut v: Vec<(String, u64)> = kinds.iter().map(|(k, n)| (k.clone(), *n)).collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            v.truncate(5);
+            v
+        },
         ok: lost == 0 && duplicated == 0 && sent_total > 0,
     })
 }
@@ -407,8 +417,9 @@ async fn vehicle(
                     }
                 }
                 Ok(_) => {}
-                Err(_) => {
+                Err(e) => {
                     shared.errors.fetch_add(1, Ordering::Relaxed);
+                    *shared.error_kinds.lock().unwrap_or_else(|p| p.into_inner()).entry(e.to_string()).or_default() += 1;
                     // Unacked batches are resent after reconnecting (the hub dedups).
                     subscribed = false;
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -453,6 +464,9 @@ pub fn print_summary(r: &LoadReport) {
         "hub: {:.0}% of one core, peak RSS {:.1} MiB; client errors {}",
         r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
     );
+    for (kind, n) in &r.client_error_kinds {
+        println!("  {n:>6} x {kind}");
+    }
     println!(
         "oracle: captured {}, stored at the hub {}, lost {}, duplicated {}: {}",
         r.events_captured,
