@@ -66,10 +66,17 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::Serve
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    // Stateless session tickets (keys rotated by the ticketer, never stored): a device
+    // that reconnects to the same hub process resumes without a certificate verify and
+    // signature on either side, which is what keeps a reconnect storm (a cell tower back,
+    // a hub under load) from feeding on itself. The resumed session carries the client
+    // certificate it was opened with, so the device id is the same as on the full
+    // handshake. A hub restart starts with new keys: the next connection is full again.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(cfg)
 }
 

@@ -269,3 +269,73 @@ async fn stalled_handshakes_do_not_block_devices() {
     );
     assert_eq!(stalled.len(), 100);
 }
+
+/// An MQTT 3.1.1 CONNECT with a clean session and `client_id`.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let mut p = vec![0x10, (12 + id.len()) as u8];
+    p.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60]);
+    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    p.extend_from_slice(id);
+    p
+}
+
+/// Opens a TLS session with `cfg`, sends CONNECT as `client_id`; returns how the
+/// handshake went and whether the broker answered CONNACK "accepted".
+async fn tls_connect(
+    hub: &TestHub,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+    client_id: &str,
+) -> (Option<rustls::HandshakeKind>, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+    let tcp = tokio::net::TcpStream::connect(hub.running_mqtt)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await.unwrap();
+    let kind = s.get_ref().1.handshake_kind();
+    s.write_all(&connect_packet(client_id)).await.unwrap();
+    let mut buf = [0u8; 4];
+    // Reading also takes in the session tickets the hub sends after the handshake.
+    let accepted = matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if buf == [0x20, 0x02, 0x00, 0x00]
+    );
+    let _ = s.shutdown().await;
+    (kind, accepted)
+}
+
+/// A reconnect resumes the TLS session (cheap for a hub facing a reconnect storm) however
+/// many devices connected in between, and is still the same device: the resumed session
+/// lets V1 in as V1 and not as anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_resume_tls_and_keep_the_device_identity() {
+    let hub = TestHub::start(&["V1", "V2"]).await;
+    let config = || {
+        let dev = hub.pki.join("devices").join("V1");
+        std::sync::Arc::new(
+            fleetsync_agent::client_tls(
+                &hub.pki.join("ca.pem"),
+                &dev.join("cert.pem"),
+                &dev.join("key.pem"),
+            )
+            .unwrap(),
+        )
+    };
+    let cfg = config();
+    let (first, ok) = tls_connect(&hub, &cfg, "V1").await;
+    assert_eq!(first, Some(rustls::HandshakeKind::Full));
+    assert!(ok, "V1 not accepted on a full handshake");
+    // More sessions than a server-side session cache of rustls's default size (256) holds.
+    for _ in 0..300 {
+        let (kind, _) = tls_connect(&hub, &config(), "V1").await;
+        assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+    }
+    let (again, ok) = tls_connect(&hub, &cfg, "V1").await;
+    assert_eq!(again, Some(rustls::HandshakeKind::Resumed), "no resumption");
+    assert!(ok, "V1 not accepted on a resumed session");
+    let (kind, ok) = tls_connect(&hub, &cfg, "V2").await;
+    assert_eq!(kind, Some(rustls::HandshakeKind::Resumed));
+    assert!(!ok, "a resumed V1 session was let in as V2");
+}
