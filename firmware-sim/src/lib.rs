@@ -15,6 +15,7 @@ pub mod demo;
 pub mod images;
 pub mod load;
 pub mod nmea;
+pub mod ports;
 pub mod route;
 
 pub use demo::{DemoOptions, Report, demo};

@@ -145,14 +145,8 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             fleetsync_hub::pki::issue_device(&pki, id).map_err(e)?;
         }
     }
-    let port = |_: ()| -> Result<u16, LoadError> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")
-            .map_err(e)?
-            .local_addr()
-            .map_err(e)?
-            .port())
-    };
-    let (mqtt, http) = (port(())?, port(())?);
+    let port = || crate::ports::unused_port().map_err(e);
+    let (mqtt, http) = (port()?, port()?);
     let toml = dir.join("hub.toml");
     std::fs::write(
         &toml,

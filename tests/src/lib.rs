@@ -9,7 +9,7 @@
     missing_debug_implementations
 )]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Once};
@@ -20,13 +20,10 @@ use serde_json::Value;
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
 pub const DRIVER_TOKEN: &str = "driver-token-for-tests-0123456789";
 
-/// A free loopback port (bound and released; the caller binds it soon after).
+/// A free loopback port for a process to bind (outside the kernel's ephemeral range, see
+/// `fleetsync_sim::ports`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fleetsync_sim::ports::unused_port().unwrap()
 }
 
 /// Builds the hub and agent binaries with `profile_args` (once per `once`) and returns the

@@ -108,11 +108,7 @@ fn setup<E: std::fmt::Display>(e: E) -> ChaosError {
 }
 
 fn free_port() -> Result<u16, ChaosError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(setup)?
-        .local_addr()
-        .map_err(setup)?
-        .port())
+    crate::ports::unused_port().map_err(setup)
 }
 
 /// A child process we can kill -9 and start again.
