@@ -151,6 +151,9 @@ pub enum EventJson {
     Gap {
         event_time: Time,
         lane: Lane,
+        /// The epoch of the dropped events. Named apart from the `epoch` of the event's
+        /// own identity, which the hub's events API puts beside it.
+        #[serde(rename = "dropped_epoch")]
         epoch: u32,
         first_seq: u64,
         last_seq: u64,
@@ -533,6 +536,20 @@ mod tests {
             serde_json::to_string(&EventJson::from_event(&ev)).unwrap(),
             precise
         );
+    }
+
+    #[test]
+    fn a_gap_names_its_epoch_apart_from_the_event_identity() {
+        let json = r#"{"kind":"gap","event_time":"2026-11-27T10:00:00Z","lane":"telemetry","dropped_epoch":3,"first_seq":10,"last_seq":19,"count":7,"reason":"quota"}"#;
+        let ev: EventJson = serde_json::from_str(json).unwrap();
+        let body = ev.to_event().unwrap().body;
+        let Body::Gap(g) = &body else {
+            panic!("not a gap: {body:?}");
+        };
+        assert_eq!((g.epoch, g.first_seq, g.last_seq, g.count), (3, 10, 19, 7));
+        let out = serde_json::to_value(EventJson::from_event(&Event { time_ms: 0, body })).unwrap();
+        assert_eq!(out["dropped_epoch"], 3);
+        assert!(out.get("epoch").is_none(), "{out}");
     }
 
     #[test]

@@ -277,7 +277,7 @@ pub async fn check(
                     v.gap_events += 1;
                     v.gapped += e["count"].as_u64().unwrap_or_default();
                     gaps.push((
-                        e["epoch"].as_u64().unwrap_or_default(),
+                        e["dropped_epoch"].as_u64().unwrap_or_default(),
                         e["first_seq"].as_u64().unwrap_or_default(),
                         e["last_seq"].as_u64().unwrap_or_default(),
                     ));
