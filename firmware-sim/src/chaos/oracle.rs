@@ -5,7 +5,9 @@
 //! - every telemetry event an agent accepted is at the hub, or inside a declared `Gap`;
 //! - every GPS fix written to an agent is at the hub (matched by GPS time), except fixes
 //!   written in the moments around a kill -9 of that agent (not yet durable: the contract
-//!   allows GPS group commit) and fixes a `Gap` accounts for;
+//!   allows GPS group commit) and fixes a quota `Gap` accounts for: one whose dropped seq
+//!   range reaches between the seqs of the positions stored just before and after the
+//!   missing fix, and in all no more missing fixes than the gaps declare;
 //! - no content is stored twice; every POD's blobs are at the hub byte-identical; every
 //!   assignment is acknowledged; every backlog drained.
 
@@ -245,6 +247,10 @@ pub async fn check(
         let mut by_id: HashMap<(u64, u64), &Value> = HashMap::new();
         let mut seen_content: HashSet<String> = HashSet::new();
         let mut position_times: HashSet<u64> = HashSet::new();
+        // (GPS time, epoch, seq) of every position at the hub.
+        let mut positions: Vec<(u64, u64, u64)> = Vec::new();
+        // (dropped epoch, first seq, last seq) of every quota gap.
+        let mut quota_gaps: Vec<(u64, u64, u64)> = Vec::new();
         let mut gaps: Vec<(u64, u64, u64)> = Vec::new();
         for e in &events {
             let id = (
@@ -270,17 +276,22 @@ pub async fn check(
                 "position" => {
                     if let Some(t) = ms(&e["event_time"]) {
                         position_times.insert(t);
+                        positions.push((t, id.0, id.1));
                     }
                     format!("g:{}:{}:{}", e["event_time"], e["lat"], e["lon"])
                 }
                 "gap" => {
                     v.gap_events += 1;
                     v.gapped += e["count"].as_u64().unwrap_or_default();
-                    gaps.push((
+                    let range = (
                         e["dropped_epoch"].as_u64().unwrap_or_default(),
                         e["first_seq"].as_u64().unwrap_or_default(),
                         e["last_seq"].as_u64().unwrap_or_default(),
-                    ));
+                    );
+                    if e["reason"] == "quota" {
+                        quota_gaps.push(range);
+                    }
+                    gaps.push(range);
                     continue;
                 }
                 _ => continue,
@@ -402,6 +413,25 @@ pub async fn check(
             }
         }
         // GPS fixes written to the agent.
+        positions.sort_unstable();
+        // A missing fix's seq lies between those of the positions stored before and after
+        // it (by GPS time); a quota gap must declare a range reaching into that interval.
+        let gap_covers = |t: u64| {
+            let i = positions.partition_point(|p| p.0 < t);
+            let (prev, next) = (i.checked_sub(1).map(|j| positions[j]), positions.get(i));
+            quota_gaps
+                .iter()
+                .any(|&(e, first, last)| match (prev, next) {
+                    (Some((_, pe, ps)), Some(&(_, ne, ns))) if pe == ne => {
+                        e == pe && last > ps && first < ns
+                    }
+                    _ => {
+                        prev.is_some_and(|(_, pe, ps)| e == pe && last > ps)
+                            || next.is_some_and(|&(_, ne, ns)| e == ne && first < ns)
+                    }
+                })
+        };
+        let mut uncovered = Vec::new();
         let mut missing = 0u64;
         for (i, when) in &rec.sent {
             let exempt = rec
@@ -413,8 +443,12 @@ pub async fn check(
                 continue;
             }
             v.accepted += 1;
-            if !position_times.contains(&rec.fixes[*i].time_ms) {
+            let t = rec.fixes[*i].time_ms;
+            if !position_times.contains(&t) {
                 missing += 1;
+                if !gap_covers(t) {
+                    uncovered.push(t);
+                }
             }
         }
         // Fixes may only be missing where the store declared drops for quota.
@@ -423,7 +457,18 @@ pub async fn check(
             .filter(|e| e["kind"] == "gap" && e["reason"] == "quota")
             .map(|e| e["count"].as_u64().unwrap_or_default())
             .sum();
-        if missing > declared {
+        if !uncovered.is_empty() {
+            v.lost += uncovered.len() as u64;
+            fail(
+                &mut v,
+                format!(
+                    "{}: {} GPS fixes missing where no quota gap declares a drop (GPS times {:?}...)",
+                    rec.id,
+                    uncovered.len(),
+                    &uncovered[..uncovered.len().min(5)]
+                ),
+            );
+        } else if missing > declared {
             v.lost += missing - declared;
             fail(
                 &mut v,
