@@ -295,7 +295,13 @@ where
             // 45 ms). Acking at once lets the broker's next write go out as it is made.
             #[cfg(target_os = "linux")]
             let _ = up_r.as_ref().set_quickack(true);
+            // Flushed every time: under backpressure the TLS writer keeps records it could
+            // not send yet, and nothing else would push them out before the broker's next
+            // bytes (`tokio::io::copy` flushes when its reader waits; so must we).
             if let Err(e) = dev_w.write_all(&buf[..n]).await {
+                break Err(e);
+            }
+            if let Err(e) = dev_w.flush().await {
                 break Err(e);
             }
             let want = down_sub.load(Ordering::Relaxed);
