@@ -336,9 +336,7 @@ async fn vehicle(
     let mut capture = tokio::time::interval(period);
     let mut send = tokio::time::interval(Duration::from_secs(1));
     let mut pending: Vec<Event> = Vec::new();
-    // Batches awaiting the hub's ack: (first_seq, n, capture time of the first event, time
-    // of the last publish, frame).
-    let mut inflight: VecDeque<(u64, usize, u64, u64, Vec<u8>)> = VecDeque::new();
+    let mut inflight: VecDeque<Inflight> = VecDeque::new();
     let mut seq = 0u64;
     let mut subscribed = false;
     let mut stopping = false;
@@ -371,7 +369,7 @@ async fn vehicle(
                     if let Ok(bytes) = frame::encode(&Uplink::Batch(batch)) {
                         // Kept until acked: resent as is after a reconnect.
                         let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, bytes.clone());
-                        inflight.push_back((seq, n, first_time, now_ms(), bytes));
+                        inflight.push_back(Inflight { first_seq: seq, n, captured_ms: first_time, published_ms: now_ms(), frame: bytes });
                         seq += n as u64;
                     }
                 }
@@ -386,15 +384,15 @@ async fn vehicle(
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     subscribed = true;
-                    for (_, _, _, published, bytes) in &mut inflight {
-                        *published = now_ms();
-                        let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, bytes.clone());
+                    for b in &mut inflight {
+                        b.published_ms = now_ms();
+                        let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, b.frame.clone());
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
                         let now = now_ms();
-                        while let Some(&(first, n, t0, published, _)) = inflight.front() {
+                        while let Some(&Inflight { first_seq: first, n, captured_ms: t0, published_ms: published, .. }) = inflight.front() {
                             if a.ranges.iter().any(|r| r.first <= first && first + n as u64 - 1 <= r.last) {
                                 inflight.pop_front();
                                 shared.acked.fetch_add(n as u64, Ordering::Relaxed);
@@ -421,6 +419,17 @@ async fn vehicle(
             }
         }
     }
+}
+
+/// A batch awaiting the hub's ack, kept to be resent as is after a reconnect.
+struct Inflight {
+    first_seq: u64,
+    n: usize,
+    /// Capture time of its first event.
+    captured_ms: u64,
+    /// Time of its last publish.
+    published_ms: u64,
+    frame: Vec<u8>,
 }
 
 /// Percentiles of a set of latencies in ms.

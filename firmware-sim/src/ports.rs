@@ -9,7 +9,7 @@
 //! range instead, picked at random, checked free, and never handed out twice by this
 //! process.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::io;
 use std::net::TcpListener;
 use std::sync::Mutex;
@@ -17,7 +17,8 @@ use std::sync::Mutex;
 /// Lowest port used.
 const FLOOR: u16 = 10_000;
 
-static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+/// Ports this process handed out.
+static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// The kernel's ephemeral range (Linux), else IANA's dynamic range.
 fn ephemeral_range() -> (u16, u16) {
@@ -51,7 +52,6 @@ pub fn unused_port() -> io::Result<u16> {
         ^ (u64::from(std::process::id()) << 32)
         | 1;
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    let given = given.get_or_insert_with(HashSet::new);
     for _ in 0..1000 {
         // xorshift64
         x ^= x << 13;
@@ -80,7 +80,7 @@ mod tests {
     #[test]
     fn ports_are_outside_the_ephemeral_range_and_distinct() {
         let (lo, hi) = ephemeral_range();
-        let mut seen = HashSet::new();
+        let mut seen = BTreeSet::new();
         for _ in 0..200 {
             let p = unused_port().unwrap();
             assert!(p < lo || p > hi, "{p} in the ephemeral range {lo}-{hi}");

@@ -138,7 +138,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         max_packet_bytes: cfg.mqtt.max_packet_bytes,
         upstream: broker.addr,
         secret: broker.secret.clone(),
-        listening: Some(listening_tx),
+        listening: listening_tx,
     };
     tasks.push(tokio::spawn(broker::gateway::run(
         listener,

@@ -532,28 +532,44 @@ impl Stack {
 
     /// Starts the hub process and waits until it is ready.
     pub async fn start_hub(&self) -> Proc {
-        let p = Proc::spawn(
+        self.start(
             "fleetsync-hub",
             &self.hub_cfg,
-            &self.dir.path().join("hub.log"),
-        );
-        assert!(
-            wait_http_ok(self.hub_addr, "/readyz", Duration::from_secs(30)).await,
-            "hub did not start"
-        );
-        p
+            "hub.log",
+            self.hub_addr,
+            "/readyz",
+        )
+        .await
     }
 
     /// Starts the agent process and waits until its API answers.
     pub async fn start_agent(&self) -> Proc {
-        let p = Proc::spawn(
+        self.start(
             "fleetsync-agent",
             &self.agent_cfg,
-            &self.dir.path().join("agent.log"),
-        );
+            "agent.log",
+            self.api_addr,
+            "/healthz",
+        )
+        .await
+    }
+
+    /// Starts `bin` with `config`, logging to `log` beside the configs, and waits (30 s at
+    /// most) until `addr` answers `path` with success.
+    async fn start(
+        &self,
+        bin: &str,
+        config: &Path,
+        log: &str,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Proc {
+        let log = self.dir.path().join(log);
+        let p = Proc::spawn(bin, config, &log);
         assert!(
-            wait_http_ok(self.api_addr, "/healthz", Duration::from_secs(30)).await,
-            "agent did not start"
+            wait_http_ok(addr, path, Duration::from_secs(30)).await,
+            "{bin} did not start (log: {})",
+            log.display()
         );
         p
     }

@@ -95,7 +95,7 @@ pub struct GatewayConfig {
     /// Told the id of every device whose downlink subscription the broker has just
     /// confirmed (its SUBACK went by): from then on a downlink publish reaches it, so
     /// whatever it has not acknowledged can be sent at once instead of at the next resend.
-    pub listening: Option<mpsc::Sender<String>>,
+    pub listening: mpsc::Sender<String>,
 }
 
 /// Runs the accept loop until `shutdown`.
@@ -305,12 +305,9 @@ where
                 break Err(e);
             }
             let want = down_sub.load(Ordering::Relaxed);
-            if want != 0
-                && watch.feed(&buf[..n], want - 1)
-                && let Some(tx) = &cfg.listening
-            {
+            if want != 0 && watch.feed(&buf[..n], want - 1) {
                 down_sub.store(0, Ordering::Relaxed);
-                let _ = tx.try_send(device.to_string());
+                let _ = cfg.listening.try_send(device.to_string());
             }
         };
         let _ = dev_w.shutdown().await;
