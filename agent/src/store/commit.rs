@@ -17,11 +17,14 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
 use super::StoreError;
+
+/// The longest a round waits for the previous round's writers to come back.
+const MAX_GATHER: Duration = Duration::from_millis(2);
 
 /// What the committer has made durable so far (published to async waiters).
 #[derive(Debug, Clone, Default)]
@@ -42,6 +45,8 @@ struct Req {
     handled: u64,
     /// Set when the store is dropped: one last round, then exit.
     shutdown: bool,
+    /// Commit rounds run.
+    rounds: u64,
     /// The committer is asleep until `written` reaches this; a writer wakes it only then
     /// (a wake-up per write would cost a futex syscall each, mostly for nothing while a
     /// round is running).
@@ -54,14 +59,21 @@ pub(super) struct Commits {
     req: Mutex<Req>,
     cv: Condvar,
     status: watch::Sender<Status>,
+    /// The longest a round waits for the previous round's writers ([`MAX_GATHER`]).
+    max_gather: Duration,
 }
 
 impl Commits {
     pub(super) fn new() -> Commits {
+        Commits::with_max_gather(MAX_GATHER)
+    }
+
+    fn with_max_gather(max_gather: Duration) -> Commits {
         Commits {
             req: Mutex::new(Req::default()),
             cv: Condvar::new(),
             status: watch::Sender::new(Status::default()),
+            max_gather,
         }
     }
 
@@ -113,17 +125,40 @@ impl Commits {
     }
 
     /// The committer thread's body. `commit` makes everything written so far durable.
+    ///
+    /// Before a round it gathers: the writers woken by the previous round usually write
+    /// again at once (a POD upload's next request, a burst of API calls), so it waits until
+    /// as many new writes as that round held have arrived, or for at most that round's own
+    /// duration. Without it, writers that come back while a round runs split into two
+    /// cohorts that take turns, each round holding half of them. A lone writer never waits
+    /// (its own write completes the count).
     pub(super) fn run(
         &self,
         interval: Duration,
         mut commit: impl FnMut() -> Result<(), StoreError>,
     ) {
+        // Writes expected from the last round's writers coming back, and how long to wait.
+        let mut expect = 0u64;
+        let mut gather = Duration::ZERO;
         loop {
             let shutdown = {
                 let mut r = self.req();
                 while r.written <= r.handled && !r.shutdown {
                     r.wake_at = r.handled + 1;
                     r = self.cv.wait(r).unwrap_or_else(PoisonError::into_inner);
+                }
+                let until = Instant::now() + gather;
+                while r.written < expect && !r.shutdown {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    r.wake_at = expect;
+                    r = self
+                        .cv
+                        .wait_timeout(r, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
                 }
                 r.wake_at = u64::MAX;
                 r.shutdown
@@ -132,9 +167,19 @@ impl Commits {
             if !shutdown && !interval.is_zero() {
                 std::thread::sleep(interval);
             }
-            let target = self.req().written;
+            let (target, round) = {
+                let r = self.req();
+                (r.written, r.written - r.handled)
+            };
+            let started = Instant::now();
             let res = commit();
-            self.req().handled = target;
+            gather = started.elapsed().min(self.max_gather);
+            {
+                let mut r = self.req();
+                r.handled = target;
+                r.rounds += 1;
+                expect = r.written + round;
+            }
             self.status.send_modify(|s| match &res {
                 Ok(()) => s.durable = s.durable.max(target),
                 Err(e) => {
@@ -149,6 +194,11 @@ impl Commits {
                 return;
             }
         }
+    }
+
+    /// Commit rounds run so far.
+    pub(super) fn rounds(&self) -> u64 {
+        self.req().rounds
     }
 }
 
@@ -263,5 +313,100 @@ fn sync_path(path: &Path) -> Result<(), StoreError> {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A committer whose rounds take `round` each; returns the shared state, the tickets
+    /// each round covered (as seen by the commit closure) and the thread.
+    fn committer(
+        round: Duration,
+    ) -> (
+        Arc<Commits>,
+        Arc<Mutex<Vec<u64>>>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let commits = Arc::new(Commits::with_max_gather(Duration::from_secs(5)));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (Arc::clone(&commits), Arc::clone(&seen));
+        let handle = std::thread::spawn(move || {
+            let c2 = Arc::clone(&c);
+            c.run(Duration::ZERO, || {
+                s.lock().unwrap().push(c2.req().written);
+                std::thread::sleep(round);
+                Ok(())
+            });
+        });
+        (commits, seen, handle)
+    }
+
+    fn wait_durable(c: &Commits, ticket: u64) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(c.wait(ticket)).expect("durable");
+    }
+
+    #[test]
+    fn a_round_waits_for_the_previous_rounds_writers_to_come_back() {
+        let (c, seen, handle) = committer(Duration::from_millis(300));
+        for _ in 0..4 {
+            c.register();
+        }
+        wait_durable(&c, 4);
+        assert_eq!(*seen.lock().unwrap(), [4]);
+        // Three of the four writers come back at once, the fourth a little later, all well
+        // within the gather window (one round, 300 ms): one round takes all four.
+        for _ in 0..3 {
+            c.register();
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(c.rounds(), 1, "no round before the fourth writer is back");
+        let last = c.register();
+        wait_durable(&c, last);
+        assert_eq!(*seen.lock().unwrap(), [4, 8]);
+        c.shutdown();
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn a_round_starts_after_the_window_when_writers_do_not_come_back() {
+        let (c, seen, handle) = committer(Duration::from_millis(50));
+        for _ in 0..4 {
+            c.register();
+        }
+        wait_durable(&c, 4);
+        // Only one of the four writes again: its round still runs, after the window.
+        let t = c.register();
+        wait_durable(&c, t);
+        assert_eq!(*seen.lock().unwrap(), [4, 5]);
+        c.shutdown();
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn a_lone_writer_never_waits_for_the_window() {
+        let (c, _seen, handle) = committer(Duration::from_millis(400));
+        let t = c.register();
+        wait_durable(&c, t);
+        // A round of one: the writer's next write completes the count, so the next round
+        // starts at once instead of after the 400 ms window.
+        let started = Instant::now();
+        let t = c.register();
+        wait_durable(&c, t);
+        let took = started.elapsed();
+        assert_eq!(c.rounds(), 2);
+        assert!(
+            took < Duration::from_millis(750),
+            "one 400 ms round, not window + round: {took:?}"
+        );
+        c.shutdown();
+        handle.join().unwrap();
     }
 }

@@ -13,7 +13,9 @@
 //! - **Durability.** [`Store::append`] returns once the event is durable: sled `flush()` and
 //!   then `fsync` of sled's files and directories (sled 0.34.7 does not fsync on Linux).
 //!   One background thread does this for every write since its previous round (group
-//!   commit, window [`StoreConfig::commit_interval`]). [`Store::append_buffered`] (GPS
+//!   commit, window [`StoreConfig::commit_interval`]); before a round it gives the previous
+//!   round's writers up to that round's duration to write again, so concurrent writers
+//!   share rounds instead of splitting into cohorts that take turns. [`Store::append_buffered`] (GPS
 //!   fixes) is durable at the next round, which starts at most one window later.
 //!   An `Err` from `append` does not prove the event absent: a failed fsync leaves it
 //!   stored, and it may still be delivered (with its identity, so the hub dedups).
@@ -136,6 +138,9 @@ pub struct StoreStats {
     pub evicted: u64,
     /// POD blobs awaiting the hub's `BlobAck` (count and bytes; part of `used_bytes`).
     pub blobs: LaneStats,
+    /// Group-commit rounds (flush + fsync) since this open; writes per round is the
+    /// group commit's batching.
+    pub commit_rounds: u64,
 }
 
 /// Store failures.
@@ -649,6 +654,7 @@ impl Store {
             gaps_declared: st.gaps_declared,
             evicted: st.evicted,
             blobs: st.blobs,
+            commit_rounds: core.commits.rounds(),
         }
     }
 }
