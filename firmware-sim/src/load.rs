@@ -164,7 +164,12 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     let mut hub = std::process::Command::new(&opts.exe)
         .args(["hub", "--config"])
         .arg(&toml)
-        .env("RUST_LOG", "warn,rumqttd=off")
+        // `FLEETSYNC_HUB_LOG` overrides the hub's log filter (e.g. to see why connections
+        // close: `warn,fleetsync_hub::broker=debug`); the log is `hub.log` in `--dir`.
+        .env(
+            "RUST_LOG",
+            std::env::var("FLEETSYNC_HUB_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

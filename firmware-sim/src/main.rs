@@ -62,7 +62,8 @@ struct LoadArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
-    /// Keep the working directory here.
+    /// Keep the working directory (PKI, hub data, hub.log) here; the hub's log filter
+    /// is FLEETSYNC_HUB_LOG (default warn,rumqttd=off).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
 }
