@@ -4,7 +4,7 @@
 //! tokio appenders of a realistic event mix (1 Hz drive fixes, one exception in 20):
 //!
 //! - store:    events/s of `Store::append(ev).await` (returns after the group commit's
-//!   sled flush + fsync), with the agent's own commit window (2 ms);
+//!   sled flush + fsync), with the agent's settings (no fixed commit window);
 //! - baseline: events/s of the same events' postcard bytes appended to a plain file with
 //!   `write_all` per event and one `File::sync_data` per group of the same size;
 //! - the ratio store / baseline (target: >= 0.5x);

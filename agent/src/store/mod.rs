@@ -15,8 +15,9 @@
 //!   One background thread does this for every write since its previous round (group
 //!   commit, window [`StoreConfig::commit_interval`]); before a round it gives the previous
 //!   round's writers up to that round's duration to write again, so concurrent writers
-//!   share rounds instead of splitting into cohorts that take turns. [`Store::append_buffered`] (GPS
-//!   fixes) is durable at the next round, which starts at most one window later.
+//!   share rounds instead of splitting into cohorts that take turns.
+//!   [`Store::append_buffered`] (GPS fixes) is durable at the next round, which starts at
+//!   most one window (plus that wait, at most 2 ms) later.
 //!   An `Err` from `append` does not prove the event absent: a failed fsync leaves it
 //!   stored, and it may still be delivered (with its identity, so the hub dedups).
 //! - **Quota.** Logical bytes = key + value length of every stored event, kept in memory
