@@ -30,7 +30,7 @@ use fleetsync_protocol::{Body, BoundedString, Event, Exception, Fix};
 
 /// The concurrency levels measured.
 const LEVELS: [usize; 3] = [1, 16, 64];
-/// The agent's group-commit window (`fleetsync_agent::start` uses 2 ms).
+/// The group-commit window: none, as `fleetsync_agent::start` runs the store.
 const COMMIT_INTERVAL: Duration = Duration::ZERO; // as the agent runs it
 /// Length of one measured round.
 const ROUND: Duration = Duration::from_millis(1500);
