@@ -202,33 +202,10 @@ impl Commits {
     }
 }
 
-/// fsyncs sled's files (`db`, `conf`, `snap.*`, `blobs/*`) and the directories holding them.
+/// Syncs all of sled's files (`db`, `conf`, `snap.*`, `blobs/*`) and the directories
+/// holding them: [`sync_sled_changes`] with nothing synced before.
 pub(super) fn sync_sled_dir(dir: &Path) -> Result<(), StoreError> {
-    let io_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source: io::Error| StoreError::Io { path, source }
-    };
-    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name == "db" || name == "conf" || name.starts_with("snap.") {
-            sync_path(&entry.path())?;
-        }
-    }
-    let blobs = dir.join("blobs");
-    match fs::read_dir(&blobs) {
-        Ok(entries) => {
-            for entry in entries {
-                let entry = entry.map_err(io_err(&blobs))?;
-                sync_path(&entry.path())?;
-            }
-            sync_path(&blobs)?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(&blobs)(e)),
-    }
-    sync_path(dir)
+    sync_sled_changes(dir, &mut SyncCache::default())
 }
 
 /// What the committer synced last round: files whose length and mtime have not changed
