@@ -13,7 +13,8 @@ use serde::Deserialize;
 /// A complete, commented config that runs as is after `fleetsync-hub pki init --dir pki`.
 pub const EXAMPLE: &str = r#"# fleetsync-hub configuration. Unknown keys are errors.
 # Environment overrides: FLEETSYNC_HUB_OPERATOR_TOKEN, FLEETSYNC_HUB_HTTP_LISTEN,
-# FLEETSYNC_HUB_MQTT_LISTEN, FLEETSYNC_HUB_STORE_PATH.
+# FLEETSYNC_HUB_MQTT_LISTEN, FLEETSYNC_HUB_STORE_PATH, FLEETSYNC_HUB_STORE_URL (either
+# store override replaces the file's store choice).
 # Relative paths are relative to this file's directory.
 
 [mqtt]
@@ -35,8 +36,16 @@ max_packet_bytes = 262144
 listen = "127.0.0.1:8080"
 
 [store]
-# The hub's sled store. Events are acked to devices only once they are durable here.
+# Where the hub keeps events, devices, blobs and assignments. Events are acked to
+# devices only once they are durable here. Exactly one of:
+# - path: the embedded sled store, a directory on this machine (one hub process);
+# - url:  PostgreSQL, shared by every hub process of the fleet, for example
+#         url = "postgres://fleetsync@db.example.net:5432/fleetsync"
+#   (the password from ~/.pgpass or the URL; migrations are applied at start).
 path = "data/hub"
+# PostgreSQL only: connections per hub process, and the longest a statement may run.
+# pool_size = 16
+# statement_timeout_ms = 30000
 
 [auth]
 # Bearer token of the operator API. Set it from a secret store via
@@ -89,12 +98,68 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
 }
 
-/// `[store]`
-#[derive(Debug, Clone, Deserialize)]
+/// `[store]`: exactly one of `path` (sled) and `url` (PostgreSQL).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// Directory of the sled store.
-    pub path: PathBuf,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// PostgreSQL connection URL.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PostgreSQL connections per hub process.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Longest a PostgreSQL statement may run.
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+}
+
+impl StoreConfig {
+    /// The sled store at `path` with the other settings at their defaults.
+    pub fn sled(path: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            path: Some(path.into()),
+            url: None,
+            pool_size: default_pool_size(),
+            statement_timeout_ms: default_statement_timeout_ms(),
+        }
+    }
+
+    /// PostgreSQL at `url` with the other settings at their defaults.
+    pub fn postgres(url: impl Into<String>) -> Self {
+        StoreConfig {
+            path: None,
+            url: Some(url.into()),
+            ..Self::sled("")
+        }
+    }
+}
+
+/// The URL without its password, for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("path", &self.path)
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
 }
 
 /// `[auth]`
@@ -121,6 +186,12 @@ fn default_max_connections() -> usize {
 }
 fn default_max_packet_bytes() -> usize {
     256 * 1024
+}
+fn default_pool_size() -> usize {
+    16
+}
+fn default_statement_timeout_ms() -> u64 {
+    30_000
 }
 
 impl MqttConfig {
@@ -193,19 +264,23 @@ impl Config {
             self.mqtt.listen = addr("FLEETSYNC_HUB_MQTT_LISTEN", v)?;
         }
         if let Some(v) = get("FLEETSYNC_HUB_STORE_PATH") {
-            self.store.path = v.into();
+            self.store.path = Some(v.into());
+            self.store.url = None;
+        }
+        if let Some(v) = get("FLEETSYNC_HUB_STORE_URL") {
+            self.store.url = Some(v);
+            self.store.path = None;
         }
         Ok(())
     }
 
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in [
-            &mut self.mqtt.ca,
-            &mut self.mqtt.cert,
-            &mut self.mqtt.key,
-            &mut self.store.path,
-        ] {
+        let store = self.store.path.as_mut();
+        for p in [&mut self.mqtt.ca, &mut self.mqtt.cert, &mut self.mqtt.key]
+            .into_iter()
+            .chain(store)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -224,6 +299,45 @@ impl Config {
                 "mqtt.max_packet_bytes must be at least 16384".into(),
             ));
         }
+        match (&self.store.path, &self.store.url) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "store: set either path (sled) or url (PostgreSQL), not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "store: set path (sled, a directory) or url (PostgreSQL, postgres://...)"
+                        .into(),
+                ));
+            }
+            (None, Some(url)) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(ConfigError::Invalid(format!(
+                        "store.url: {:?} is not a PostgreSQL URL; expected postgres://USER@HOST:PORT/DATABASE",
+                        redact_url(url)
+                    )));
+                }
+                if !(1..=1024).contains(&self.store.pool_size) {
+                    return Err(ConfigError::Invalid(
+                        "store.pool_size must be from 1 to 1024".into(),
+                    ));
+                }
+                if !(100..=3_600_000).contains(&self.store.statement_timeout_ms) {
+                    return Err(ConfigError::Invalid(
+                        "store.statement_timeout_ms must be from 100 to 3600000".into(),
+                    ));
+                }
+            }
+            (Some(path), None) => {
+                if path.exists() && !path.is_dir() {
+                    return Err(ConfigError::Invalid(format!(
+                        "store.path {}: exists and is not a directory",
+                        path.display()
+                    )));
+                }
+            }
+        }
         if self.mqtt.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "mqtt.max_connections must be at least 1".into(),
@@ -236,6 +350,41 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_is_path_or_url_and_env_overrides_replace_the_choice() {
+        let mut cfg = Config::parse(EXAMPLE).unwrap();
+        cfg.apply_env(|k| {
+            (k == "FLEETSYNC_HUB_STORE_URL").then(|| "postgres://u:secret@db/fleet".into())
+        })
+        .unwrap();
+        assert_eq!(cfg.store.path, None);
+        cfg.validate().unwrap();
+        assert!(!format!("{:?}", cfg.store).contains("secret"));
+        cfg.store.path = Some("data".into());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        cfg.store.path = None;
+        cfg.store.url = Some("mysql://db/fleet".into());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("not a PostgreSQL URL"), "{e}");
+        let text = EXAMPLE.replace("path = \"data/hub\"", "");
+        let e = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set path"), "{e}");
+    }
+
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            redact_url("postgres://fleet:pw@db:5432/x"),
+            "postgres://fleet:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://fleet@db/x"), "postgres://fleet@db/x");
+    }
 
     #[test]
     fn example_parses_and_minimal_config_defaults_the_rest() {
@@ -277,5 +426,14 @@ mod deploy_example {
             super::EXAMPLE,
             "regenerate deploy/hub.toml"
         );
+    }
+
+    /// deploy/hub-postgres.toml is the example on PostgreSQL and is valid.
+    #[test]
+    fn deploy_postgres_example_is_valid() {
+        let cfg = super::Config::parse(include_str!("../../deploy/hub-postgres.toml")).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.store.path.is_none());
+        assert!(cfg.store.url.as_deref().unwrap().starts_with("postgres://"));
     }
 }

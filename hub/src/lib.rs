@@ -5,16 +5,21 @@
 //!
 //! ```text
 //! device --TLS--> broker::gateway (mTLS, prefix guard) --> broker::embedded (rumqttd)
-//!        --> ingest (decode, dedup, store, fsync) --> ack on the device's down topic
+//!        --> ingest (decode, one store round: dedup + write, durable) --> ack on the
+//!            device's down topic
+//! dispatch: assignments to devices (send, resend, acks)
+//! store: the interface; sled (embedded) or PostgreSQL (several hubs) behind it
 //! api (axum): operator API over the store, /healthz, /readyz, /metrics
 //! ```
 
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod dispatch;
 pub mod ingest;
 pub mod metrics;
 pub mod pki;
+pub mod presence;
 pub mod store;
 pub mod tls;
 
@@ -56,6 +61,13 @@ pub enum HubError {
     NotReady,
 }
 
+impl HubError {
+    /// Whether an operator must change the configuration (exit code 64, no restart).
+    pub fn is_config(&self) -> bool {
+        matches!(self, HubError::Store(e) if e.is_config())
+    }
+}
+
 /// A started hub.
 #[derive(Debug)]
 pub struct Running {
@@ -64,7 +76,7 @@ pub struct Running {
     /// Where the HTTP APIs listen.
     pub http_addr: SocketAddr,
     /// The store (for in-process tests and the simulator).
-    pub store: store::HubStore,
+    pub store: store::Store,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -80,9 +92,10 @@ impl Running {
 /// Starts every part of the hub and returns once devices can connect.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, HubError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let store = store::HubStore::open(&cfg.store.path)?;
+    let store = store::Store::open(&cfg.store).await?;
+    info!(backend = store.backend(), "store open");
     let metrics = Arc::new(metrics::Metrics::default());
-    let registry = Arc::new(broker::gateway::Registry::default());
+    let registry = Arc::new(presence::Registry::default());
     let ready = Arc::new(AtomicBool::new(false));
     let server_cfg = tls::server_config(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
 
@@ -100,15 +113,19 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         layout: Layout::Embedded,
         max_packet_bytes: cfg.mqtt.max_packet_bytes,
     };
-    let (downlink_tx, downlink_rx) = tokio::sync::mpsc::channel(ingest::DOWNLINK_QUEUE);
-    let (listening_tx, listening_rx) = tokio::sync::mpsc::channel(ingest::DOWNLINK_QUEUE);
+    let (downlink_tx, downlink_rx) = tokio::sync::mpsc::channel(dispatch::DOWNLINK_QUEUE);
+    let (listening_tx, listening_rx) = tokio::sync::mpsc::channel(dispatch::DOWNLINK_QUEUE);
+    let dispatch = dispatch::Dispatch::new(store.clone(), Layout::Embedded, downlink_tx);
     tasks.push(tokio::spawn(ingest::run(
         ingest_cfg,
         store.clone(),
+        dispatch.clone(),
         metrics.clone(),
         ready.clone(),
-        downlink_rx,
-        listening_rx,
+        ingest::DownlinkInputs {
+            queued: downlink_rx,
+            listening: listening_rx,
+        },
         shutdown.clone(),
     )));
     // Devices may only come in once the hub's subscriptions exist.
@@ -165,8 +182,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         metrics,
         operator_token: cfg.auth.operator_token.as_str().into(),
         ready,
-        downlinks: downlink_tx,
-        layout: Layout::Embedded,
+        dispatch,
     });
     let sd = shutdown.clone();
     tasks.push(tokio::spawn(async move {

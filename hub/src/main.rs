@@ -43,6 +43,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PkiCmd,
     },
+    /// The store.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Apply the PostgreSQL schema migrations this hub carries, then exit (a hub applies
+    /// them at start too). Nothing to do for sled.
+    Migrate {
+        /// Config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +159,49 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Store {
+            cmd: StoreCmd::Migrate { config },
+        } => {
+            init_tracing(false);
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                match fleetsync_hub::store::Store::open(&cfg.store).await {
+                    Ok(fleetsync_hub::store::Store::Postgres(pg)) => {
+                        match pg.schema_version().await {
+                            Ok(v) => {
+                                println!("store: PostgreSQL schema at version {v}");
+                                ExitCode::SUCCESS
+                            }
+                            Err(e) => {
+                                eprintln!("error: store: {e}");
+                                ExitCode::FAILURE
+                            }
+                        }
+                    }
+                    Ok(_) => {
+                        println!("store: sled has no schema to migrate");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: store: {e}");
+                        ExitCode::from(if e.is_config() { EXIT_CONFIG } else { 1 })
+                    }
+                }
+            })
+        }
         Cmd::Run { config, log_json } => {
             init_tracing(log_json);
             let cfg = match Config::load(&config) {
@@ -165,7 +224,12 @@ fn main() -> ExitCode {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "hub did not start");
-                        return ExitCode::FAILURE;
+                        eprintln!("error: {e}");
+                        return if e.is_config() {
+                            ExitCode::from(EXIT_CONFIG)
+                        } else {
+                            ExitCode::FAILURE
+                        };
                     }
                 };
                 wait_for_signal().await;

@@ -1,5 +1,8 @@
-//! The hub's counters and their Prometheus text form. Per hub instance (no global
-//! recorder), so several hubs in one test process do not mix their figures.
+//! The hub's counters and their Prometheus text form. Per hub process (no global
+//! recorder), so several hubs in one test process do not mix their figures. Counters are
+//! this process's work: with several hub processes on one database, Prometheus sums them
+//! across instances (each scrape target is one process); nothing here is fleet state,
+//! which lives in the store.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +35,8 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Events whose identity was already stored with different content (quarantined).
     pub identity_conflicts: AtomicU64,
+    /// Store rounds that failed (nothing of them acked).
+    pub store_failures: AtomicU64,
     /// Gauge: devices with an open connection.
     pub connected_devices: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
@@ -61,7 +66,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
+            (
+                "fleetsync_hub_store_failures_total",
+                "Store rounds that failed; nothing of them was acked.",
+                &self.store_failures,
+            ),
             (
                 "fleetsync_hub_events_ingested_total",
                 "New events stored.",

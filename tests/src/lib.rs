@@ -584,3 +584,75 @@ impl Stack {
         Http::new(self.api_addr, DRIVER_TOKEN)
     }
 }
+
+/// The PostgreSQL server the PostgreSQL tests use: `FLEETSYNC_TEST_PG_URL` (a URL of any
+/// database on it, e.g. `postgres://postgres@127.0.0.1:5432/postgres`). Unset: `None`
+/// with a note on stderr, so a developer without PostgreSQL can run the rest; in CI
+/// (`CI` set) unset is a failure, never a silent skip.
+pub fn pg_url() -> Option<String> {
+    match std::env::var("FLEETSYNC_TEST_PG_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "FLEETSYNC_TEST_PG_URL is not set in CI: .ci/run must set it"
+            );
+            eprintln!("SKIPPED: FLEETSYNC_TEST_PG_URL is not set; PostgreSQL tests not run");
+            None
+        }
+    }
+}
+
+/// `url` with its database name replaced by `db`.
+pub fn pg_url_with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = base[after_scheme..]
+        .find('/')
+        .map(|i| after_scheme + i)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{db}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Creates a fresh, empty database on the server of `url` and returns its URL. Names are
+/// unique per process and call, so tests running in parallel never share one.
+pub async fn fresh_pg_db(url: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() % 1_000_000_000_000)
+        .unwrap_or(0);
+    let name = format!("fleetsync_t{}_{n}_{nanos}", std::process::id());
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to FLEETSYNC_TEST_PG_URL {url}: {e}"));
+    let task = tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    drop(client);
+    let _ = task.await;
+    pg_url_with_db(url, &name)
+}
+
+/// Runs SQL on `url` (for tests that look at or disturb the database directly).
+pub async fn pg_exec(url: &str, sql: &str) -> Vec<tokio_postgres::Row> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    let rows = client.query(sql, &[]).await.unwrap();
+    drop(client);
+    let _ = task.await;
+    rows
+}

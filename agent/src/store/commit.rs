@@ -246,8 +246,12 @@ pub(super) fn sync_sled_changes(dir: &Path, cache: &mut SyncCache) -> Result<(),
         Err(e) => return Err(io_err(&blobs)(e)),
     }
     for path in listed {
-        let Ok(meta) = fs::metadata(&path) else {
-            continue;
+        // A file sled removed while we look needs no sync; any other error means we
+        // cannot say the store is durable (the hub's `make_durable` decides the same).
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(StoreError::Io { path, source }),
         };
         let stamp = (meta.len(), meta.modified().ok());
         let is_db = path.file_name().is_some_and(|n| n == "db");
@@ -298,6 +302,27 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// The sync of sled's files, the same cases as the hub's `store::sled::durable`
+    /// tests: a vanished file is skipped, a file whose metadata cannot be read is an error
+    /// naming it (never a silent "durable").
+    #[test]
+    fn sync_skips_vanished_files_and_fails_on_unreadable_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), b"log").unwrap();
+        std::fs::write(dir.path().join("conf"), b"conf").unwrap();
+        let mut cache = SyncCache::default();
+        sync_sled_changes(dir.path(), &mut cache).unwrap();
+        assert_eq!(cache.files.len(), 2);
+        // A snapshot sled removed since: nothing to sync, not an error.
+        std::fs::remove_file(dir.path().join("conf")).unwrap();
+        sync_sled_changes(dir.path(), &mut cache).unwrap();
+        assert_eq!(cache.files.len(), 1);
+        // A snapshot whose metadata cannot be read (a symlink loop: ELOOP).
+        std::os::unix::fs::symlink("snap.loop", dir.path().join("snap.loop")).unwrap();
+        let err = sync_sled_changes(dir.path(), &mut cache).unwrap_err();
+        assert!(err.to_string().contains("snap.loop"), "{err}");
+    }
 
     /// A committer whose rounds take `round` each; returns the shared state, the tickets
     /// each round covered (as seen by the commit closure) and the thread.

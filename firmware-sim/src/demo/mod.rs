@@ -241,7 +241,7 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
     cfg.mqtt.ca = pki.join("ca.pem");
     cfg.mqtt.cert = pki.join("hub.pem");
     cfg.mqtt.key = pki.join("hub-key.pem");
-    cfg.store.path = root.join("hub");
+    cfg.store = fleetsync_hub::config::StoreConfig::sled(root.join("hub"));
     cfg.auth.operator_token = operator_token.clone();
     cfg.validate()
         .map_err(|e| SimError::Options(e.to_string()))?;

@@ -17,9 +17,10 @@ use axum::{Json, Router};
 use fleetsync_protocol::json::{AssignmentJson, EventJson, Time, parse_sha256, sha256_hex};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::gateway::Registry;
+use crate::dispatch::{AssignError, Dispatch};
 use crate::metrics::Metrics;
-use crate::store::{HubStore, StoreError};
+use crate::presence::Registry;
+use crate::store::{Store, StoreError};
 
 /// The OpenAPI document (kept beside the code it describes).
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -28,7 +29,7 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// The store.
-    pub store: HubStore,
+    pub store: Store,
     /// Connected devices.
     pub registry: Arc<Registry>,
     /// Counters.
@@ -37,10 +38,8 @@ pub struct AppState {
     pub operator_token: Arc<str>,
     /// Broker up and ingest subscribed.
     pub ready: Arc<AtomicBool>,
-    /// Frames to devices (assignments).
-    pub downlinks: crate::ingest::DownlinkTx,
-    /// Topic layout of the broker in use.
-    pub layout: fleetsync_protocol::topic::Layout,
+    /// Assignments to devices.
+    pub dispatch: Dispatch,
 }
 
 /// An API error.
@@ -62,7 +61,13 @@ pub enum ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        match e {
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "store unavailable");
+                ApiError::Unavailable("the store is not reachable now; try again shortly".into())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
     }
 }
 
@@ -147,14 +152,23 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
-    if st.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    if !st.ready.load(Ordering::SeqCst) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: broker or ingest not up\n",
         )
-            .into_response()
+            .into_response();
+    }
+    match st.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: store ({}) not answering: {e}\n",
+                st.store.backend()
+            ),
+        )
+            .into_response(),
     }
 }
 
@@ -187,10 +201,7 @@ struct DeviceOut {
 }
 
 async fn devices(State(st): State<AppState>) -> Result<Json<Vec<DeviceOut>>, ApiError> {
-    let store = st.store.clone();
-    let rows = tokio::task::spawn_blocking(move || store.devices())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let rows = st.store.devices().await?;
     Ok(Json(
         rows.into_iter()
             .map(|(id, r)| DeviceOut {
@@ -286,15 +297,11 @@ async fn device_events(
             KINDS.join(", ")
         )));
     }
-    let store = st.store.clone();
-    let id2 = id.clone();
-    let (known, rows) = tokio::task::spawn_blocking(move || {
-        let known = store.device(&id2)?.is_some();
-        let rows = store.events(&id2, after, limit, q.kind.as_deref())?;
-        Ok::<_, StoreError>((known, rows))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let known = st.store.device(&id).await?.is_some();
+    let rows = st
+        .store
+        .events(&id, after, limit, q.kind.as_deref())
+        .await?;
     if !known {
         return Err(ApiError::NotFound(format!(
             "no device {id:?} has sent anything to this hub"
@@ -321,10 +328,7 @@ async fn blob(State(st): State<AppState>, Path(sha): Path<String>) -> Result<Res
     let digest = parse_sha256(&sha.to_ascii_lowercase()).ok_or_else(|| {
         ApiError::BadRequest(format!("sha256: expected 64 hex digits, got {sha:?}"))
     })?;
-    let store = st.store.clone();
-    let blob = tokio::task::spawn_blocking(move || store.blob(&digest))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let blob = st.store.blob(&digest).await?;
     match blob {
         Some(bytes) => {
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
@@ -355,10 +359,7 @@ async fn quarantine(
     Query(q): Query<QuarantineQuery>,
 ) -> Result<Json<Vec<QuarantineOut>>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let store = st.store.clone();
-    let rows = tokio::task::spawn_blocking(move || store.quarantined(limit))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let rows = st.store.quarantined(limit).await?;
     Ok(Json(
         rows.into_iter()
             .map(|(id, q)| QuarantineOut {
@@ -408,36 +409,15 @@ async fn put_assignment(
     let a = json
         .to_assignment()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let frame =
-        fleetsync_protocol::frame::encode(&fleetsync_protocol::Downlink::Assignment(a.clone()))
-            .map_err(|e| {
-                ApiError::BadRequest(format!("assignment too large for one frame: {e}"))
-            })?;
-    let topic = st
-        .layout
-        .topic(&id, fleetsync_protocol::topic::Channel::Down)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let store = st.store.clone();
-    let (dev, a2) = (id.clone(), a.clone());
-    let now = crate::ingest::now_ms();
-    let res = tokio::task::spawn_blocking(move || {
-        let r = store.put_assignment(&dev, &a2, now)?;
-        if r.is_ok() {
-            store.make_durable()?;
+    match st.dispatch.assign(&id, &a, crate::ingest::now_ms()).await {
+        Ok(()) => {}
+        Err(AssignError::Invalid(m)) => return Err(ApiError::BadRequest(m)),
+        Err(AssignError::Stale { offered, current }) => {
+            return Err(ApiError::Conflict(format!(
+                "version: {offered} is not newer than version {current} already sent to {id}; versions count up per device"
+            )));
         }
-        Ok::<_, StoreError>(r)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    if let Err(current) = res {
-        return Err(ApiError::Conflict(format!(
-            "version: {} is not newer than version {current} already sent to {id}; versions count up per device",
-            a.version
-        )));
-    }
-    // Sent now if the device is connected; otherwise again when it is next heard from.
-    if st.downlinks.try_send((topic.to_string(), frame)).is_err() {
-        tracing::warn!(device = %id, "downlink queue full; assignment goes out when the device is next heard from");
+        Err(AssignError::Store(e)) => return Err(e.into()),
     }
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"device": id, "id": a.id.as_str(), "version": a.version, "status": "sent"})))
         .into_response())
@@ -447,11 +427,7 @@ async fn get_assignment(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<AssignmentOut>, ApiError> {
-    let store = st.store.clone();
-    let dev = id.clone();
-    let rec = tokio::task::spawn_blocking(move || store.assignment(&dev))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let rec = st.store.assignment(&id).await?;
     let rec = rec.ok_or_else(|| ApiError::NotFound(format!("no assignment was sent to {id:?}")))?;
     Ok(Json(AssignmentOut {
         assignment: AssignmentJson::from_assignment(&rec.assignment),

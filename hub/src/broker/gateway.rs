@@ -23,10 +23,9 @@
 //! A violation is counted (`topic_violations`), logged with the certificate's id and the
 //! id the topic names, and the connection is closed before the packet reaches the broker.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -41,43 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-
-/// Connected devices (a device may briefly hold two connections while reconnecting).
-#[derive(Debug, Default)]
-pub struct Registry {
-    open: Mutex<HashMap<String, usize>>,
-}
-
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        // A panic while holding this lock cannot leave the map inconsistent (single ops).
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn opened(&self, device: &str) {
-        *self.lock().entry(device.to_string()).or_default() += 1;
-    }
-
-    fn closed(&self, device: &str) {
-        let mut m = self.lock();
-        if let Some(n) = m.get_mut(device) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(device);
-            }
-        }
-    }
-
-    /// Whether `device` has an open connection.
-    pub fn is_connected(&self, device: &str) -> bool {
-        self.lock().contains_key(device)
-    }
-
-    /// How many devices are connected.
-    pub fn count(&self) -> usize {
-        self.lock().len()
-    }
-}
+use crate::presence::Registry;
 
 /// Gateway settings.
 #[derive(Debug, Clone)]

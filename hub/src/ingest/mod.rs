@@ -3,13 +3,14 @@
 //! ```text
 //! rumqttc event loop --(bounded channel, INGEST_QUEUE)--> worker
 //! worker: take up to GROUP frames -> decode (size-limited) -> identity from the topic
-//!         -> dedup + write (store) -> ONE make_durable (flush + fsync) -> publish acks
+//!         -> ONE store round (dedup + write, durable when it returns) -> publish acks
 //! ```
 //!
-//! Invariants: an `Ack` (or `BlobAck`) is published only after `make_durable` returned Ok
-//! for everything it covers. A frame that does not decode is counted, quarantined with its
-//! raw bytes, and skipped; the worker never stops for bad input. If the store fails,
-//! nothing of that group is acked, so devices resend it.
+//! Invariants: an `Ack` (or `BlobAck`) is published only after the store round that
+//! wrote what it covers returned Ok. A frame that does not decode is counted,
+//! quarantined with its raw bytes (in the same round), and skipped; the worker never stops
+//! for bad input. If the store fails, nothing of that group is acked, so devices resend
+//! it, and the worker backs off (100 ms doubling to 5 s) before its next round.
 //!
 //! The event loop must never wait on the worker while the worker waits on the event
 //! loop: acks are queued with `try_publish`, and what does not fit stays in the worker's
@@ -27,25 +28,19 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::dispatch::{Dispatch, DownlinkRx, RESEND_MS};
 use crate::metrics::Metrics;
-use crate::store::{ChunkOutcome, HubStore, Quarantined};
+use crate::store::{ChunkOutcome, Item, Outcome, Quarantined, Store, chunk_invalid};
 
 /// Frames buffered between the MQTT event loop and the worker.
 const INGEST_QUEUE: usize = 4096;
-/// Most frames committed with one fsync.
+/// Most frames committed in one store round.
 const GROUP: usize = 512;
 /// Requests (acks) queued towards the broker.
 const CLIENT_QUEUE: usize = 8192;
-
-/// Frames the API asks to send to devices (topic, frame), e.g. assignments.
-pub type DownlinkTx = mpsc::Sender<(String, Vec<u8>)>;
-/// The receiving side, owned by the ingest worker.
-pub type DownlinkRx = mpsc::Receiver<(String, Vec<u8>)>;
-/// Downlink frames queued from the API.
-pub const DOWNLINK_QUEUE: usize = 1024;
-/// An unacknowledged assignment is sent again when its device is heard from, at most
-/// this often.
-const ASSIGNMENT_RESEND_MS: u64 = 10_000;
+/// Back-off after a failed store round: first and longest.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Where the ingest connects.
 #[derive(Debug, Clone)]
@@ -72,14 +67,23 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What the ingest is told to send besides acks.
+#[derive(Debug)]
+pub struct DownlinkInputs {
+    /// Frames queued by [`Dispatch`] (assignments).
+    pub queued: DownlinkRx,
+    /// Devices whose downlink subscription the gateway just saw confirmed.
+    pub listening: mpsc::Receiver<String>,
+}
+
 /// Runs the ingest until `shutdown`. Sets `ready` once the subscriptions are in place.
 pub async fn run(
     cfg: IngestConfig,
-    store: HubStore,
+    store: Store,
+    dispatch: Dispatch,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
-    downlinks: DownlinkRx,
-    listening: mpsc::Receiver<String>,
+    downlinks: DownlinkInputs,
     shutdown: CancellationToken,
 ) {
     let mut opts = MqttOptions::new(
@@ -108,10 +112,10 @@ pub async fn run(
     ));
     let inputs = Inputs {
         frames: rx,
-        downlinks,
-        listening,
+        downlinks: downlinks.queued,
+        listening: downlinks.listening,
     };
-    worker(inputs, client, layout, store, metrics, shutdown).await;
+    worker(inputs, client, layout, store, dispatch, metrics, shutdown).await;
     let _ = pump.await;
 }
 
@@ -175,7 +179,8 @@ async fn worker(
     inputs: Inputs,
     client: AsyncClient,
     layout: Layout,
-    store: HubStore,
+    store: Store,
+    dispatch: Dispatch,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -185,6 +190,7 @@ async fn worker(
         mut listening,
     } = inputs;
     let mut pending: VecDeque<(String, Vec<u8>)> = VecDeque::new();
+    let mut backoff = BACKOFF_MIN;
     loop {
         let mut group = Vec::new();
         tokio::select! {
@@ -195,8 +201,7 @@ async fn worker(
             },
             Some(d) = downlinks.recv() => pending.push_back(d),
             Some(device) = listening.recv() => {
-                // A (re)connected device: what it has not acknowledged goes now.
-                if let Some(d) = unacked_assignment(&store, layout, &device, now_ms(), 0) {
+                if let Some(d) = dispatch.on_listening(&device, now_ms()).await {
                     debug!(%device, "device listening again; sending its unacknowledged assignment");
                     pending.push_back(d);
                 }
@@ -210,11 +215,21 @@ async fn worker(
             }
         }
         if !group.is_empty() {
-            let (store, metrics) = (store.clone(), metrics.clone());
-            match tokio::task::spawn_blocking(move || commit(&store, &metrics, layout, group)).await
-            {
-                Ok(acks) => pending.extend(acks),
-                Err(e) => warn!(error = %e, "ingest commit task failed"),
+            match commit(&store, &dispatch, &metrics, layout, group).await {
+                Ok(acks) => {
+                    pending.extend(acks);
+                    backoff = BACKOFF_MIN;
+                }
+                Err(e) => {
+                    Metrics::add(&metrics.store_failures, 1);
+                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64,
+                        "store round failed; nothing of it acked, devices will resend");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
             }
         }
         while let Some((topic, bytes)) = pending.pop_front() {
@@ -229,15 +244,37 @@ async fn worker(
     }
 }
 
-/// Writes a group of frames, makes them durable, and returns the acks to send.
-fn commit(
-    store: &HubStore,
+/// What the worker needs of a frame once its round has committed.
+struct Reply {
+    device: String,
+    /// The device's downlink topic.
+    down: String,
+    /// The frame's topic and bytes, kept for an operator if the round refuses it.
+    topic: String,
+    raw: bytes::Bytes,
+    kind: ReplyKind,
+}
+
+enum ReplyKind {
+    /// Ack the batch's seqs `first..=last` of `epoch`.
+    Batch { epoch: u32, first: u64, last: u64 },
+    /// BlobAck for this digest once the blob is complete.
+    Chunk { sha256: [u8; 32] },
+    /// Nothing to send (a quarantined frame).
+    None,
+}
+
+/// Writes a group of frames as one store round and returns the acks to send.
+async fn commit(
+    store: &Store,
+    dispatch: &Dispatch,
     metrics: &Metrics,
     layout: Layout,
     group: Vec<Publish>,
-) -> Vec<(String, Vec<u8>)> {
+) -> Result<Vec<(String, Vec<u8>)>, crate::store::StoreError> {
     let now = now_ms();
-    let mut acks = Vec::new();
+    let mut items = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
     let mut heard: Vec<String> = Vec::new();
     for p in group {
         let Ok((device, channel)) = layout.parse(&p.topic) else {
@@ -247,121 +284,153 @@ fn commit(
         let Ok(down) = layout.topic(device, Channel::Down) else {
             continue;
         };
+        let down = down.to_string();
         if !heard.iter().any(|d| d == device) {
             heard.push(device.to_string());
         }
         let quarantine = |error: String| {
             Metrics::add(&metrics.malformed_frames, 1);
             warn!(%device, topic = %p.topic, %error, bytes = p.payload.len(), "frame quarantined");
-            let q = Quarantined {
+            Item::Quarantine(Quarantined {
                 device: device.to_string(),
                 topic: p.topic.clone(),
                 recorded_ms: now,
                 error,
                 raw: p.payload.to_vec(),
-            };
-            if let Err(e) = store.quarantine(&q) {
-                warn!(%device, error = %e, "quarantine write failed");
-            }
+            })
         };
-        match (frame::decode::<Uplink>(&p.payload), channel) {
+        let (item, kind) = match (frame::decode::<Uplink>(&p.payload), channel) {
             (Ok(Uplink::Batch(batch)), Channel::Up) => {
-                match store.ingest_batch(device, &batch, now) {
-                    Ok(r) => {
-                        Metrics::add(&metrics.batches, 1);
-                        Metrics::add(&metrics.events_ingested, r.inserted);
-                        Metrics::add(&metrics.duplicates_dropped, r.duplicates);
-                        if r.conflicts > 0 {
-                            // The device reused identities for different events (its store
-                            // was wiped?). The frame is kept whole for an operator; the batch
-                            // is still acked so the device is not stuck resending it.
-                            Metrics::add(&metrics.identity_conflicts, r.conflicts);
-                            tracing::error!(%device, epoch = batch.epoch, first = batch.first_seq, conflicts = r.conflicts,
-                                "device reused event identities with different content; frame quarantined, operator action needed");
-                            quarantine(format!(
-                                "{} events reuse an (epoch, seq) already stored with different content",
-                                r.conflicts
-                            ));
-                        }
-                        if r.inserted > 0 {
-                            for ev in batch.events.iter() {
-                                metrics.observe_lag_ms(now.saturating_sub(ev.time_ms));
-                            }
-                        }
-                        debug!(%device, epoch = batch.epoch, first = batch.first_seq, n = batch.events.len(), dup = r.duplicates, "batch stored");
-                        let mut ranges = BoundedVec::new();
-                        let _ = ranges.push(SeqRange {
-                            first: batch.first_seq,
-                            last: batch.last_seq(),
-                        });
-                        let ack = Downlink::Ack(Ack {
-                            epoch: batch.epoch,
-                            ranges,
-                        });
-                        if let Ok(bytes) = frame::encode(&ack) {
-                            acks.push((down.to_string(), bytes));
-                        }
-                    }
-                    Err(e) => warn!(%device, error = %e, "store write failed; batch not acked"),
-                }
+                let kind = ReplyKind::Batch {
+                    epoch: batch.epoch,
+                    first: batch.first_seq,
+                    last: batch.last_seq(),
+                };
+                let item = Item::Batch {
+                    device: device.to_string(),
+                    batch,
+                };
+                (item, kind)
             }
             (Ok(Uplink::BlobChunk(chunk)), Channel::Blob) => {
                 Metrics::add(&metrics.blob_chunks, 1);
-                let _ = store.touch_device(device, now);
-                match store.put_chunk(&chunk) {
-                    Ok(ChunkOutcome::Complete) => {
-                        Metrics::add(&metrics.blobs_completed, 1);
-                        let ack = Downlink::BlobAck(BlobAck {
+                match chunk_invalid(&chunk) {
+                    Some(why) => (quarantine(why), ReplyKind::None),
+                    None => {
+                        let kind = ReplyKind::Chunk {
                             sha256: chunk.sha256,
-                        });
-                        if let Ok(bytes) = frame::encode(&ack) {
-                            acks.push((down.to_string(), bytes));
-                        }
+                        };
+                        let item = Item::Chunk {
+                            device: device.to_string(),
+                            chunk,
+                        };
+                        (item, kind)
                     }
-                    Ok(ChunkOutcome::Partial) => {}
-                    Ok(ChunkOutcome::DigestMismatch) => {
-                        quarantine("blob bytes do not match their sha256".into())
-                    }
-                    Ok(ChunkOutcome::Invalid(why)) => quarantine(why),
-                    Err(e) => warn!(%device, error = %e, "blob write failed"),
                 }
             }
-            (Ok(_), ch) => quarantine(format!(
-                "message kind does not belong on the {} topic",
-                ch.as_str()
-            )),
-            (Err(e), _) => quarantine(e.to_string()),
-        }
+            (Ok(_), ch) => (
+                quarantine(format!(
+                    "message kind does not belong on the {} topic",
+                    ch.as_str()
+                )),
+                ReplyKind::None,
+            ),
+            (Err(e), _) => (quarantine(e.to_string()), ReplyKind::None),
+        };
+        items.push(item);
+        replies.push(Reply {
+            device: device.to_string(),
+            down,
+            topic: p.topic.clone(),
+            raw: p.payload.clone(),
+            kind,
+        });
     }
-    if let Err(e) = store.make_durable() {
-        warn!(error = %e, "store fsync failed; acks withheld, devices will resend");
-        return Vec::new();
+    let lags: Vec<Vec<u64>> = items
+        .iter()
+        .map(|it| match it {
+            Item::Batch { batch, .. } => batch.events.iter().map(|e| e.time_ms).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let outcomes = store.ingest(items, now).await?;
+
+    let mut acks = Vec::new();
+    for ((outcome, reply), times) in outcomes.into_iter().zip(replies).zip(lags) {
+        let Reply {
+            device,
+            down,
+            topic,
+            raw,
+            kind,
+        } = reply;
+        // A frame the round stored but that an operator must see: kept before any ack.
+        let keep = |error: String| Quarantined {
+            device: device.clone(),
+            topic: topic.clone(),
+            recorded_ms: now,
+            error,
+            raw: raw.to_vec(),
+        };
+        match (outcome, kind) {
+            (Outcome::Batch(r), ReplyKind::Batch { epoch, first, last }) => {
+                Metrics::add(&metrics.batches, 1);
+                Metrics::add(&metrics.events_ingested, r.inserted());
+                Metrics::add(&metrics.duplicates_dropped, r.duplicates);
+                if r.conflicts > 0 {
+                    // The device reused identities for different events (its store was
+                    // wiped?). The frame is kept whole for an operator; the batch is
+                    // still acked so the device is not stuck resending it.
+                    Metrics::add(&metrics.identity_conflicts, r.conflicts);
+                    Metrics::add(&metrics.malformed_frames, 1);
+                    tracing::error!(%device, epoch, first, conflicts = r.conflicts,
+                        "device reused event identities with different content; frame quarantined, operator action needed");
+                    store
+                        .quarantine(keep(format!(
+                            "{} events reuse an (epoch, seq) already stored with different content",
+                            r.conflicts
+                        )))
+                        .await?;
+                }
+                if !r.new.is_empty() {
+                    for t in times {
+                        metrics.observe_lag_ms(now.saturating_sub(t));
+                    }
+                }
+                debug!(%device, epoch, first, new = r.new.len(), dup = r.duplicates, "batch stored");
+                let mut ranges = BoundedVec::new();
+                let _ = ranges.push(SeqRange { first, last });
+                if let Ok(bytes) = frame::encode(&Downlink::Ack(Ack { epoch, ranges })) {
+                    acks.push((down, bytes));
+                }
+            }
+            (Outcome::Chunk(c), ReplyKind::Chunk { sha256 }) => match c {
+                ChunkOutcome::Complete => {
+                    Metrics::add(&metrics.blobs_completed, 1);
+                    if let Ok(bytes) = frame::encode(&Downlink::BlobAck(BlobAck { sha256 })) {
+                        acks.push((down, bytes));
+                    }
+                }
+                ChunkOutcome::Partial => {}
+                ChunkOutcome::DigestMismatch | ChunkOutcome::Invalid(_) => {
+                    let why = match c {
+                        ChunkOutcome::Invalid(why) => why,
+                        _ => "blob bytes do not match their sha256".into(),
+                    };
+                    Metrics::add(&metrics.malformed_frames, 1);
+                    warn!(%device, error = %why, "blob chunk quarantined");
+                    store.quarantine(keep(why)).await?;
+                }
+            },
+            _ => {}
+        }
     }
     // A device we hear from that has not acknowledged its assignment gets it again.
     for device in heard {
-        if let Some(d) = unacked_assignment(store, layout, &device, now, ASSIGNMENT_RESEND_MS) {
+        if let Some(d) = dispatch.resend_due(&device, now, RESEND_MS).await {
             debug!(%device, "assignment not acknowledged yet; sending it again");
             acks.push(d);
         }
     }
-    acks
-}
-
-/// The device's assignment as a downlink frame if the device has not acknowledged it and
-/// it was last sent at least `min_gap_ms` ago; marks it sent.
-fn unacked_assignment(
-    store: &HubStore,
-    layout: Layout,
-    device: &str,
-    now: u64,
-    min_gap_ms: u64,
-) -> Option<(String, Vec<u8>)> {
-    let rec = store.assignment(device).ok().flatten()?;
-    if rec.acknowledged() || now.saturating_sub(rec.sent_ms) < min_gap_ms {
-        return None;
-    }
-    let down = layout.topic(device, Channel::Down).ok()?;
-    let bytes = frame::encode(&Downlink::Assignment(rec.assignment)).ok()?;
-    let _ = store.mark_assignment_sent(device, now);
-    Some((down.to_string(), bytes))
+    Ok(acks)
 }

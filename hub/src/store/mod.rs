@@ -1,30 +1,36 @@
-//! The hub's store (sled): events deduplicated on `(device, epoch, seq)`, devices, blobs,
-//! and quarantined frames.
+//! The hub's store: one async interface made of the hub's use cases, two backends behind it.
 //!
 //! ```text
-//! tree events:      key  device_id ++ 0x00 ++ epoch: u32 BE ++ seq: u64 BE
-//!                   val  postcard(StoredEvent { recorded_ms: u64, event: Event })
-//! tree devices:     key  device_id            val  postcard(DeviceRecord)
-//! tree blobs:       key  sha256 (32 bytes)    val  the verified blob
-//! tree blob_parts:  key  sha256 ++ offset: u32 BE   val  chunk bytes (until complete)
-//! tree quarantine:  key  id: u64 BE           val  postcard(Quarantined)
-//! tree assignments: key  device_id            val  postcard(AssignmentRecord)
+//! Store::Sled      store/sled/      embedded default ([store] path): one process, one disk
+//! Store::Postgres  store/postgres/  [store] url: several hub processes on one database
 //! ```
 //!
-//! Invariants: an event row is written at most once (compare-and-swap on an absent key,
-//! so redelivery in any order changes nothing); [`HubStore::make_durable`] (sled flush
-//! plus fsync of sled's files, which sled 0.34.7's flush does not do) runs before the
-//! ingest acks anything it wrote.
+//! The unit of work is the ingest round ([`Store::ingest`]): every batch, blob chunk and
+//! quarantined frame of a round is written together, or none of it is. For each batch the
+//! round deduplicates on `(device, epoch, seq)`, records what a new event implies (the
+//! device record, an assignment acknowledgement, and whatever later issues add: facts,
+//! outbox rows), and returns which events were new, so a redelivered batch yields nothing
+//! downstream.
+//!
+//! Invariants, both backends (the conformance suite in `tests/tests/store_conformance.rs`
+//! runs the same behaviour tests against each):
+//! - durability is the store's job: when a call that writes returns `Ok`, what it wrote
+//!   survives kill -9 and power loss. No caller flushes or fsyncs.
+//! - an event identity is stored at most once, whatever the interleaving of redeliveries
+//!   (on PostgreSQL also across hub processes).
+//! - a blob is stored only once all its bytes are there and their sha256 matches.
+//! - the quarantine keeps at most [`MAX_QUARANTINE`] frames of at most
+//!   [`MAX_QUARANTINE_RAW`] bytes each.
 
-mod durable;
+pub mod postgres;
+pub mod sled;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 
-use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Event, Health, Sha256};
+use fleetsync_protocol::{Assignment, Batch, BlobChunk, Event, Health, Sha256};
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
+
+use crate::config::StoreConfig;
 
 /// Largest blob the hub assembles.
 pub const MAX_BLOB_BYTES: u32 = 32 * 1024 * 1024;
@@ -38,13 +44,38 @@ pub const MAX_QUARANTINE_RAW: usize = 64 * 1024;
 pub enum StoreError {
     /// sled failed.
     #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
-    /// fsync failed.
-    #[error("io: {0}")]
-    Io(#[from] std::io::Error),
+    Sled(#[from] ::sled::Error),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A stored row did not decode.
     #[error("corrupt row: {0}")]
     Codec(#[from] postcard::Error),
+    /// PostgreSQL answered with an error or the connection failed.
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The database cannot be reached now (down, network, pool exhausted): try again.
+    #[error("postgres unavailable: {0}")]
+    Unavailable(String),
+    /// The configured store cannot be used as configured (wrong path or URL, no
+    /// permission, a schema from a newer hub): an operator must change something.
+    #[error("{0}")]
+    Config(String),
+    /// The blocking task running a sled call failed.
+    #[error("store task: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    /// Whether an operator must fix the configuration (the hub exits with 64 on these).
+    pub fn is_config(&self) -> bool {
+        matches!(self, StoreError::Config(_))
+    }
 }
 
 /// An event as stored.
@@ -57,7 +88,7 @@ pub struct StoredEvent {
 }
 
 /// What the hub knows of a device.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     /// First batch seen.
     pub first_seen_ms: u64,
@@ -69,8 +100,27 @@ pub struct DeviceRecord {
     pub last_health: Option<(u64, Health)>,
 }
 
+impl DeviceRecord {
+    /// Merges what one round saw of the device. Every part is a maximum, so applying the
+    /// same round twice (a redelivery, a retried transaction) changes nothing.
+    pub fn merge(&mut self, seen_ms: u64, epoch: Option<u32>, health: Option<&(u64, Health)>) {
+        if self.first_seen_ms == 0 {
+            self.first_seen_ms = seen_ms;
+        }
+        self.last_seen_ms = self.last_seen_ms.max(seen_ms);
+        if let Some(e) = epoch {
+            self.epoch = self.epoch.max(e);
+        }
+        if let Some((t, h)) = health
+            && self.last_health.as_ref().is_none_or(|(old, _)| old <= t)
+        {
+            self.last_health = Some((*t, h.clone()));
+        }
+    }
+}
+
 /// A frame that did not decode, kept for operators.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Quarantined {
     /// Device the topic names.
     pub device: String,
@@ -80,12 +130,12 @@ pub struct Quarantined {
     pub recorded_ms: u64,
     /// Why it was refused.
     pub error: String,
-    /// The raw bytes.
+    /// The raw bytes (the store keeps at most [`MAX_QUARANTINE_RAW`]).
     pub raw: Vec<u8>,
 }
 
 /// The assignment sent to a device and what it acknowledged.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssignmentRecord {
     /// The newest assignment sent.
     pub assignment: Assignment,
@@ -98,22 +148,62 @@ pub struct AssignmentRecord {
 }
 
 impl AssignmentRecord {
+    /// A new record for `a`, sent at `now_ms`, not acknowledged yet.
+    pub fn new(a: &Assignment, now_ms: u64) -> Self {
+        AssignmentRecord {
+            assignment: a.clone(),
+            sent_ms: now_ms,
+            acked_version: None,
+            acked_ms: None,
+        }
+    }
+
     /// Whether the device has acknowledged the newest version.
     pub fn acknowledged(&self) -> bool {
         self.acked_version
             .is_some_and(|v| v >= self.assignment.version)
     }
+
+    /// Applies an `AssignmentAck` the device captured at `time_ms`; returns whether the
+    /// record changed. Only an ack of this assignment that is newer than the one recorded
+    /// counts; applying the same ack twice changes nothing.
+    pub fn apply_ack(&mut self, id: &str, version: u32, time_ms: u64) -> bool {
+        if self.assignment.id.as_str() != id || self.acked_version.is_some_and(|v| v >= version) {
+            return false;
+        }
+        self.acked_version = Some(version);
+        self.acked_ms = Some(time_ms);
+        true
+    }
+
+    /// The record once `a` replaces this one (a higher version), sent at `now_ms`.
+    pub fn replaced_by(&self, a: &Assignment, now_ms: u64) -> Self {
+        AssignmentRecord {
+            acked_version: self.acked_version,
+            acked_ms: self.acked_ms,
+            ..Self::new(a, now_ms)
+        }
+    }
 }
 
-/// Result of storing a batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Result of storing one batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ingested {
-    /// New events written.
-    pub inserted: u64,
+    /// The seqs (in the batch's epoch) of the events written now, in batch order: what
+    /// is new downstream. A redelivery yields none.
+    pub new: Vec<u64>,
     /// Events already present with the same content.
     pub duplicates: u64,
-    /// Identities already taken by different content (see [`HubStore::ingest_batch`]).
+    /// Identities already taken by different content (a device whose store was wiped and
+    /// restarted its epochs): counted apart, never silently "deduped".
     pub conflicts: u64,
+}
+
+impl Ingested {
+    /// New events written.
+    pub fn inserted(&self) -> u64 {
+        self.new.len() as u64
+    }
 }
 
 /// Result of storing a blob chunk.
@@ -129,381 +219,196 @@ pub enum ChunkOutcome {
     Invalid(String),
 }
 
-/// The hub's sled store.
+/// One item of an ingest round.
 #[derive(Debug, Clone)]
-pub struct HubStore {
-    db: sled::Db,
-    path: PathBuf,
-    events: sled::Tree,
-    devices: sled::Tree,
-    blobs: sled::Tree,
-    blob_parts: sled::Tree,
-    quarantine: sled::Tree,
-    assignments: sled::Tree,
-    quarantined_count: Arc<AtomicUsize>,
-    /// What the last `make_durable` synced (one round at a time).
-    synced: Arc<Mutex<durable::Synced>>,
+pub enum Item {
+    /// A batch of events from `device` (identity from the authenticated topic).
+    Batch {
+        /// The device.
+        device: String,
+        /// The batch.
+        batch: Batch,
+    },
+    /// A blob chunk from `device`.
+    Chunk {
+        /// The device.
+        device: String,
+        /// The chunk.
+        chunk: BlobChunk,
+    },
+    /// A frame refused before it reached the store.
+    Quarantine(Quarantined),
 }
 
-fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(device.len() + 13);
-    k.extend_from_slice(device.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&epoch.to_be_bytes());
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
+/// What the round did with one [`Item`], in the same position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A batch.
+    Batch(Ingested),
+    /// A blob chunk.
+    Chunk(ChunkOutcome),
+    /// A quarantined frame and its id.
+    Quarantined(u64),
 }
 
-impl HubStore {
-    /// Opens (or creates) the store at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let store = Self::open_trees(path)?;
-        let n = store.quarantine.iter().keys().count();
-        store.quarantined_count.store(n, Ordering::Relaxed);
-        Ok(store)
-    }
+/// A page of events: `(epoch, seq, stored)` in order.
+pub type EventRows = Vec<(u32, u64, StoredEvent)>;
 
-    fn open_trees(path: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(path)?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(64 * 1024 * 1024)
-            .open()?;
-        Ok(Self {
-            events: db.open_tree("events")?,
-            devices: db.open_tree("devices")?,
-            blobs: db.open_tree("blobs")?,
-            blob_parts: db.open_tree("blob_parts")?,
-            quarantine: db.open_tree("quarantine")?,
-            assignments: db.open_tree("assignments")?,
-            quarantined_count: Arc::new(AtomicUsize::new(0)),
-            synced: Arc::new(Mutex::new(durable::Synced::default())),
-            path: path.to_path_buf(),
-            db,
-        })
+/// Checks a chunk against the blob it claims to belong to; `Some(why)` if it cannot be
+/// part of any valid blob. Both backends refuse the same chunks.
+pub fn chunk_invalid(chunk: &BlobChunk) -> Option<String> {
+    let end = u64::from(chunk.offset) + chunk.data.len() as u64;
+    if chunk.total_len > MAX_BLOB_BYTES {
+        return Some(format!("blob of {} bytes over the limit", chunk.total_len));
     }
-
-    /// Makes everything written so far durable.
-    pub fn make_durable(&self) -> Result<(), StoreError> {
-        // A panic in another round cannot leave the map wrong, only stale: a stale entry
-        // at worst syncs a file once more.
-        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(durable::make_durable(&self.db, &self.path, &mut synced)?)
+    if end > u64::from(chunk.total_len) || (chunk.data.is_empty() && chunk.total_len > 0) {
+        return Some("chunk past the blob's end".into());
     }
+    None
+}
 
-    /// Stores a batch's events that are not yet stored; updates the device record.
-    pub fn ingest_batch(
-        &self,
-        device: &str,
-        batch: &Batch,
-        recorded_ms: u64,
-    ) -> Result<Ingested, StoreError> {
-        let mut out = Ingested::default();
-        let mut newest_health: Option<(u64, Health)> = None;
-        for (i, event) in batch.events.iter().enumerate() {
-            let key = event_key(device, batch.epoch, batch.first_seq + i as u64);
-            let row = postcard::to_stdvec(&StoredEvent {
-                recorded_ms,
-                event: event.clone(),
-            })?;
-            match self
-                .events
-                .compare_and_swap(key, None as Option<&[u8]>, Some(row))?
-            {
-                Ok(()) => {
-                    out.inserted += 1;
-                    if let Body::AssignmentAck(a) = &event.body {
-                        self.ack_assignment(device, &a.assignment_id, a.version, event.time_ms)?;
-                    }
-                    if let Body::Health(h) = &event.body
-                        && newest_health
-                            .as_ref()
-                            .is_none_or(|(t, _)| *t <= event.time_ms)
-                    {
-                        newest_health = Some((event.time_ms, h.clone()));
-                    }
-                }
-                Err(existing) => {
-                    // Same identity: a redelivery, unless the content differs (a device whose
-                    // store was wiped and restarted its epochs). That is counted apart so the
-                    // caller keeps the frame and tells an operator; never silently "deduped".
-                    let same = existing
-                        .current
-                        .as_ref()
-                        .and_then(|b| postcard::from_bytes::<StoredEvent>(b).ok())
-                        .is_some_and(|old| old.event == *event);
-                    if same {
-                        out.duplicates += 1;
-                    } else {
-                        out.conflicts += 1;
-                    }
-                }
-            }
+/// Assembles a blob of `total_len` bytes from `(offset, bytes)` parts (sorted by offset)
+/// if they cover it contiguously from 0; `None` while bytes are missing.
+pub(crate) fn assemble<B: AsRef<[u8]>>(parts: &[(u64, B)], total_len: u32) -> Option<Vec<u8>> {
+    let total = u64::from(total_len);
+    let mut covered = 0u64;
+    for (off, v) in parts {
+        if *off > covered {
+            break;
         }
-        self.devices.fetch_and_update(device.as_bytes(), |old| {
-            let mut rec: DeviceRecord = old
-                .and_then(|b| postcard::from_bytes(b).ok())
-                .unwrap_or_default();
-            if rec.first_seen_ms == 0 {
-                rec.first_seen_ms = recorded_ms;
-            }
-            rec.last_seen_ms = rec.last_seen_ms.max(recorded_ms);
-            rec.epoch = rec.epoch.max(batch.epoch);
-            if let Some((t, h)) = &newest_health
-                && rec.last_health.as_ref().is_none_or(|(old_t, _)| old_t <= t)
-            {
-                rec.last_health = Some((*t, h.clone()));
-            }
-            postcard::to_stdvec(&rec).ok()
-        })?;
-        Ok(out)
+        covered = covered.max(off + v.as_ref().len() as u64);
+    }
+    if covered < total {
+        return None;
+    }
+    let mut blob = vec![0u8; total_len as usize];
+    for (off, v) in parts {
+        // Parts stored under another total length may lie past this blob's end.
+        let off = *off as usize;
+        if off >= blob.len() {
+            continue;
+        }
+        let v = v.as_ref();
+        let n = v.len().min(blob.len() - off);
+        blob[off..off + n].copy_from_slice(&v[..n]);
+    }
+    Some(blob)
+}
+
+/// The hub's store.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// Embedded sled.
+    Sled(sled::SledStore),
+    /// PostgreSQL.
+    Postgres(postgres::PgStore),
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sled($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the configured backend; on PostgreSQL applies pending migrations first.
+    pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        match (&cfg.path, &cfg.url) {
+            (_, Some(url)) => Ok(Store::Postgres(
+                postgres::PgStore::open(url, cfg, true).await?,
+            )),
+            (Some(path), None) => Ok(Store::Sled(sled::SledStore::open_async(path).await?)),
+            (None, None) => Err(StoreError::Config(
+                "store: set [store] path (sled) or [store] url (PostgreSQL)".into(),
+            )),
+        }
     }
 
-    /// Notes that a device was seen (a blob chunk, for instance) without events.
-    pub fn touch_device(&self, device: &str, recorded_ms: u64) -> Result<(), StoreError> {
-        self.devices.fetch_and_update(device.as_bytes(), |old| {
-            let mut rec: DeviceRecord = old
-                .and_then(|b| postcard::from_bytes(b).ok())
-                .unwrap_or_default();
-            if rec.first_seen_ms == 0 {
-                rec.first_seen_ms = recorded_ms;
-            }
-            rec.last_seen_ms = rec.last_seen_ms.max(recorded_ms);
-            postcard::to_stdvec(&rec).ok()
-        })?;
-        Ok(())
+    /// Which backend, for logs and `/metrics`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sled(_) => "sled",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// One ingest round as one unit of work: every item is written, or the call fails
+    /// and nothing of it is (so nothing of it may be acked). Outcomes are in item order.
+    pub async fn ingest(
+        &self,
+        items: Vec<Item>,
+        recorded_ms: u64,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        both!(self, s => s.ingest(items, recorded_ms).await)
+    }
+
+    /// Keeps a refused frame for operators; returns its id.
+    pub async fn quarantine(&self, q: Quarantined) -> Result<u64, StoreError> {
+        let out = self.ingest(vec![Item::Quarantine(q)], 0).await?;
+        match out.first() {
+            Some(Outcome::Quarantined(id)) => Ok(*id),
+            _ => Err(StoreError::Task("quarantine returned no id".into())),
+        }
+    }
+
+    /// Newest quarantined frames first.
+    pub async fn quarantined(&self, limit: usize) -> Result<Vec<(u64, Quarantined)>, StoreError> {
+        both!(self, s => s.quarantined(limit).await)
     }
 
     /// Every device with its record, by id.
-    pub fn devices(&self) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.devices.iter() {
-            let (k, v) = kv?;
-            out.push((
-                String::from_utf8_lossy(&k).into_owned(),
-                postcard::from_bytes(&v)?,
-            ));
-        }
-        Ok(out)
+    pub async fn devices(&self) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+        both!(self, s => s.devices().await)
     }
 
     /// One device's record.
-    pub fn device(&self, device: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        Ok(match self.devices.get(device.as_bytes())? {
-            Some(v) => Some(postcard::from_bytes(&v)?),
-            None => None,
-        })
+    pub async fn device(&self, device: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        both!(self, s => s.device(device).await)
     }
 
-    /// Events of `device` after `(epoch, seq)` in order, at most `limit`, optionally of
-    /// one kind only. Returns `(epoch, seq, stored)`.
-    pub fn events(
+    /// Events of `device` strictly after `(epoch, seq)` in order, at most `limit`,
+    /// optionally of one kind only.
+    pub async fn events(
         &self,
         device: &str,
         after: Option<(u32, u64)>,
         limit: usize,
         kind: Option<&str>,
-    ) -> Result<Vec<(u32, u64, StoredEvent)>, StoreError> {
-        let mut prefix = device.as_bytes().to_vec();
-        prefix.push(0);
-        let start = match after {
-            Some((e, s)) => {
-                let mut k = event_key(device, e, s);
-                k.push(0); // strictly after
-                k
-            }
-            None => prefix.clone(),
-        };
-        let mut end = device.as_bytes().to_vec();
-        end.push(1);
-        let mut out = Vec::new();
-        for kv in self.events.range(start..end) {
-            let (k, v) = kv?;
-            let tail = &k[prefix.len()..];
-            if tail.len() != 12 {
-                continue;
-            }
-            let epoch = u32::from_be_bytes([tail[0], tail[1], tail[2], tail[3]]);
-            let mut s = [0u8; 8];
-            s.copy_from_slice(&tail[4..]);
-            let stored: StoredEvent = postcard::from_bytes(&v)?;
-            if kind.is_some_and(|k| k != stored.event.body.kind()) {
-                continue;
-            }
-            out.push((epoch, u64::from_be_bytes(s), stored));
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Stores a blob chunk and assembles the blob once every byte is there.
-    pub fn put_chunk(&self, chunk: &BlobChunk) -> Result<ChunkOutcome, StoreError> {
-        if self.blobs.contains_key(chunk.sha256)? {
-            return Ok(ChunkOutcome::Complete);
-        }
-        let end = u64::from(chunk.offset) + chunk.data.len() as u64;
-        if chunk.total_len > MAX_BLOB_BYTES {
-            return Ok(ChunkOutcome::Invalid(format!(
-                "blob of {} bytes over the limit",
-                chunk.total_len
-            )));
-        }
-        if end > u64::from(chunk.total_len) || (chunk.data.is_empty() && chunk.total_len > 0) {
-            return Ok(ChunkOutcome::Invalid("chunk past the blob's end".into()));
-        }
-        let mut key = chunk.sha256.to_vec();
-        key.extend_from_slice(&chunk.offset.to_be_bytes());
-        self.blob_parts.insert(key, chunk.data.as_slice())?;
-        // Covered contiguously from 0?
-        let mut covered = 0u64;
-        let mut parts = Vec::new();
-        for kv in self.blob_parts.scan_prefix(chunk.sha256) {
-            let (k, v) = kv?;
-            let off = u64::from(u32::from_be_bytes([k[32], k[33], k[34], k[35]]));
-            if off > covered {
-                break;
-            }
-            covered = covered.max(off + v.len() as u64);
-            parts.push((off, v));
-        }
-        if covered < u64::from(chunk.total_len) {
-            return Ok(ChunkOutcome::Partial);
-        }
-        let mut blob = vec![0u8; chunk.total_len as usize];
-        for (off, v) in &parts {
-            // Parts stored under another total length may lie past this blob's end.
-            let off = *off as usize;
-            if off >= blob.len() {
-                continue;
-            }
-            let n = v.len().min(blob.len() - off);
-            blob[off..off + n].copy_from_slice(&v[..n]);
-        }
-        let digest: Sha256 = sha2::Sha256::digest(&blob).into();
-        for (off, _) in &parts {
-            let mut k = chunk.sha256.to_vec();
-            k.extend_from_slice(&(*off as u32).to_be_bytes());
-            self.blob_parts.remove(k)?;
-        }
-        if digest != chunk.sha256 {
-            return Ok(ChunkOutcome::DigestMismatch);
-        }
-        self.blobs.insert(chunk.sha256, blob)?;
-        Ok(ChunkOutcome::Complete)
+    ) -> Result<EventRows, StoreError> {
+        both!(self, s => s.events(device, after, limit, kind).await)
     }
 
     /// A verified blob.
-    pub fn blob(&self, sha256: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.blobs.get(sha256)?.map(|v| v.to_vec()))
+    pub async fn blob(&self, sha256: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
+        both!(self, s => s.blob(sha256).await)
     }
 
-    /// Records `a` as the device's assignment if its version is higher than the one already
-    /// sent; otherwise returns `Err(current version)`.
-    pub fn put_assignment(
+    /// Records `a` as the device's assignment if its version is higher than the one
+    /// already recorded; otherwise returns `Err(current version)`.
+    pub async fn put_assignment(
         &self,
         device: &str,
         a: &Assignment,
         now_ms: u64,
     ) -> Result<Result<(), u32>, StoreError> {
-        loop {
-            let old = self.assignments.get(device.as_bytes())?;
-            let prev: Option<AssignmentRecord> = match &old {
-                Some(v) => Some(postcard::from_bytes(v)?),
-                None => None,
-            };
-            if let Some(p) = &prev
-                && p.assignment.version >= a.version
-            {
-                return Ok(Err(p.assignment.version));
-            }
-            let rec = AssignmentRecord {
-                assignment: a.clone(),
-                sent_ms: now_ms,
-                acked_version: prev.as_ref().and_then(|p| p.acked_version),
-                acked_ms: prev.as_ref().and_then(|p| p.acked_ms),
-            };
-            let new = postcard::to_stdvec(&rec)?;
-            if self
-                .assignments
-                .compare_and_swap(device.as_bytes(), old, Some(new))?
-                .is_ok()
-            {
-                return Ok(Ok(()));
-            }
-        }
+        both!(self, s => s.put_assignment(device, a, now_ms).await)
     }
 
     /// The device's assignment record.
-    pub fn assignment(&self, device: &str) -> Result<Option<AssignmentRecord>, StoreError> {
-        Ok(match self.assignments.get(device.as_bytes())? {
-            Some(v) => Some(postcard::from_bytes(&v)?),
-            None => None,
-        })
+    pub async fn assignment(&self, device: &str) -> Result<Option<AssignmentRecord>, StoreError> {
+        both!(self, s => s.assignment(device).await)
     }
 
-    /// Notes that the assignment was sent again.
-    pub fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.assignments
-            .fetch_and_update(device.as_bytes(), |old| {
-                let mut rec: AssignmentRecord = postcard::from_bytes(old?).ok()?;
-                rec.sent_ms = now_ms;
-                postcard::to_stdvec(&rec).ok()
-            })?;
-        Ok(())
+    /// Notes that the device's assignment was sent again at `now_ms`.
+    pub async fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
+        both!(self, s => s.mark_assignment_sent(device, now_ms).await)
     }
 
-    fn ack_assignment(
-        &self,
-        device: &str,
-        id: &str,
-        version: u32,
-        time_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.assignments
-            .fetch_and_update(device.as_bytes(), |old| {
-                let bytes = old?;
-                let mut rec: AssignmentRecord = match postcard::from_bytes(bytes) {
-                    Ok(r) => r,
-                    Err(_) => return Some(bytes.to_vec()),
-                };
-                if rec.assignment.id.as_str() == id && rec.acked_version.is_none_or(|v| v < version)
-                {
-                    rec.acked_version = Some(version);
-                    rec.acked_ms = Some(time_ms);
-                }
-                postcard::to_stdvec(&rec)
-                    .ok()
-                    .or_else(|| Some(bytes.to_vec()))
-            })?;
-        Ok(())
-    }
-
-    /// Keeps a refused frame for operators.
-    pub fn quarantine(&self, q: &Quarantined) -> Result<u64, StoreError> {
-        let id = self.db.generate_id()?;
-        let mut q = q.clone();
-        q.raw.truncate(MAX_QUARANTINE_RAW);
-        self.quarantine
-            .insert(id.to_be_bytes(), postcard::to_stdvec(&q)?)?;
-        // Counted in memory: sled's len() walks the whole tree.
-        let n = self.quarantined_count.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > MAX_QUARANTINE && self.quarantine.pop_min()?.is_some() {
-            self.quarantined_count.fetch_sub(1, Ordering::Relaxed);
-        }
-        Ok(id)
-    }
-
-    /// Newest quarantined frames first.
-    pub fn quarantined(&self, limit: usize) -> Result<Vec<(u64, Quarantined)>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.quarantine.iter().rev().take(limit) {
-            let (k, v) = kv?;
-            let mut id = [0u8; 8];
-            id.copy_from_slice(&k);
-            out.push((u64::from_be_bytes(id), postcard::from_bytes(&v)?));
-        }
-        Ok(out)
+    /// Whether the store answers now (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        both!(self, s => s.ping().await)
     }
 }

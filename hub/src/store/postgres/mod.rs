@@ -1,0 +1,831 @@
+//! The PostgreSQL backend: several hub processes on one database.
+//!
+//! ```text
+//! events      (device, epoch, seq) PRIMARY KEY, recorded_ms, kind, body = postcard(Event)
+//! devices     id PRIMARY KEY, first/last_seen_ms, epoch, health_ms, health = postcard(Health)
+//! blobs       sha256 PRIMARY KEY, data
+//! blob_parts  (sha256, off) PRIMARY KEY, data            until the blob is complete
+//! quarantine  id bigserial, device, topic, recorded_ms, error, raw
+//! assignments device PRIMARY KEY, record = postcard(AssignmentRecord)
+//! fleetsync_schema  version: the migrations applied (migrations/NNNN_*.sql)
+//! ```
+//!
+//! One ingest round is one transaction with a fixed number of statements whatever its
+//! size: the round's events go in one `INSERT ... SELECT FROM UNNEST(arrays) ON CONFLICT DO
+//! NOTHING RETURNING` (the unique key is the dedup, also across hub processes: a second
+//! hub's insert of the same key waits for the first's commit and then does nothing), one
+//! `SELECT` classifies the keys that were not new (same content: duplicate; other content:
+//! conflict), one upsert merges every device record (maxima only, so a retried round is
+//! harmless). Acks are sent only after `COMMIT` returned.
+//!
+//! Locks are taken in one order in every round (events by key, assignments by device,
+//! blobs by digest, devices by id), so two hubs' rounds do not deadlock on each other; a
+//! deadlock or serialization failure PostgreSQL reports anyway is retried
+//! ([`MAX_RETRIES`]), anything else fails the round (nothing acked, devices resend).
+//!
+//! Blobs (POD signatures and photos, at most 32 MiB) live in PostgreSQL as `bytea`: every
+//! hub process must serve every blob and assemble chunks that arrive through any of
+//! them, so they belong in the one store all processes share, in the same transaction as
+//! the round that completes them. A per-blob advisory lock makes the "last chunk
+//! completes the blob" check exact across processes.
+//!
+//! Sequence numbers above `i64::MAX` (no agent counts that far) cannot be stored and are
+//! counted as conflicts.
+
+mod migrations;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use fleetsync_protocol::{Assignment, Body, Event, Health, Sha256};
+use sha2::Digest as _;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Transaction};
+
+pub use migrations::SCHEMA_VERSION;
+
+use super::{
+    AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
+    MAX_QUARANTINE_RAW, Outcome, Quarantined, StoreError, StoredEvent, assemble, chunk_invalid,
+};
+use crate::config::StoreConfig;
+
+/// Times a round is retried after a deadlock or serialization failure.
+const MAX_RETRIES: usize = 5;
+/// Longest wait for a connection (from the pool or a new one).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The hub's PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    /// host:port/database, for messages (never the password).
+    target: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// Where a URL points, without credentials.
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{}",
+        cfg.get_dbname().or(cfg.get_user()).unwrap_or("postgres")
+    )
+}
+
+/// Sorts a driver error into what an operator must fix, what passes, and the rest.
+fn classify(e: &tokio_postgres::Error, target: &str) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        let config = [
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_CATALOG_NAME,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ];
+        if config.contains(code) {
+            return StoreError::Config(format!(
+                "store.url {target}: {} (SQLSTATE {})",
+                db.message(),
+                code.code()
+            ));
+        }
+        let transient = [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::QUERY_CANCELED,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ];
+        if transient.contains(code) {
+            return StoreError::Unavailable(format!("{target}: {}", db.message()));
+        }
+        return StoreError::Postgres(format!("{} (SQLSTATE {})", db.message(), code.code()));
+    }
+    // No answer from the server: refused, reset, closed, timed out.
+    let text = e.to_string();
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed()
+        || io
+        || text.starts_with("error connecting")
+        || text.starts_with("error communicating")
+        || text.starts_with("timeout")
+    {
+        return StoreError::Unavailable(format!("{target}: {e}"));
+    }
+    StoreError::Postgres(text)
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+fn to_i64(v: u64) -> Option<i64> {
+    i64::try_from(v).ok()
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_u32(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+/// The advisory lock key of a blob: its digest's first 8 bytes.
+fn blob_lock(sha: &Sha256) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&sha[..8]);
+    i64::from_be_bytes(b)
+}
+
+/// A round's events, encoded, sorted by key, one row per distinct key.
+struct Rows {
+    device: Vec<String>,
+    epoch: Vec<i64>,
+    seq: Vec<i64>,
+    kind: Vec<String>,
+    body: Vec<Vec<u8>>,
+    /// For each batch item (by item index) and event: the row index, or `None` if the seq
+    /// cannot be stored.
+    index: HashMap<usize, Vec<Option<usize>>>,
+}
+
+impl Rows {
+    fn new(items: &[Item]) -> Result<Rows, StoreError> {
+        let mut keyed: BTreeMap<(&str, u32, u64), Vec<u8>> = BTreeMap::new();
+        for item in items {
+            if let Item::Batch { device, batch } = item {
+                for (i, ev) in batch.events.iter().enumerate() {
+                    let seq = batch.first_seq.wrapping_add(i as u64);
+                    if to_i64(seq).is_none() || seq < batch.first_seq {
+                        continue;
+                    }
+                    if let std::collections::btree_map::Entry::Vacant(v) =
+                        keyed.entry((device.as_str(), batch.epoch, seq))
+                    {
+                        v.insert(postcard::to_stdvec(ev)?);
+                    }
+                }
+            }
+        }
+        let mut rows = Rows {
+            device: Vec::with_capacity(keyed.len()),
+            epoch: Vec::with_capacity(keyed.len()),
+            seq: Vec::with_capacity(keyed.len()),
+            kind: Vec::with_capacity(keyed.len()),
+            body: Vec::with_capacity(keyed.len()),
+            index: HashMap::new(),
+        };
+        let mut pos: HashMap<(&str, u32, u64), usize> = HashMap::with_capacity(keyed.len());
+        for (n, ((d, e, s), body)) in keyed.into_iter().enumerate() {
+            pos.insert((d, e, s), n);
+            rows.device.push(d.to_string());
+            rows.epoch.push(i64::from(e));
+            rows.seq.push(s as i64);
+            rows.body.push(body);
+            rows.kind.push(String::new());
+        }
+        for (idx, item) in items.iter().enumerate() {
+            if let Item::Batch { device, batch } = item {
+                let mut v = Vec::with_capacity(batch.events.len());
+                for (i, ev) in batch.events.iter().enumerate() {
+                    let seq = batch.first_seq.wrapping_add(i as u64);
+                    let p = pos.get(&(device.as_str(), batch.epoch, seq)).copied();
+                    if let Some(p) = p {
+                        rows.kind[p] = ev.body.kind().to_string();
+                    }
+                    v.push(p);
+                }
+                rows.index.insert(idx, v);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+impl PgStore {
+    /// Connects to `url`, checks the schema and applies pending migrations.
+    pub async fn open(url: &str, cfg: &StoreConfig, migrate: bool) -> Result<Self, StoreError> {
+        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Config(format!(
+                "store.url: not a PostgreSQL URL ({e}); expected postgres://USER@HOST:PORT/DATABASE"
+            ))
+        })?;
+        let target = describe(&pg);
+        pg.application_name("fleetsync-hub");
+        pg.connect_timeout(CONNECT_TIMEOUT);
+        pg.options(format!("-c statement_timeout={}", cfg.statement_timeout_ms));
+        let mgr = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Config(format!("store: {e}")))?;
+        let store = PgStore { pool, target };
+        let mut client = store.client().await?;
+        if migrate {
+            migrations::apply(&mut client)
+                .await
+                .map_err(|e| store.err(e))?;
+        }
+        let version = migrations::current(&client)
+            .await
+            .map_err(|e| store.err(e))?;
+        migrations::check(version, &store.target)?;
+        Ok(store)
+    }
+
+    /// The schema version of the database.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        migrations::current(&client)
+            .await
+            .map(|v| v.unwrap_or(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn err(&self, e: migrations::MigrateError) -> StoreError {
+        match e {
+            migrations::MigrateError::Pg(e) => classify(&e, &self.target),
+            migrations::MigrateError::Store(e) => e,
+        }
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => classify(&e, &self.target),
+            other => StoreError::Unavailable(format!("{}: {other}", self.target)),
+        })
+    }
+
+    fn pg(&self, e: tokio_postgres::Error) -> StoreError {
+        classify(&e, &self.target)
+    }
+
+    /// See [`super::Store::ingest`].
+    pub async fn ingest(
+        &self,
+        items: Vec<Item>,
+        recorded_ms: u64,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let rows = Rows::new(&items)?;
+        let recorded = to_i64(recorded_ms).unwrap_or(i64::MAX);
+        let mut attempt = 0;
+        loop {
+            let mut client = self.client().await?;
+            match ingest_round(&mut client, &items, &rows, recorded).await {
+                Ok(Ok(out)) => return Ok(out),
+                Ok(Err(e)) => return Err(e),
+                Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %e, "ingest round retried");
+                }
+                Err(e) => return Err(self.pg(e)),
+            }
+        }
+    }
+
+    /// See [`super::Store::devices`].
+    pub async fn devices(&self) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, first_seen_ms, last_seen_ms, epoch, health_ms, health FROM devices ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), device_row(r)?)))
+            .collect()
+    }
+
+    /// See [`super::Store::device`].
+    pub async fn device(&self, device: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, first_seen_ms, last_seen_ms, epoch, health_ms, health FROM devices WHERE id = $1",
+                &[&device],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        row.as_ref().map(device_row).transpose()
+    }
+
+    /// See [`super::Store::events`].
+    pub async fn events(
+        &self,
+        device: &str,
+        after: Option<(u32, u64)>,
+        limit: usize,
+        kind: Option<&str>,
+    ) -> Result<EventRows, StoreError> {
+        let (e, s) = match after {
+            Some((e, s)) => (i64::from(e), to_i64(s).unwrap_or(i64::MAX)),
+            None => (-1, -1),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT epoch, seq, recorded_ms, body FROM events \
+                 WHERE device = $1 AND (epoch, seq) > ($2, $3) AND ($4::text IS NULL OR kind = $4) \
+                 ORDER BY epoch, seq LIMIT $5",
+                &[&device, &e, &s, &kind, &limit],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        rows.iter()
+            .map(|r| {
+                let body: &[u8] = r.get(3);
+                Ok((
+                    to_u32(r.get(0)),
+                    to_u64(r.get(1)),
+                    StoredEvent {
+                        recorded_ms: to_u64(r.get(2)),
+                        event: postcard::from_bytes::<Event>(body)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// See [`super::Store::blob`].
+    pub async fn blob(&self, sha256: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT data FROM blobs WHERE sha256 = $1", &[&&sha256[..]])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// See [`super::Store::quarantined`].
+    pub async fn quarantined(&self, limit: usize) -> Result<Vec<(u64, Quarantined)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, device, topic, recorded_ms, error, raw FROM quarantine ORDER BY id DESC LIMIT $1",
+                &[&limit],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    to_u64(r.get(0)),
+                    Quarantined {
+                        device: r.get(1),
+                        topic: r.get(2),
+                        recorded_ms: to_u64(r.get(3)),
+                        error: r.get(4),
+                        raw: r.get(5),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// See [`super::Store::put_assignment`].
+    pub async fn put_assignment(
+        &self,
+        device: &str,
+        a: &Assignment,
+        now_ms: u64,
+    ) -> Result<Result<(), u32>, StoreError> {
+        let fresh = postcard::to_stdvec(&AssignmentRecord::new(a, now_ms))?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO assignments (device, record) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING device",
+                &[&device, &fresh],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        if inserted.is_none() {
+            let prev = locked_assignment(&tx, device)
+                .await
+                .map_err(|e| self.pg(e))?
+                .ok_or_else(|| StoreError::Postgres("assignment row vanished".into()))??;
+            if prev.assignment.version >= a.version {
+                return Ok(Err(prev.assignment.version));
+            }
+            let rec = postcard::to_stdvec(&prev.replaced_by(a, now_ms))?;
+            tx.execute(
+                "UPDATE assignments SET record = $2 WHERE device = $1",
+                &[&device, &rec],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        }
+        tx.commit().await.map_err(|e| self.pg(e))?;
+        Ok(Ok(()))
+    }
+
+    /// See [`super::Store::assignment`].
+    pub async fn assignment(&self, device: &str) -> Result<Option<AssignmentRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT record FROM assignments WHERE device = $1",
+                &[&device],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        match row {
+            Some(r) => Ok(Some(postcard::from_bytes(r.get::<_, &[u8]>(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// See [`super::Store::mark_assignment_sent`].
+    pub async fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        if let Some(rec) = locked_assignment(&tx, device)
+            .await
+            .map_err(|e| self.pg(e))?
+        {
+            let mut rec = rec?;
+            rec.sent_ms = now_ms;
+            tx.execute(
+                "UPDATE assignments SET record = $2 WHERE device = $1",
+                &[&device, &postcard::to_stdvec(&rec)?],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        }
+        tx.commit().await.map_err(|e| self.pg(e))
+    }
+
+    /// See [`super::Store::ping`].
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        match tokio::time::timeout(Duration::from_secs(2), client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.pg(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "{}: no answer to SELECT 1 within 2 s",
+                self.target
+            ))),
+        }
+    }
+}
+
+fn device_row(r: &tokio_postgres::Row) -> Result<DeviceRecord, StoreError> {
+    let health_ms: Option<i64> = r.get(4);
+    let health: Option<&[u8]> = r.get(5);
+    let last_health = match (health_ms, health) {
+        (Some(t), Some(h)) => Some((to_u64(t), postcard::from_bytes::<Health>(h)?)),
+        _ => None,
+    };
+    Ok(DeviceRecord {
+        first_seen_ms: to_u64(r.get(1)),
+        last_seen_ms: to_u64(r.get(2)),
+        epoch: to_u32(r.get(3)),
+        last_health,
+    })
+}
+
+/// The device's assignment record, locked for this transaction.
+async fn locked_assignment(
+    tx: &Transaction<'_>,
+    device: &str,
+) -> Result<Option<Result<AssignmentRecord, StoreError>>, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            "SELECT record FROM assignments WHERE device = $1 FOR UPDATE",
+            &[&device],
+        )
+        .await?;
+    Ok(row.map(|r| postcard::from_bytes(r.get::<_, &[u8]>(0)).map_err(StoreError::from)))
+}
+
+/// Per device: last seen, highest epoch, newest health from the round's new events.
+#[derive(Default)]
+struct DeviceMerge {
+    epoch: Option<u32>,
+    health: Option<(u64, Health)>,
+}
+
+/// One attempt at a round. The outer `Err` is a driver error (maybe retryable); the inner
+/// one a row that did not decode or encode.
+async fn ingest_round(
+    client: &mut Object,
+    items: &[Item],
+    rows: &Rows,
+    recorded: i64,
+) -> Result<Result<Vec<Outcome>, StoreError>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let mut new_keys = vec![false; rows.device.len()];
+    let mut stored: HashMap<usize, Vec<u8>> = HashMap::new();
+    if !rows.device.is_empty() {
+        let inserted = tx
+            .query(
+                "INSERT INTO events (device, epoch, seq, recorded_ms, kind, body) \
+                 SELECT d, e, s, $6, k, b FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::bytea[]) AS t(d, e, s, k, b) \
+                 ON CONFLICT DO NOTHING RETURNING device, epoch, seq",
+                &[&rows.device, &rows.epoch, &rows.seq, &rows.kind, &rows.body, &recorded],
+            )
+            .await?;
+        let mut pos: HashMap<(&str, i64, i64), usize> = HashMap::with_capacity(rows.device.len());
+        for i in 0..rows.device.len() {
+            pos.insert((rows.device[i].as_str(), rows.epoch[i], rows.seq[i]), i);
+        }
+        for r in &inserted {
+            let (d, e, s): (&str, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            if let Some(&i) = pos.get(&(d, e, s)) {
+                new_keys[i] = true;
+            }
+        }
+        if inserted.len() < rows.device.len() {
+            let (mut d, mut e, mut s) = (Vec::new(), Vec::new(), Vec::new());
+            for i in (0..rows.device.len()).filter(|&i| !new_keys[i]) {
+                d.push(rows.device[i].as_str());
+                e.push(rows.epoch[i]);
+                s.push(rows.seq[i]);
+            }
+            let existing = tx
+                .query(
+                    "SELECT device, epoch, seq, body FROM events \
+                     WHERE (device, epoch, seq) IN (SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[]))",
+                    &[&d, &e, &s],
+                )
+                .await?;
+            for r in &existing {
+                let (d, e, s): (&str, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                if let Some(&i) = pos.get(&(d, e, s)) {
+                    stored.insert(i, r.get(3));
+                }
+            }
+        }
+    }
+
+    // Classify every event of every batch; gather what new events imply.
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+    let mut devices: BTreeMap<&str, DeviceMerge> = BTreeMap::new();
+    let mut acks: BTreeMap<&str, Vec<(&str, u32, u64)>> = BTreeMap::new();
+    let mut claimed = vec![false; rows.device.len()];
+    for (idx, item) in items.iter().enumerate() {
+        match item {
+            Item::Batch { device, batch } => {
+                let merge = devices.entry(device.as_str()).or_default();
+                merge.epoch = Some(merge.epoch.map_or(batch.epoch, |e| e.max(batch.epoch)));
+                let mut out = Ingested::default();
+                let index = rows.index.get(&idx).map(Vec::as_slice).unwrap_or(&[]);
+                for (i, ev) in batch.events.iter().enumerate() {
+                    let Some(Some(p)) = index.get(i).copied() else {
+                        out.conflicts += 1;
+                        continue;
+                    };
+                    if new_keys[p] && !claimed[p] {
+                        claimed[p] = true;
+                        out.new.push(batch.first_seq + i as u64);
+                        if let Body::AssignmentAck(a) = &ev.body {
+                            acks.entry(device.as_str()).or_default().push((
+                                a.assignment_id.as_str(),
+                                a.version,
+                                ev.time_ms,
+                            ));
+                        }
+                        if let Body::Health(h) = &ev.body
+                            && merge.health.as_ref().is_none_or(|(t, _)| *t <= ev.time_ms)
+                        {
+                            merge.health = Some((ev.time_ms, h.clone()));
+                        }
+                        continue;
+                    }
+                    // Not new: compare with what is stored (or was written by this round).
+                    let existing = if new_keys[p] {
+                        Some(&rows.body[p])
+                    } else {
+                        stored.get(&p)
+                    };
+                    let mine = match postcard::to_stdvec(ev) {
+                        Ok(b) => b,
+                        Err(e) => return Ok(Err(e.into())),
+                    };
+                    if existing.is_some_and(|b| *b == mine) {
+                        out.duplicates += 1;
+                    } else {
+                        out.conflicts += 1;
+                    }
+                }
+                outcomes[idx] = Some(Outcome::Batch(out));
+            }
+            Item::Chunk { device, .. } => {
+                devices.entry(device.as_str()).or_default();
+            }
+            Item::Quarantine(_) => {}
+        }
+    }
+
+    for (device, list) in &acks {
+        let Some(rec) = locked_assignment(&tx, device).await? else {
+            continue;
+        };
+        let mut rec = match rec {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut changed = false;
+        for (id, version, time) in list {
+            changed |= rec.apply_ack(id, *version, *time);
+        }
+        if changed {
+            let bytes = match postcard::to_stdvec(&rec) {
+                Ok(b) => b,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            tx.execute(
+                "UPDATE assignments SET record = $2 WHERE device = $1",
+                &[device, &bytes],
+            )
+            .await?;
+        }
+    }
+
+    // Blob chunks, by digest (lock order).
+    let mut chunks: Vec<(usize, &fleetsync_protocol::BlobChunk)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, it)| match it {
+            Item::Chunk { chunk, .. } => Some((i, chunk)),
+            _ => None,
+        })
+        .collect();
+    chunks.sort_by_key(|(_, c)| (c.sha256, c.offset));
+    for (idx, chunk) in chunks {
+        outcomes[idx] = Some(Outcome::Chunk(put_chunk(&tx, chunk).await?));
+    }
+
+    if !devices.is_empty() {
+        let mut ids = Vec::with_capacity(devices.len());
+        let mut epochs = Vec::with_capacity(devices.len());
+        let mut health_ms: Vec<Option<i64>> = Vec::with_capacity(devices.len());
+        let mut health: Vec<Option<Vec<u8>>> = Vec::with_capacity(devices.len());
+        for (id, m) in &devices {
+            ids.push(*id);
+            epochs.push(i64::from(m.epoch.unwrap_or(0)));
+            match &m.health {
+                Some((t, h)) => {
+                    health_ms.push(Some(to_i64(*t).unwrap_or(i64::MAX)));
+                    match postcard::to_stdvec(h) {
+                        Ok(b) => health.push(Some(b)),
+                        Err(e) => return Ok(Err(e.into())),
+                    }
+                }
+                None => {
+                    health_ms.push(None);
+                    health.push(None);
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO devices (id, first_seen_ms, last_seen_ms, epoch, health_ms, health) \
+             SELECT i, $2, $2, e, hm, h FROM UNNEST($1::text[], $3::int8[], $4::int8[], $5::bytea[]) AS t(i, e, hm, h) \
+             ON CONFLICT (id) DO UPDATE SET \
+               last_seen_ms = GREATEST(devices.last_seen_ms, EXCLUDED.last_seen_ms), \
+               epoch = GREATEST(devices.epoch, EXCLUDED.epoch), \
+               health = CASE WHEN EXCLUDED.health_ms IS NOT NULL AND (devices.health_ms IS NULL OR devices.health_ms <= EXCLUDED.health_ms) \
+                        THEN EXCLUDED.health ELSE devices.health END, \
+               health_ms = CASE WHEN EXCLUDED.health_ms IS NOT NULL AND (devices.health_ms IS NULL OR devices.health_ms <= EXCLUDED.health_ms) \
+                        THEN EXCLUDED.health_ms ELSE devices.health_ms END",
+            &[&ids, &recorded, &epochs, &health_ms, &health],
+        )
+        .await?;
+    }
+
+    let mut quarantined = false;
+    for (idx, item) in items.iter().enumerate() {
+        if let Item::Quarantine(q) = item {
+            let raw = &q.raw[..q.raw.len().min(MAX_QUARANTINE_RAW)];
+            let row = tx
+                .query_one(
+                    "INSERT INTO quarantine (device, topic, recorded_ms, error, raw) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                    &[&q.device, &q.topic, &to_i64(q.recorded_ms).unwrap_or(i64::MAX), &q.error, &raw],
+                )
+                .await?;
+            outcomes[idx] = Some(Outcome::Quarantined(to_u64(row.get(0))));
+            quarantined = true;
+        }
+    }
+    if quarantined {
+        let keep = MAX_QUARANTINE as i64;
+        tx.execute(
+            "DELETE FROM quarantine WHERE id < (SELECT id FROM quarantine ORDER BY id DESC OFFSET $1::int8 LIMIT 1)",
+            &[&(keep - 1)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Task("an item had no outcome".into())))
+        .collect())
+}
+
+/// One chunk inside the round's transaction, under the blob's advisory lock.
+async fn put_chunk(
+    tx: &Transaction<'_>,
+    chunk: &fleetsync_protocol::BlobChunk,
+) -> Result<ChunkOutcome, tokio_postgres::Error> {
+    if let Some(why) = chunk_invalid(chunk) {
+        return Ok(ChunkOutcome::Invalid(why));
+    }
+    let sha = &chunk.sha256[..];
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&blob_lock(&chunk.sha256)],
+    )
+    .await?;
+    if tx
+        .query_opt("SELECT 1 FROM blobs WHERE sha256 = $1", &[&sha])
+        .await?
+        .is_some()
+    {
+        return Ok(ChunkOutcome::Complete);
+    }
+    tx.execute(
+        "INSERT INTO blob_parts (sha256, off, data) VALUES ($1, $2, $3) \
+         ON CONFLICT (sha256, off) DO UPDATE SET data = EXCLUDED.data",
+        &[&sha, &i64::from(chunk.offset), &chunk.data.as_slice()],
+    )
+    .await?;
+    // Lengths first: the bytes are read only once they cover the blob.
+    let lens = tx
+        .query(
+            "SELECT off, length(data)::int8 FROM blob_parts WHERE sha256 = $1 ORDER BY off",
+            &[&sha],
+        )
+        .await?;
+    let mut covered = 0u64;
+    for r in &lens {
+        let (off, len) = (to_u64(r.get(0)), to_u64(r.get(1)));
+        if off > covered {
+            break;
+        }
+        covered = covered.max(off + len);
+    }
+    if covered < u64::from(chunk.total_len) {
+        return Ok(ChunkOutcome::Partial);
+    }
+    let parts: Vec<(u64, Vec<u8>)> = tx
+        .query(
+            "SELECT off, data FROM blob_parts WHERE sha256 = $1 ORDER BY off",
+            &[&sha],
+        )
+        .await?
+        .iter()
+        .map(|r| (to_u64(r.get(0)), r.get(1)))
+        .collect();
+    let Some(blob) = assemble(&parts, chunk.total_len) else {
+        return Ok(ChunkOutcome::Partial);
+    };
+    let digest: Sha256 = sha2::Sha256::digest(&blob).into();
+    tx.execute("DELETE FROM blob_parts WHERE sha256 = $1", &[&sha])
+        .await?;
+    if digest != chunk.sha256 {
+        return Ok(ChunkOutcome::DigestMismatch);
+    }
+    tx.execute(
+        "INSERT INTO blobs (sha256, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        &[&sha, &blob],
+    )
+    .await?;
+    Ok(ChunkOutcome::Complete)
+}

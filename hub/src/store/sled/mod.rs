@@ -1,0 +1,502 @@
+//! The sled backend: the embedded default, one hub process on one disk.
+//!
+//! ```text
+//! tree events:      key  device_id ++ 0x00 ++ epoch: u32 BE ++ seq: u64 BE
+//!                   val  postcard(StoredEvent { recorded_ms: u64, event: Event })
+//! tree devices:     key  device_id            val  postcard(DeviceRecord)
+//! tree blobs:       key  sha256 (32 bytes)    val  the verified blob
+//! tree blob_parts:  key  sha256 ++ offset: u32 BE   val  chunk bytes (until complete)
+//! tree quarantine:  key  id: u64 BE           val  postcard(Quarantined)
+//! tree assignments: key  device_id            val  postcard(AssignmentRecord)
+//! ```
+//!
+//! A unit of work without sled transactions: every call that writes ends with
+//! [`durable::make_durable`] (sled flush plus fsync of what changed, which sled 0.34.7's
+//! flush does not do) before it returns. Rounds are written by one task at a time (the
+//! ingest worker), and sled recovers a prefix of one thread's writes after a crash. So
+//! within a round, whatever a new event implies (assignment ack, device record, later
+//! facts and outbox rows) is written first, keyed so that writing it again changes
+//! nothing, and the event row last: the event row is the commit marker. A crash before
+//! the marker leaves idempotent effects that the redelivery (never acked, so it comes)
+//! writes again together with the marker; a crash after it leaves the whole.
+//!
+//! Event rows are written with compare-and-swap on an absent key, so a redelivery in any
+//! order changes nothing.
+
+mod durable;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
+use sha2::Digest as _;
+
+use super::{
+    AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
+    MAX_QUARANTINE_RAW, Outcome, Quarantined, StoreError, StoredEvent, assemble, chunk_invalid,
+};
+
+/// The hub's sled store.
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: ::sled::Db,
+    path: PathBuf,
+    events: ::sled::Tree,
+    devices: ::sled::Tree,
+    blobs: ::sled::Tree,
+    blob_parts: ::sled::Tree,
+    quarantine: ::sled::Tree,
+    assignments: ::sled::Tree,
+    quarantined_count: Arc<AtomicUsize>,
+    /// What the last `make_durable` synced; held for a whole write call, so one call
+    /// writes and syncs at a time (the order the module note relies on).
+    synced: Arc<Mutex<durable::Synced>>,
+}
+
+fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 13);
+    k.extend_from_slice(device.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
+    Ok(postcard::from_bytes(v)?)
+}
+
+impl SledStore {
+    /// Opens (or creates) the store at `path` (blocking).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if path.exists() && !path.is_dir() {
+            return Err(StoreError::Config(format!(
+                "store.path {}: exists and is not a directory",
+                path.display()
+            )));
+        }
+        std::fs::create_dir_all(path).map_err(|e| {
+            StoreError::Config(format!(
+                "store.path {}: cannot create it: {e}",
+                path.display()
+            ))
+        })?;
+        let db = ::sled::Config::new()
+            .path(path)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .map_err(|e| match e {
+                ::sled::Error::Io(io) => StoreError::Config(format!(
+                    "store.path {}: cannot open the sled store: {io}",
+                    path.display()
+                )),
+                other => StoreError::Sled(other),
+            })?;
+        let store = Self {
+            events: db.open_tree("events")?,
+            devices: db.open_tree("devices")?,
+            blobs: db.open_tree("blobs")?,
+            blob_parts: db.open_tree("blob_parts")?,
+            quarantine: db.open_tree("quarantine")?,
+            assignments: db.open_tree("assignments")?,
+            quarantined_count: Arc::new(AtomicUsize::new(0)),
+            synced: Arc::new(Mutex::new(durable::Synced::default())),
+            path: path.to_path_buf(),
+            db,
+        };
+        let n = store.quarantine.iter().keys().count();
+        store.quarantined_count.store(n, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// Opens the store on a blocking thread.
+    pub async fn open_async(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open(&path))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || f(&s))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Runs the write `f` and makes it durable, one write call at a time.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.blocking(move |s| {
+            // A panic in another call cannot leave the map wrong, only stale: a stale
+            // entry at worst syncs a file once more.
+            let mut synced = s.synced.lock().unwrap_or_else(|p| p.into_inner());
+            let out = f(s)?;
+            durable::make_durable(&s.db, &s.path, &mut synced).map_err(|source| {
+                StoreError::Io {
+                    path: s.path.clone(),
+                    source,
+                }
+            })?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::ingest`].
+    pub async fn ingest(
+        &self,
+        items: Vec<Item>,
+        recorded_ms: u64,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        self.write(move |s| {
+            items
+                .iter()
+                .map(|item| match item {
+                    Item::Batch { device, batch } => s
+                        .ingest_batch(device, batch, recorded_ms)
+                        .map(Outcome::Batch),
+                    Item::Chunk { device, chunk } => {
+                        s.touch_device(device, recorded_ms)?;
+                        s.put_chunk(chunk).map(Outcome::Chunk)
+                    }
+                    Item::Quarantine(q) => s.put_quarantine(q).map(Outcome::Quarantined),
+                })
+                .collect()
+        })
+        .await
+    }
+
+    fn ingest_batch(
+        &self,
+        device: &str,
+        batch: &Batch,
+        recorded_ms: u64,
+    ) -> Result<Ingested, StoreError> {
+        let mut out = Ingested::default();
+        let mut newest_health: Option<(u64, Health)> = None;
+        for (i, event) in batch.events.iter().enumerate() {
+            let seq = batch.first_seq + i as u64;
+            let key = event_key(device, batch.epoch, seq);
+            if let Some(existing) = self.events.get(&key)? {
+                // Same identity: a redelivery, unless the content differs.
+                let same = decode::<StoredEvent>(&existing).is_ok_and(|old| old.event == *event);
+                if same {
+                    out.duplicates += 1;
+                } else {
+                    out.conflicts += 1;
+                }
+                continue;
+            }
+            // New: its effects first (idempotent), the event row (the marker) last.
+            if let Body::AssignmentAck(a) = &event.body {
+                self.ack_assignment(device, &a.assignment_id, a.version, event.time_ms)?;
+            }
+            if let Body::Health(h) = &event.body
+                && newest_health
+                    .as_ref()
+                    .is_none_or(|(t, _)| *t <= event.time_ms)
+            {
+                newest_health = Some((event.time_ms, h.clone()));
+            }
+            let row = postcard::to_stdvec(&StoredEvent {
+                recorded_ms,
+                event: event.clone(),
+            })?;
+            // Rounds are written one at a time, so the key is still absent; the CAS keeps
+            // the at-most-once invariant even if that ever changes.
+            match self
+                .events
+                .compare_and_swap(key, None as Option<&[u8]>, Some(row))?
+            {
+                Ok(()) => out.new.push(seq),
+                Err(_) => out.duplicates += 1,
+            }
+        }
+        self.merge_device(
+            device,
+            recorded_ms,
+            Some(batch.epoch),
+            newest_health.as_ref(),
+        )?;
+        Ok(out)
+    }
+
+    fn merge_device(
+        &self,
+        device: &str,
+        seen_ms: u64,
+        epoch: Option<u32>,
+        health: Option<&(u64, Health)>,
+    ) -> Result<(), StoreError> {
+        self.devices.fetch_and_update(device.as_bytes(), |old| {
+            let mut rec: DeviceRecord = old
+                .and_then(|b| postcard::from_bytes(b).ok())
+                .unwrap_or_default();
+            rec.merge(seen_ms, epoch, health);
+            postcard::to_stdvec(&rec).ok()
+        })?;
+        Ok(())
+    }
+
+    /// Notes that a device was seen (a blob chunk, for instance) without events.
+    fn touch_device(&self, device: &str, recorded_ms: u64) -> Result<(), StoreError> {
+        self.merge_device(device, recorded_ms, None, None)
+    }
+
+    /// See [`super::Store::devices`].
+    pub async fn devices(&self) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+        self.blocking(|s| {
+            let mut out = Vec::new();
+            for kv in s.devices.iter() {
+                let (k, v) = kv?;
+                out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::device`].
+    pub async fn device(&self, device: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let device = device.to_string();
+        self.blocking(move |s| match s.devices.get(device.as_bytes())? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    /// See [`super::Store::events`].
+    pub async fn events(
+        &self,
+        device: &str,
+        after: Option<(u32, u64)>,
+        limit: usize,
+        kind: Option<&str>,
+    ) -> Result<EventRows, StoreError> {
+        let (device, kind) = (device.to_string(), kind.map(str::to_string));
+        self.blocking(move |s| s.events_blocking(&device, after, limit, kind.as_deref()))
+            .await
+    }
+
+    fn events_blocking(
+        &self,
+        device: &str,
+        after: Option<(u32, u64)>,
+        limit: usize,
+        kind: Option<&str>,
+    ) -> Result<EventRows, StoreError> {
+        let mut prefix = device.as_bytes().to_vec();
+        prefix.push(0);
+        let start = match after {
+            Some((e, s)) => {
+                let mut k = event_key(device, e, s);
+                k.push(0); // strictly after
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = device.as_bytes().to_vec();
+        end.push(1);
+        let mut out = Vec::new();
+        for kv in self.events.range(start..end) {
+            let (k, v) = kv?;
+            let tail = &k[prefix.len()..];
+            if tail.len() != 12 {
+                continue;
+            }
+            let epoch = u32::from_be_bytes([tail[0], tail[1], tail[2], tail[3]]);
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&tail[4..]);
+            let stored: StoredEvent = decode(&v)?;
+            if kind.is_some_and(|k| k != stored.event.body.kind()) {
+                continue;
+            }
+            out.push((epoch, u64::from_be_bytes(s), stored));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores a blob chunk and assembles the blob once every byte is there.
+    fn put_chunk(&self, chunk: &BlobChunk) -> Result<ChunkOutcome, StoreError> {
+        if self.blobs.contains_key(chunk.sha256)? {
+            return Ok(ChunkOutcome::Complete);
+        }
+        if let Some(why) = chunk_invalid(chunk) {
+            return Ok(ChunkOutcome::Invalid(why));
+        }
+        let mut key = chunk.sha256.to_vec();
+        key.extend_from_slice(&chunk.offset.to_be_bytes());
+        self.blob_parts.insert(key, chunk.data.as_slice())?;
+        let mut parts = Vec::new();
+        for kv in self.blob_parts.scan_prefix(chunk.sha256) {
+            let (k, v) = kv?;
+            let off = u64::from(u32::from_be_bytes([k[32], k[33], k[34], k[35]]));
+            parts.push((off, v));
+        }
+        let Some(blob) = assemble(&parts, chunk.total_len) else {
+            return Ok(ChunkOutcome::Partial);
+        };
+        let digest: Sha256 = sha2::Sha256::digest(&blob).into();
+        if digest == chunk.sha256 {
+            // The blob before its parts go: a crash in between leaves parts to sweep,
+            // never a blob that is neither whole nor resumable.
+            self.blobs.insert(chunk.sha256, blob)?;
+        }
+        for (off, _) in &parts {
+            let mut k = chunk.sha256.to_vec();
+            k.extend_from_slice(&(*off as u32).to_be_bytes());
+            self.blob_parts.remove(k)?;
+        }
+        Ok(if digest == chunk.sha256 {
+            ChunkOutcome::Complete
+        } else {
+            ChunkOutcome::DigestMismatch
+        })
+    }
+
+    /// See [`super::Store::blob`].
+    pub async fn blob(&self, sha256: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
+        let sha = *sha256;
+        self.blocking(move |s| Ok(s.blobs.get(sha)?.map(|v| v.to_vec())))
+            .await
+    }
+
+    /// See [`super::Store::put_assignment`].
+    pub async fn put_assignment(
+        &self,
+        device: &str,
+        a: &Assignment,
+        now_ms: u64,
+    ) -> Result<Result<(), u32>, StoreError> {
+        let (device, a) = (device.to_string(), a.clone());
+        self.write(move |s| {
+            loop {
+                let old = s.assignments.get(device.as_bytes())?;
+                let prev: Option<AssignmentRecord> = match &old {
+                    Some(v) => Some(decode(v)?),
+                    None => None,
+                };
+                if let Some(p) = &prev
+                    && p.assignment.version >= a.version
+                {
+                    return Ok(Err(p.assignment.version));
+                }
+                let rec = match &prev {
+                    Some(p) => p.replaced_by(&a, now_ms),
+                    None => AssignmentRecord::new(&a, now_ms),
+                };
+                let new = postcard::to_stdvec(&rec)?;
+                if s.assignments
+                    .compare_and_swap(device.as_bytes(), old, Some(new))?
+                    .is_ok()
+                {
+                    return Ok(Ok(()));
+                }
+            }
+        })
+        .await
+    }
+
+    /// See [`super::Store::assignment`].
+    pub async fn assignment(&self, device: &str) -> Result<Option<AssignmentRecord>, StoreError> {
+        let device = device.to_string();
+        self.blocking(move |s| match s.assignments.get(device.as_bytes())? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    /// See [`super::Store::mark_assignment_sent`].
+    pub async fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
+        let device = device.to_string();
+        self.write(move |s| {
+            s.update_assignment(&device, |rec| {
+                rec.sent_ms = now_ms;
+                true
+            })
+        })
+        .await
+    }
+
+    fn ack_assignment(
+        &self,
+        device: &str,
+        id: &str,
+        version: u32,
+        time_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.update_assignment(device, |rec| rec.apply_ack(id, version, time_ms))
+    }
+
+    /// Read-modify-write of the device's record (if any) until no other write raced it.
+    fn update_assignment(
+        &self,
+        device: &str,
+        mut f: impl FnMut(&mut AssignmentRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        loop {
+            let Some(old) = self.assignments.get(device.as_bytes())? else {
+                return Ok(());
+            };
+            let mut rec: AssignmentRecord = decode(&old)?;
+            if !f(&mut rec) {
+                return Ok(());
+            }
+            let new = postcard::to_stdvec(&rec)?;
+            if self
+                .assignments
+                .compare_and_swap(device.as_bytes(), Some(old), Some(new))?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    fn put_quarantine(&self, q: &Quarantined) -> Result<u64, StoreError> {
+        let id = self.db.generate_id()?;
+        let mut q = q.clone();
+        q.raw.truncate(MAX_QUARANTINE_RAW);
+        self.quarantine
+            .insert(id.to_be_bytes(), postcard::to_stdvec(&q)?)?;
+        // Counted in memory: sled's len() walks the whole tree.
+        let n = self.quarantined_count.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > MAX_QUARANTINE && self.quarantine.pop_min()?.is_some() {
+            self.quarantined_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(id)
+    }
+
+    /// See [`super::Store::quarantined`].
+    pub async fn quarantined(&self, limit: usize) -> Result<Vec<(u64, Quarantined)>, StoreError> {
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            for kv in s.quarantine.iter().rev().take(limit) {
+                let (k, v) = kv?;
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&k);
+                out.push((u64::from_be_bytes(id), decode(&v)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// sled is in this process: it answers whenever the process does.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,535 @@
+//! One conformance suite for the hub's store: every behaviour below runs against sled
+//! (a temporary directory) and against PostgreSQL (a fresh database on the server of
+//! `FLEETSYNC_TEST_PG_URL`), through the same `Store` interface the hub uses.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+
+use fleetsync_hub::config::StoreConfig;
+use fleetsync_hub::store::{
+    ChunkOutcome, Item, MAX_QUARANTINE, MAX_QUARANTINE_RAW, Outcome, Quarantined, Store,
+};
+use fleetsync_protocol::{
+    Assignment, AssignmentAck, Batch, BlobChunk, Body, BoundedVec, Event, Exception, Health,
+};
+use sha2::Digest as _;
+
+/// A store of each backend (PostgreSQL only when the server is configured).
+enum Backend {
+    Sled,
+    Postgres,
+}
+
+/// Opens a fresh store of `backend`; `None` if PostgreSQL is not configured here.
+async fn open(backend: Backend) -> Option<(Store, Fresh)> {
+    match backend {
+        Backend::Sled => {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&StoreConfig::sled(dir.path().join("hub")))
+                .await
+                .unwrap();
+            Some((store, Fresh::Sled(dir)))
+        }
+        Backend::Postgres => {
+            let url = fleetsync_tests::fresh_pg_db(&fleetsync_tests::pg_url()?).await;
+            let store = Store::open(&StoreConfig::postgres(url.clone()))
+                .await
+                .unwrap();
+            Some((store, Fresh::Postgres(url)))
+        }
+    }
+}
+
+/// What it takes to open the same store again.
+enum Fresh {
+    Sled(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Fresh {
+    async fn reopen(&self, store: Store) -> Store {
+        match self {
+            Fresh::Sled(dir) => {
+                drop(store); // sled allows one handle per process
+                Store::open(&StoreConfig::sled(dir.path().join("hub")))
+                    .await
+                    .unwrap()
+            }
+            Fresh::Postgres(url) => Store::open(&StoreConfig::postgres(url.clone()))
+                .await
+                .unwrap(),
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, fresh) = super::open(super::Backend::Sled).await.unwrap();
+                    super::$name(store, fresh).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some((store, fresh)) = super::open(super::Backend::Postgres).await else {
+                        return;
+                    };
+                    super::$name(store, fresh).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    dedup_returns_only_new_events,
+    identity_conflict_is_counted_and_keeps_the_first,
+    concurrent_redelivery_stores_each_event_once,
+    written_when_ingest_returns,
+    cursors_kinds_and_limits,
+    device_record_merges_maxima,
+    blob_assembly_and_corrupt_chunks,
+    quarantine_is_bounded,
+    assignments_versions_and_acks,
+);
+
+const T0: u64 = 1_795_773_600_000;
+
+fn exception(n: u64) -> Event {
+    Event {
+        time_ms: T0 + n * 1000,
+        body: Body::Exception(Exception {
+            code: fleetsync_protocol::BoundedString::try_from_str("test").unwrap(),
+            text: fleetsync_protocol::BoundedString::try_from_str(format!("event-{n}").as_str())
+                .unwrap(),
+            stop_id: None,
+        }),
+    }
+}
+
+fn batch(epoch: u32, first: u64, n: u64) -> Batch {
+    let events: Vec<Event> = (first..first + n).map(exception).collect();
+    Batch {
+        epoch,
+        first_seq: first,
+        events: BoundedVec::try_from_slice(&events).unwrap(),
+    }
+}
+
+fn item(device: &str, b: Batch) -> Item {
+    Item::Batch {
+        device: device.into(),
+        batch: b,
+    }
+}
+
+async fn ingest_one(store: &Store, device: &str, b: Batch) -> fleetsync_hub::store::Ingested {
+    match store
+        .ingest(vec![item(device, b)], T0)
+        .await
+        .unwrap()
+        .remove(0)
+    {
+        Outcome::Batch(r) => r,
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
+async fn all_events(store: &Store, device: &str) -> Vec<(u32, u64, Event)> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.events(device, after, 100, None).await.unwrap();
+        let Some((e, s, _)) = page.last() else {
+            return out;
+        };
+        after = Some((*e, *s));
+        out.extend(page.into_iter().map(|(e, s, st)| (e, s, st.event)));
+    }
+}
+
+async fn dedup_returns_only_new_events(store: Store, _f: Fresh) {
+    let r = ingest_one(&store, "V1", batch(1, 0, 10)).await;
+    assert_eq!(r.new, (0..10).collect::<Vec<_>>());
+    assert_eq!((r.duplicates, r.conflicts), (0, 0));
+    let again = ingest_one(&store, "V1", batch(1, 0, 10)).await;
+    assert!(again.new.is_empty(), "a redelivery yields nothing new");
+    assert_eq!(again.duplicates, 10);
+    let overlap = ingest_one(&store, "V1", batch(1, 5, 10)).await;
+    assert_eq!(overlap.new, (10..15).collect::<Vec<_>>());
+    assert_eq!(overlap.duplicates, 5);
+    // The same seqs in another epoch or of another device are other events.
+    assert_eq!(ingest_one(&store, "V1", batch(2, 0, 3)).await.new.len(), 3);
+    assert_eq!(ingest_one(&store, "V2", batch(1, 0, 3)).await.new.len(), 3);
+    // One round holding the same batch twice: new once, duplicate once.
+    let out = store
+        .ingest(
+            vec![item("V3", batch(1, 0, 4)), item("V3", batch(1, 0, 4))],
+            T0,
+        )
+        .await
+        .unwrap();
+    let news: Vec<usize> = out
+        .iter()
+        .map(|o| match o {
+            Outcome::Batch(r) => r.new.len(),
+            _ => panic!(),
+        })
+        .collect();
+    assert_eq!(news, vec![4, 0]);
+    assert_eq!(all_events(&store, "V1").await.len(), 18);
+}
+
+async fn identity_conflict_is_counted_and_keeps_the_first(store: Store, _f: Fresh) {
+    ingest_one(&store, "V1", batch(1, 0, 3)).await;
+    let mut other = batch(1, 1, 1);
+    other.events = BoundedVec::try_from_slice(&[exception(99)]).unwrap();
+    let r = ingest_one(&store, "V1", other).await;
+    assert_eq!((r.new.len(), r.duplicates, r.conflicts), (0, 0, 1));
+    let stored = all_events(&store, "V1").await;
+    assert_eq!(stored[1].2, exception(1), "the first content stays");
+}
+
+async fn concurrent_redelivery_stores_each_event_once(store: Store, _f: Fresh) {
+    // 8 writers deliver overlapping windows of the same 200 events of two devices, each
+    // window several times, all at once.
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut new = 0usize;
+            for round in 0..6u64 {
+                let first = ((w * 23 + round * 31) % 180) as u64;
+                let items = vec![
+                    item("A", batch(1, first, 20)),
+                    item("B", batch(1, first, 20)),
+                ];
+                for o in store.ingest(items, T0).await.unwrap() {
+                    if let Outcome::Batch(r) = o {
+                        new += r.new.len();
+                    }
+                }
+            }
+            new
+        }));
+    }
+    let mut total_new = 0;
+    for t in tasks {
+        total_new += t.await.unwrap();
+    }
+    let a = all_events(&store, "A").await;
+    let b = all_events(&store, "B").await;
+    let distinct: HashSet<u64> = a.iter().map(|(_, s, _)| *s).collect();
+    assert_eq!(distinct.len(), a.len(), "no seq stored twice");
+    assert_eq!(
+        total_new,
+        a.len() + b.len(),
+        "each stored event reported new exactly once"
+    );
+}
+
+async fn written_when_ingest_returns(store: Store, fresh: Fresh) {
+    ingest_one(&store, "V1", batch(1, 0, 50)).await;
+    let reopened = fresh.reopen(store).await;
+    assert_eq!(all_events(&reopened, "V1").await.len(), 50);
+    let rec = reopened.device("V1").await.unwrap().unwrap();
+    assert_eq!(rec.last_seen_ms, T0);
+}
+
+async fn cursors_kinds_and_limits(store: Store, _f: Fresh) {
+    let mut b = batch(1, 0, 10);
+    let mut events: Vec<Event> = b.events.iter().cloned().collect();
+    events[4] = Event {
+        time_ms: T0,
+        body: Body::Health(health(1)),
+    };
+    b.events = BoundedVec::try_from_slice(&events).unwrap();
+    ingest_one(&store, "V1", b).await;
+    ingest_one(&store, "V1", batch(2, 0, 5)).await;
+    let page = store.events("V1", None, 4, None).await.unwrap();
+    assert_eq!(
+        page.iter().map(|(e, s, _)| (*e, *s)).collect::<Vec<_>>(),
+        vec![(1, 0), (1, 1), (1, 2), (1, 3)]
+    );
+    let next = store.events("V1", Some((1, 3)), 100, None).await.unwrap();
+    assert_eq!(next.len(), 11, "strictly after the cursor, across epochs");
+    assert_eq!((next[6].0, next[6].1), (2, 0));
+    let health_only = store.events("V1", None, 100, Some("health")).await.unwrap();
+    assert_eq!(health_only.len(), 1);
+    assert_eq!(health_only[0].1, 4);
+    assert!(
+        store
+            .events("nobody", None, 10, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .events("V1", Some((2, 4)), 10, None)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+fn health(backlog: u32) -> Health {
+    Health {
+        backlog_critical: backlog,
+        backlog_telemetry: 0,
+        disk_used_bytes: 1,
+        disk_quota_bytes: 2,
+        uptime_s: 3,
+        version: fleetsync_protocol::BoundedString::try_from_str("1.0").unwrap(),
+        link: Default::default(),
+    }
+}
+
+async fn device_record_merges_maxima(store: Store, _f: Fresh) {
+    let hb = |epoch: u32, seq: u64, t: u64, backlog: u32| Batch {
+        epoch,
+        first_seq: seq,
+        events: BoundedVec::try_from_slice(&[Event {
+            time_ms: t,
+            body: Body::Health(health(backlog)),
+        }])
+        .unwrap(),
+    };
+    store
+        .ingest(vec![item("V1", hb(3, 0, T0 + 10, 7))], T0 + 100)
+        .await
+        .unwrap();
+    // Older health, older epoch, later recording: last_seen moves, the rest stays.
+    store
+        .ingest(vec![item("V1", hb(2, 0, T0, 9))], T0 + 200)
+        .await
+        .unwrap();
+    let rec = store.device("V1").await.unwrap().unwrap();
+    assert_eq!(rec.first_seen_ms, T0 + 100);
+    assert_eq!(rec.last_seen_ms, T0 + 200);
+    assert_eq!(rec.epoch, 3);
+    assert_eq!(rec.last_health.as_ref().unwrap().1.backlog_critical, 7);
+    // A duplicate of a newer health does not count again; a new newer one does.
+    store
+        .ingest(vec![item("V1", hb(3, 1, T0 + 20, 5))], T0 + 50)
+        .await
+        .unwrap();
+    let rec = store.device("V1").await.unwrap().unwrap();
+    assert_eq!(rec.last_seen_ms, T0 + 200, "last seen never moves back");
+    assert_eq!(rec.last_health.unwrap(), (T0 + 20, health(5)));
+    let ids: Vec<String> = store
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, vec!["V1".to_string()]);
+    assert!(store.device("V9").await.unwrap().is_none());
+}
+
+fn chunks(data: &[u8], sha: [u8; 32], size: usize) -> Vec<BlobChunk> {
+    data.chunks(size)
+        .enumerate()
+        .map(|(i, c)| BlobChunk {
+            sha256: sha,
+            offset: (i * size) as u32,
+            total_len: data.len() as u32,
+            data: BoundedVec::try_from_slice(c).unwrap(),
+        })
+        .collect()
+}
+
+async fn put(store: &Store, c: BlobChunk) -> ChunkOutcome {
+    let item = Item::Chunk {
+        device: "V1".into(),
+        chunk: c,
+    };
+    match store.ingest(vec![item], T0).await.unwrap().remove(0) {
+        Outcome::Chunk(c) => c,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
+    let photo: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let sha: [u8; 32] = sha2::Sha256::digest(&photo).into();
+    let mut parts = chunks(&photo, sha, 16 * 1024);
+    parts.reverse(); // out of order
+    let last = parts.pop().unwrap();
+    for p in parts.clone() {
+        assert_eq!(put(&store, p).await, ChunkOutcome::Partial);
+    }
+    assert!(
+        store.blob(&sha).await.unwrap().is_none(),
+        "not before it is whole"
+    );
+    assert_eq!(put(&store, last.clone()).await, ChunkOutcome::Complete);
+    assert_eq!(store.blob(&sha).await.unwrap().unwrap(), photo);
+    assert_eq!(
+        put(&store, last).await,
+        ChunkOutcome::Complete,
+        "resend after completion"
+    );
+
+    // Corrupt bytes: the digest does not match, nothing is stored, and a clean upload of
+    // the same blob afterwards completes.
+    let sig: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let sha2_: [u8; 32] = sha2::Sha256::digest(&sig).into();
+    let mut bad = chunks(&sig, sha2_, 4096);
+    let mut flipped = bad[0].data.to_vec();
+    flipped[10] ^= 0xff;
+    bad[0].data = BoundedVec::try_from_slice(&flipped).unwrap();
+    assert_eq!(put(&store, bad[0].clone()).await, ChunkOutcome::Partial);
+    assert_eq!(
+        put(&store, bad[1].clone()).await,
+        ChunkOutcome::DigestMismatch
+    );
+    assert!(store.blob(&sha2_).await.unwrap().is_none());
+    for c in chunks(&sig, sha2_, 4096) {
+        put(&store, c).await;
+    }
+    assert_eq!(store.blob(&sha2_).await.unwrap().unwrap(), sig);
+
+    // Inconsistent chunks are refused as such.
+    let past_end = BlobChunk {
+        sha256: [9; 32],
+        offset: 10,
+        total_len: 12,
+        data: BoundedVec::try_from_slice(&[0; 5]).unwrap(),
+    };
+    assert!(matches!(
+        put(&store, past_end).await,
+        ChunkOutcome::Invalid(_)
+    ));
+    let too_big = BlobChunk {
+        sha256: [8; 32],
+        offset: 0,
+        total_len: fleetsync_hub::store::MAX_BLOB_BYTES + 1,
+        data: BoundedVec::try_from_slice(&[0; 5]).unwrap(),
+    };
+    assert!(matches!(
+        put(&store, too_big).await,
+        ChunkOutcome::Invalid(_)
+    ));
+}
+
+async fn quarantine_is_bounded(store: Store, _f: Fresh) {
+    let q = |n: usize, len: usize| Quarantined {
+        device: "V1".into(),
+        topic: "/tenants/V1/up".into(),
+        recorded_ms: T0 + n as u64,
+        error: format!("bad frame {n}"),
+        raw: vec![0xab; len],
+    };
+    let id = store
+        .quarantine(q(0, MAX_QUARANTINE_RAW + 1000))
+        .await
+        .unwrap();
+    let got = store.quarantined(10).await.unwrap();
+    assert_eq!(got[0].0, id);
+    assert_eq!(
+        got[0].1.raw.len(),
+        MAX_QUARANTINE_RAW,
+        "raw bytes are capped"
+    );
+    let items: Vec<Item> = (1..=MAX_QUARANTINE + 5)
+        .map(|n| Item::Quarantine(q(n, 8)))
+        .collect();
+    store.ingest(items, T0).await.unwrap();
+    let all = store.quarantined(MAX_QUARANTINE * 2).await.unwrap();
+    assert_eq!(all.len(), MAX_QUARANTINE, "oldest dropped past the bound");
+    assert_eq!(
+        all[0].1.error,
+        format!("bad frame {}", MAX_QUARANTINE + 5),
+        "newest first"
+    );
+    assert!(all.windows(2).all(|w| w[0].0 > w[1].0));
+}
+
+fn assignment(id: &str, version: u32) -> Assignment {
+    Assignment {
+        id: fleetsync_protocol::BoundedString::try_from_str(id).unwrap(),
+        version,
+        stops: BoundedVec::new(),
+    }
+}
+
+fn ack_batch(seq: u64, id: &str, version: u32) -> Batch {
+    Batch {
+        epoch: 1,
+        first_seq: seq,
+        events: BoundedVec::try_from_slice(&[Event {
+            time_ms: T0 + seq,
+            body: Body::AssignmentAck(AssignmentAck {
+                assignment_id: fleetsync_protocol::BoundedString::try_from_str(id).unwrap(),
+                version,
+            }),
+        }])
+        .unwrap(),
+    }
+}
+
+async fn assignments_versions_and_acks(store: Store, _f: Fresh) {
+    assert!(store.assignment("V1").await.unwrap().is_none());
+    store
+        .put_assignment("V1", &assignment("job-1", 1), T0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .put_assignment("V1", &assignment("job-1", 1), T0)
+            .await
+            .unwrap(),
+        Err(1),
+        "versions count up"
+    );
+    let rec = store.assignment("V1").await.unwrap().unwrap();
+    assert!(!rec.acknowledged());
+    // An ack of another job is not an ack of this one.
+    ingest_one(&store, "V1", ack_batch(0, "job-0", 1)).await;
+    assert!(
+        !store
+            .assignment("V1")
+            .await
+            .unwrap()
+            .unwrap()
+            .acknowledged()
+    );
+    ingest_one(&store, "V1", ack_batch(1, "job-1", 1)).await;
+    let rec = store.assignment("V1").await.unwrap().unwrap();
+    assert!(rec.acknowledged());
+    assert_eq!(rec.acked_ms, Some(T0 + 1));
+    // The redelivered ack event changes nothing (it is not new).
+    let again = ingest_one(&store, "V1", ack_batch(1, "job-1", 1)).await;
+    assert!(again.new.is_empty());
+    assert_eq!(
+        store.assignment("V1").await.unwrap().unwrap().acked_ms,
+        Some(T0 + 1)
+    );
+    // A newer version starts unacknowledged and is sent.
+    store
+        .put_assignment("V1", &assignment("job-1", 2), T0 + 5)
+        .await
+        .unwrap()
+        .unwrap();
+    let rec = store.assignment("V1").await.unwrap().unwrap();
+    assert!(!rec.acknowledged());
+    assert_eq!(rec.sent_ms, T0 + 5);
+    store.mark_assignment_sent("V1", T0 + 9).await.unwrap();
+    assert_eq!(
+        store.assignment("V1").await.unwrap().unwrap().sent_ms,
+        T0 + 9
+    );
+    store.mark_assignment_sent("nobody", T0).await.unwrap();
+    assert!(store.assignment("nobody").await.unwrap().is_none());
+}
