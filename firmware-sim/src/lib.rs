@@ -52,3 +52,30 @@ pub enum SimError {
         source: std::io::Error,
     },
 }
+
+/// The `[store]` section of a hub config the simulator writes: PostgreSQL at `url` when
+/// given (checked to be empty first: a run's oracle must see only its own events), else
+/// sled in `dir`.
+pub async fn hub_store_section(url: Option<&str>, dir: &std::path::Path) -> Result<String, String> {
+    let Some(url) = url else {
+        return Ok(format!("[store]\npath = \"{}\"\n", dir.display()));
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(format!(
+            "--store: expected a postgres:// URL (without --store the hub uses sled), got {:?}",
+            fleetsync_hub::config::redact_url(url)
+        ));
+    }
+    let cfg = fleetsync_hub::config::StoreConfig::postgres(url);
+    let store = fleetsync_hub::store::Store::open(&cfg)
+        .await
+        .map_err(|e| format!("--store: {e}"))?;
+    let devices = store.devices().await.map_err(|e| format!("--store: {e}"))?;
+    if !devices.is_empty() {
+        return Err(format!(
+            "--store: the database already holds {} devices; give each run an empty database (createdb)",
+            devices.len()
+        ));
+    }
+    Ok(format!("[store]\nurl = \"{url}\"\n"))
+}

@@ -42,6 +42,8 @@ pub struct LoadOptions {
     pub exe: PathBuf,
     /// Working directory to keep (PKI, hub data, log).
     pub dir: Option<PathBuf>,
+    /// PostgreSQL URL for the hub's store (sled in the working directory if `None`).
+    pub store: Option<String>,
 }
 
 /// The load report.
@@ -148,15 +150,17 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     let port = || crate::ports::unused_port().map_err(e);
     let (mqtt, http) = (port()?, port()?);
     let toml = dir.join("hub.toml");
+    let store = crate::hub_store_section(opts.store.as_deref(), &dir.join("hub-data"))
+        .await
+        .map_err(e)?;
     std::fs::write(
         &toml,
         format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[store]\npath = \"{}\"\n[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
             pki.join("ca.pem").display(),
             pki.join("hub.pem").display(),
             pki.join("hub-key.pem").display(),
             opts.vehicles + 100,
-            dir.join("hub-data").display()
         ),
     )
     .map_err(e)?;

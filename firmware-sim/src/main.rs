@@ -66,6 +66,10 @@ struct LoadArgs {
     /// is FLEETSYNC_HUB_LOG (default warn,rumqttd=off).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Run the hub on PostgreSQL (an empty database: postgres://USER@HOST:PORT/DB)
+    /// instead of sled.
+    #[arg(long)]
+    store: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,6 +89,10 @@ struct ChaosArgs {
     /// Keep the working directory (configs, stores, logs) here.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Run the hub on PostgreSQL (an empty database: postgres://USER@HOST:PORT/DB)
+    /// instead of sled.
+    #[arg(long)]
+    store: Option<String>,
 }
 
 /// Cancels `token` on the first Ctrl-C / SIGTERM; exits on the second.
@@ -190,6 +198,7 @@ fn main() -> ExitCode {
                     duration: std::time::Duration::from_secs(a.duration),
                     exe,
                     dir: a.dir,
+                    store: a.store,
                 };
                 match fleetsync_sim::load::load(opts, shutdown).await {
                     Ok(r) => {
@@ -221,6 +230,7 @@ fn main() -> ExitCode {
                     seed: a.seed,
                     exe,
                     dir: a.dir,
+                    store: a.store,
                 };
                 match fleetsync_sim::chaos::chaos(opts, shutdown).await {
                     Ok(r) => {

@@ -9,6 +9,12 @@
 //! - hub: `TestHub` (gateway with mTLS, broker, ingest with dedup + fsync, acks); each device
 //!   subscribes to its down topic and keeps up to 8 batches awaiting the hub's `Ack`;
 //!   events/s = events acked by the hub per second.
+//! - hub on PostgreSQL (when `FLEETSYNC_TEST_PG_URL` names a server): the same, the hub's
+//!   store a fresh database on it; acked after `COMMIT`.
+//! - PostgreSQL baseline: the same rows (device, epoch, seq, recorded_ms, kind, postcard
+//!   body) written straight into the same table by one client, in transactions of the
+//!   size of a full ingest round (512 batches of 60), as one multi-row `INSERT ... SELECT
+//!   FROM UNNEST ... ON CONFLICT DO NOTHING` and as binary `COPY`: the physical rate.
 //!
 //! Each side runs `WARMUP` and is then measured for `WINDOW`; clients, broker and hub share
 //! this machine's cores.
@@ -337,11 +343,11 @@ async fn baseline(fixes: &Arc<Vec<Event>>) -> Option<(f64, f64)> {
     Some((per_s, per_s * BATCH as f64))
 }
 
-async fn through_hub(fixes: &Arc<Vec<Event>>) -> Option<f64> {
+async fn through_hub(fixes: &Arc<Vec<Event>>, pg: Option<&str>) -> Option<f64> {
     let ids: Vec<String> = (0..DEVICES).map(|i| format!("D{i:03}")).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let setup = Instant::now();
-    let hub = TestHub::start(&id_refs).await;
+    let hub = TestHub::start_on(&id_refs, pg).await;
     println!(
         "  hub started with {DEVICES} device certificates in {:.1} s",
         setup.elapsed().as_secs_f64()
@@ -387,7 +393,8 @@ async fn through_hub(fixes: &Arc<Vec<Event>>) -> Option<f64> {
     }
     let (per_s, el) = res?;
     println!(
-        "  hub: {:.0} events/s acked over {:.1} s ({} events ingested in all, {} duplicates, {} client errors)",
+        "  hub on {}: {:.0} events/s acked over {:.1} s ({} events ingested in all, {} duplicates, {} client errors)",
+        if pg.is_some() { "PostgreSQL" } else { "sled" },
         per_s,
         el.as_secs_f64(),
         ingested,
@@ -419,9 +426,21 @@ async fn run() -> bool {
         println!("  FAILED: baseline did not run");
         return false;
     };
-    let Some(hub) = through_hub(&fixes).await else {
+    let Some(hub) = through_hub(&fixes, None).await else {
         println!("  FAILED: hub side did not run");
         return false;
+    };
+    let pg = match fleetsync_tests::pg_url() {
+        Some(server) => {
+            let url = fleetsync_tests::fresh_pg_db(&server).await;
+            let Some(on_pg) = through_hub(&fixes, Some(&url)).await else {
+                println!("  FAILED: hub on PostgreSQL did not run");
+                return false;
+            };
+            let raw = pg_baseline(&fixes, &fleetsync_tests::fresh_pg_db(&server).await).await;
+            Some((on_pg, raw))
+        }
+        None => None,
     };
     println!(
         "  HUB        {hub:10.0} events/s acked (mTLS gateway + broker + ingest: decode, dedup, sled, fsync, Ack)"
@@ -430,7 +449,108 @@ async fn run() -> bool {
         "  BASELINE   {base:10.0} events/s (raw publishes into the embedded broker x {BATCH}; NO TLS, no hub)"
     );
     println!("  RATIO      {:10.2}x of the raw broker rate", hub / base);
+    if let Some((on_pg, (insert, copy))) = pg {
+        println!(
+            "  HUB-PG     {on_pg:10.0} events/s acked (the same, store on PostgreSQL: one transaction per round)"
+        );
+        println!(
+            "  PG-INSERT  {insert:10.0} rows/s (UNNEST insert of the same rows, round-sized transactions)"
+        );
+        println!(
+            "  PG-COPY    {copy:10.0} rows/s (binary COPY of the same rows, round-sized transactions)"
+        );
+        println!(
+            "  RATIOS     hub on PostgreSQL = {:.2}x the sled row, {:.2}x the faster physical baseline",
+            on_pg / hub,
+            on_pg / insert.max(copy)
+        );
+    }
     true
+}
+
+/// The physical rate of PostgreSQL for the hub's rows: (insert rows/s, copy rows/s).
+async fn pg_baseline(fixes: &Arc<Vec<Event>>, url: &str) -> (f64, f64) {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    // The hub's own schema, made by opening a store on the database.
+    let cfg = fleetsync_hub::config::StoreConfig::postgres(url);
+    drop(fleetsync_hub::store::Store::open(&cfg).await.unwrap());
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    const ROUND_BATCHES: usize = 512;
+    const ROUNDS: usize = 12;
+    let bodies: Vec<Vec<u8>> = fixes
+        .iter()
+        .map(|e| postcard::to_stdvec(e).unwrap())
+        .collect();
+    let round = |r: usize, tag: &str| {
+        let (mut d, mut e, mut s, mut k, mut b) = (vec![], vec![], vec![], vec![], vec![]);
+        for i in 0..ROUND_BATCHES * BATCH {
+            let n = r * ROUND_BATCHES * BATCH + i;
+            d.push(format!("{tag}{:03}", n % DEVICES));
+            e.push(1i64);
+            s.push((n / DEVICES) as i64);
+            k.push("position".to_string());
+            b.push(bodies[n % bodies.len()].clone());
+        }
+        (d, e, s, k, b)
+    };
+    let t = Instant::now();
+    let mut rows = 0usize;
+    for r in 0..ROUNDS {
+        let (d, e, s, k, b) = round(r, "I");
+        let tx = client.transaction().await.unwrap();
+        tx.execute(
+            "INSERT INTO events (device, epoch, seq, recorded_ms, kind, body) \
+             SELECT d, e, s, 0, k, b FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::bytea[]) AS t(d, e, s, k, b) \
+             ON CONFLICT DO NOTHING",
+            &[&d, &e, &s, &k, &b],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        rows += d.len();
+    }
+    let insert = rows as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut rows = 0usize;
+    for r in 0..ROUNDS {
+        let (d, e, s, k, b) = round(r, "C");
+        let tx = client.transaction().await.unwrap();
+        let sink = tx
+            .copy_in("COPY events (device, epoch, seq, recorded_ms, kind, body) FROM STDIN BINARY")
+            .await
+            .unwrap();
+        let w = BinaryCopyInWriter::new(
+            sink,
+            &[
+                Type::TEXT,
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+                Type::TEXT,
+                Type::BYTEA,
+            ],
+        );
+        let mut w = std::pin::pin!(w);
+        for i in 0..d.len() {
+            w.as_mut()
+                .write(&[&d[i], &e[i], &s[i], &0i64, &k[i], &b[i]])
+                .await
+                .unwrap();
+        }
+        w.finish().await.unwrap();
+        tx.commit().await.unwrap();
+        rows += d.len();
+    }
+    let copy = rows as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "  PostgreSQL baseline: {ROUNDS} rounds of {} rows each way",
+        ROUND_BATCHES * BATCH
+    );
+    (insert, copy)
 }
 
 fn main() {

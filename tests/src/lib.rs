@@ -306,10 +306,18 @@ pub struct TestHub {
 
 impl TestHub {
     pub async fn start(devices: &[&str]) -> TestHub {
+        Self::start_on(devices, None).await
+    }
+
+    /// A hub on PostgreSQL at `url` (sled in its temp dir when `None`).
+    pub async fn start_on(devices: &[&str], url: Option<&str>) -> TestHub {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), devices);
         let text = hub_config(&pki, &dir.path().join("hub"), 0, 0);
         let mut cfg = fleetsync_hub::Config::parse(&text).unwrap();
+        if let Some(url) = url {
+            cfg.store = fleetsync_hub::config::StoreConfig::postgres(url);
+        }
         cfg.resolve_paths(dir.path());
         let shutdown = tokio_util::sync::CancellationToken::new();
         let running = fleetsync_hub::start(cfg, shutdown.clone()).await.unwrap();
@@ -521,6 +529,15 @@ impl Stack {
             agent_cfg,
             dir,
         }
+    }
+
+    /// Puts the hub on PostgreSQL at `url` instead of its sled directory.
+    pub fn use_postgres(&self, url: &str) {
+        let text = std::fs::read_to_string(&self.hub_cfg).unwrap();
+        let start = text.find("[store]\npath = ").unwrap();
+        let end = start + text[start..].find("\n[auth]").unwrap();
+        let text = format!("{}[store]\nurl = \"{url}\"{}", &text[..start], &text[end..]);
+        std::fs::write(&self.hub_cfg, text).unwrap();
     }
 
     /// Appends sections to the agent's config (before the agent starts).

@@ -206,7 +206,7 @@ async fn concurrent_redelivery_stores_each_event_once(store: Store, _f: Fresh) {
         tasks.push(tokio::spawn(async move {
             let mut new = 0usize;
             for round in 0..6u64 {
-                let first = ((w * 23 + round * 31) % 180) as u64;
+                let first = (w * 23 + round * 31) % 180;
                 let items = vec![
                     item("A", batch(1, first, 20)),
                     item("B", batch(1, first, 20)),

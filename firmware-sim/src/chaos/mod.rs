@@ -59,6 +59,8 @@ pub struct ChaosOptions {
     pub exe: PathBuf,
     /// Keep the working directory here instead of a temporary one.
     pub dir: Option<PathBuf>,
+    /// PostgreSQL URL for the hub's store (sled in the working directory if `None`).
+    pub store: Option<String>,
 }
 
 /// Faults injected, by kind.
@@ -256,14 +258,16 @@ pub async fn chaos(
     let hub_addr: SocketAddr = format!("127.0.0.1:{mqtt}").parse().map_err(setup)?;
     let hub_http = format!("http://127.0.0.1:{http_port}");
     let hub_toml = dir.join("hub.toml");
+    let store = crate::hub_store_section(opts.store.as_deref(), &dir.join("hub-data"))
+        .await
+        .map_err(setup)?;
     std::fs::write(
         &hub_toml,
         format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[store]\npath = \"{store}\"\n[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
             ca = pki.join("ca.pem").display(),
             cert = pki.join("hub.pem").display(),
             key = pki.join("hub-key.pem").display(),
-            store = dir.join("hub-data").display(),
         ),
     )
     .map_err(setup)?;

@@ -121,7 +121,10 @@ fn classify(e: &tokio_postgres::Error, target: &str) -> StoreError {
         return StoreError::Postgres(format!("{} (SQLSTATE {})", db.message(), code.code()));
     }
     // No answer from the server: refused, reset, closed, timed out.
-    let text = e.to_string();
+    let text = match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    };
     let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed()
         || io
@@ -129,7 +132,7 @@ fn classify(e: &tokio_postgres::Error, target: &str) -> StoreError {
         || text.starts_with("error communicating")
         || text.starts_with("timeout")
     {
-        return StoreError::Unavailable(format!("{target}: {e}"));
+        return StoreError::Unavailable(format!("{target}: {text}"));
     }
     StoreError::Postgres(text)
 }
