@@ -190,11 +190,29 @@ async fn postgres_lost_mid_stream_stops_acks_and_resumes_exactly_once() {
     .await;
     assert!(red.is_some(), "readyz stayed green without PostgreSQL");
     let during = stored(ops.clone()).await;
+    let acks = ops.metric("fleetsync_hub_acks_sent_total").await;
+    let backlog = |driver: fleetsync_tests::Http| async move {
+        let s: Value = driver.get("/v1/status").await.ok()?.json().await.ok()?;
+        Some(
+            s["backlog"]["critical"]["events"].as_u64()?
+                + s["backlog"]["telemetry"]["events"].as_u64()?,
+        )
+    };
+    let backlog_cut = backlog(driver.clone()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         stored(ops.clone()).await,
         during,
         "stored without a database?"
+    );
+    assert_eq!(
+        ops.metric("fleetsync_hub_acks_sent_total").await,
+        acks,
+        "acked while the database was gone"
+    );
+    assert!(
+        backlog(driver.clone()).await.unwrap() > backlog_cut,
+        "the agent's backlog did not grow while nothing was acked"
     );
     let failures = ops.metric("fleetsync_hub_store_failures_total").await;
     assert!(failures > 0, "no failed store round counted while cut");

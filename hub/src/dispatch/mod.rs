@@ -18,7 +18,7 @@ use fleetsync_protocol::topic::{Channel, Layout};
 use fleetsync_protocol::{Assignment, Downlink, frame};
 use tokio::sync::mpsc;
 
-use crate::store::{AssignmentRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// An unacknowledged assignment is sent again when its device is heard from, at most this
 /// often.
@@ -98,29 +98,46 @@ impl Dispatch {
         Ok(())
     }
 
-    /// The device's assignment as a downlink frame if it has not acknowledged it and it
-    /// was last sent at least `min_gap_ms` ago; notes it as sent.
+    /// The assignments of those of `devices` that have not acknowledged theirs and were
+    /// last sent at least `min_gap_ms` ago, as downlink frames; notes them as sent. One
+    /// store read for all of them (an ingest round hears from many devices).
     pub async fn resend_due(
         &self,
-        device: &str,
+        devices: &[String],
         now_ms: u64,
         min_gap_ms: u64,
-    ) -> Option<(String, Vec<u8>)> {
-        let rec: AssignmentRecord = self.store.assignment(device).await.ok().flatten()?;
-        if rec.acknowledged() || now_ms.saturating_sub(rec.sent_ms) < min_gap_ms {
-            return None;
+    ) -> Vec<(String, Vec<u8>)> {
+        let records = match self.store.assignments(devices).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read assignments to resend");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (device, rec) in records {
+            if rec.acknowledged() || now_ms.saturating_sub(rec.sent_ms) < min_gap_ms {
+                continue;
+            }
+            let (Ok(down), Ok(bytes)) = (
+                self.layout.topic(&device, Channel::Down),
+                frame::encode(&Downlink::Assignment(rec.assignment)),
+            ) else {
+                continue;
+            };
+            if let Err(e) = self.store.mark_assignment_sent(&device, now_ms).await {
+                tracing::debug!(%device, error = %e, "could not note the resend time");
+            }
+            out.push((down.to_string(), bytes));
         }
-        let down = self.layout.topic(device, Channel::Down).ok()?;
-        let bytes = frame::encode(&Downlink::Assignment(rec.assignment)).ok()?;
-        if let Err(e) = self.store.mark_assignment_sent(device, now_ms).await {
-            tracing::debug!(%device, error = %e, "could not note the resend time");
-        }
-        Some((down.to_string(), bytes))
+        out
     }
 
     /// A device whose downlink subscription was just confirmed: what it has not
     /// acknowledged goes now.
     pub async fn on_listening(&self, device: &str, now_ms: u64) -> Option<(String, Vec<u8>)> {
-        self.resend_due(device, now_ms, 0).await
+        self.resend_due(&[device.to_string()], now_ms, 0)
+            .await
+            .pop()
     }
 }

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::dispatch::{Dispatch, DownlinkRx, RESEND_MS};
 use crate::metrics::Metrics;
-use crate::store::{ChunkOutcome, Item, Outcome, Quarantined, Store, chunk_invalid};
+use crate::store::{ChunkOutcome, Item, Outcome, Quarantined, Store, StoreError, chunk_invalid};
 
 /// Frames buffered between the MQTT event loop and the worker.
 const INGEST_QUEUE: usize = 4096;
@@ -215,10 +215,29 @@ async fn worker(
             }
         }
         if !group.is_empty() {
-            match commit(&store, &dispatch, &metrics, layout, group).await {
+            match commit(&store, &dispatch, &metrics, layout, &group).await {
                 Ok(acks) => {
                     pending.extend(acks);
                     backoff = BACKOFF_MIN;
+                }
+                Err(e) if group.len() > 1 && persistent(&e) => {
+                    // Something in the round that will fail every time (a row that does
+                    // not decode, a value the database refuses): frame by frame, so one
+                    // bad frame costs its own ack and not every device's.
+                    Metrics::add(&metrics.store_failures, 1);
+                    warn!(error = %e, frames = group.len(), "store round failed; retrying its frames one by one");
+                    for p in &group {
+                        match commit(&store, &dispatch, &metrics, layout, std::slice::from_ref(p))
+                            .await
+                        {
+                            Ok(acks) => pending.extend(acks),
+                            Err(e) => {
+                                Metrics::add(&metrics.store_failures, 1);
+                                tracing::error!(topic = %p.topic, error = %e,
+                                    "the store refuses this frame; not acked, the device will resend it (operator action needed)");
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     Metrics::add(&metrics.store_failures, 1);
@@ -244,6 +263,22 @@ async fn worker(
     }
 }
 
+/// The `Ack` of seqs `first..=last` of `epoch`.
+fn ack_frame(epoch: u32, first: u64, last: u64) -> Option<Vec<u8>> {
+    let mut ranges = BoundedVec::new();
+    ranges.push(SeqRange { first, last }).ok()?;
+    frame::encode(&Downlink::Ack(Ack { epoch, ranges })).ok()
+}
+
+/// Whether a failed round would fail the same way again whatever happens to the
+/// database or disk (as opposed to an unreachable database or a failed sync).
+fn persistent(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Postgres(_) | StoreError::Codec(_) | StoreError::Task(_)
+    )
+}
+
 /// What the worker needs of a frame once its round has committed.
 struct Reply {
     device: String,
@@ -258,6 +293,9 @@ struct Reply {
 enum ReplyKind {
     /// Ack the batch's seqs `first..=last` of `epoch`.
     Batch { epoch: u32, first: u64, last: u64 },
+    /// A batch kept whole in the quarantine instead of stored: acked, so the device is not
+    /// stuck resending what the hub cannot store.
+    Quarantined { epoch: u32, first: u64, last: u64 },
     /// BlobAck for this digest once the blob is complete.
     Chunk { sha256: [u8; 32] },
     /// Nothing to send (a quarantined frame).
@@ -270,8 +308,8 @@ async fn commit(
     dispatch: &Dispatch,
     metrics: &Metrics,
     layout: Layout,
-    group: Vec<Publish>,
-) -> Result<Vec<(String, Vec<u8>)>, crate::store::StoreError> {
+    group: &[Publish],
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     let now = now_ms();
     let mut items = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
@@ -300,6 +338,16 @@ async fn commit(
             })
         };
         let (item, kind) = match (frame::decode::<Uplink>(&p.payload), channel) {
+            // Identities are (epoch, seq) with seq below 2^63 (both stores index it so);
+            // no agent counts that far.
+            (Ok(Uplink::Batch(batch)), Channel::Up) if batch.last_seq() > i64::MAX as u64 => {
+                let kind = ReplyKind::Quarantined {
+                    epoch: batch.epoch,
+                    first: batch.first_seq,
+                    last: batch.last_seq(),
+                };
+                (quarantine("seq numbers beyond 2^63-1".into()), kind)
+            }
             (Ok(Uplink::Batch(batch)), Channel::Up) => {
                 let kind = ReplyKind::Batch {
                     epoch: batch.epoch,
@@ -346,17 +394,23 @@ async fn commit(
             kind,
         });
     }
-    let lags: Vec<Vec<u64>> = items
-        .iter()
-        .map(|it| match it {
-            Item::Batch { batch, .. } => batch.events.iter().map(|e| e.time_ms).collect(),
-            _ => Vec::new(),
-        })
-        .collect();
+    // Capture times, for the lag histogram once the round says what was new: one flat
+    // list, each item's share by its end offset.
+    let mut times = Vec::new();
+    let mut ends = Vec::with_capacity(items.len());
+    for it in &items {
+        if let Item::Batch { batch, .. } = it {
+            times.extend(batch.events.iter().map(|e| e.time_ms));
+        }
+        ends.push(times.len());
+    }
     let outcomes = store.ingest(items, now).await?;
 
     let mut acks = Vec::new();
-    for ((outcome, reply), times) in outcomes.into_iter().zip(replies).zip(lags) {
+    let mut start = 0;
+    for ((outcome, reply), end) in outcomes.into_iter().zip(replies).zip(ends) {
+        let item_times = &times[start..end];
+        start = end;
         let Reply {
             device,
             down,
@@ -393,14 +447,17 @@ async fn commit(
                         .await?;
                 }
                 if !r.new.is_empty() {
-                    for t in times {
-                        metrics.observe_lag_ms(now.saturating_sub(t));
+                    for t in item_times {
+                        metrics.observe_lag_ms(now.saturating_sub(*t));
                     }
                 }
                 debug!(%device, epoch, first, new = r.new.len(), dup = r.duplicates, "batch stored");
-                let mut ranges = BoundedVec::new();
-                let _ = ranges.push(SeqRange { first, last });
-                if let Ok(bytes) = frame::encode(&Downlink::Ack(Ack { epoch, ranges })) {
+                if let Some(bytes) = ack_frame(epoch, first, last) {
+                    acks.push((down, bytes));
+                }
+            }
+            (Outcome::Quarantined(_), ReplyKind::Quarantined { epoch, first, last }) => {
+                if let Some(bytes) = ack_frame(epoch, first, last) {
                     acks.push((down, bytes));
                 }
             }
@@ -426,11 +483,13 @@ async fn commit(
         }
     }
     // A device we hear from that has not acknowledged its assignment gets it again.
-    for device in heard {
-        if let Some(d) = dispatch.resend_due(&device, now, RESEND_MS).await {
-            debug!(%device, "assignment not acknowledged yet; sending it again");
-            acks.push(d);
-        }
+    let resends = dispatch.resend_due(&heard, now, RESEND_MS).await;
+    if !resends.is_empty() {
+        debug!(
+            n = resends.len(),
+            "assignments not acknowledged yet; sending them again"
+        );
     }
+    acks.extend(resends);
     Ok(acks)
 }

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! The unit of work is the ingest round ([`Store::ingest`]): every batch, blob chunk and
-//! quarantined frame of a round is written together, or none of it is. For each batch the
+//! quarantined frame of a round is written together; a failed round is never acked, and
+//! what a failed round may have left (sled only) is whole per event. For each batch the
 //! round deduplicates on `(device, epoch, seq)`, records what a new event implies (the
 //! device record, an assignment acknowledgement, and whatever later issues add: facts,
 //! outbox rows), and returns which events were new, so a redelivered batch yields nothing
@@ -335,8 +336,10 @@ impl Store {
         }
     }
 
-    /// One ingest round as one unit of work: every item is written, or the call fails
-    /// and nothing of it is (so nothing of it may be acked). Outcomes are in item order.
+    /// One ingest round as one unit of work. `Ok`: every item is written and durable,
+    /// outcomes in item order. `Err`: nothing of it may be acked; PostgreSQL wrote none of
+    /// it, sled may have written some events, each together with all it implies (so
+    /// their redelivery is a duplicate with nothing missing).
     pub async fn ingest(
         &self,
         items: Vec<Item>,
@@ -400,6 +403,15 @@ impl Store {
     /// The device's assignment record.
     pub async fn assignment(&self, device: &str) -> Result<Option<AssignmentRecord>, StoreError> {
         both!(self, s => s.assignment(device).await)
+    }
+
+    /// The assignment records of those of `devices` that have one (one read for a whole
+    /// ingest round's devices).
+    pub async fn assignments(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<(String, AssignmentRecord)>, StoreError> {
+        both!(self, s => s.assignments(devices).await)
     }
 
     /// Notes that the device's assignment was sent again at `now_ms`.

@@ -100,6 +100,8 @@ fn classify(e: &tokio_postgres::Error, target: &str) -> StoreError {
             SqlState::INVALID_PASSWORD,
             SqlState::INVALID_CATALOG_NAME,
             SqlState::INSUFFICIENT_PRIVILEGE,
+            // Tables of the hub's names but no schema record: not a database for the hub.
+            SqlState::DUPLICATE_TABLE,
         ];
         if config.contains(code) {
             return StoreError::Config(format!(
@@ -120,11 +122,19 @@ fn classify(e: &tokio_postgres::Error, target: &str) -> StoreError {
         }
         return StoreError::Postgres(format!("{} (SQLSTATE {})", db.message(), code.code()));
     }
-    // No answer from the server: refused, reset, closed, timed out.
     let text = match std::error::Error::source(e) {
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),
     };
+    // Said by the client before any query: the URL or the credentials are wrong, or the
+    // URL asks for TLS, which this hub does not speak to PostgreSQL yet.
+    if text.starts_with("invalid configuration")
+        || text.starts_with("authentication error")
+        || text.contains("TLS")
+    {
+        return StoreError::Config(format!("store.url {target}: {text}"));
+    }
+    // No answer from the server: refused, reset, closed, timed out.
     let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed()
         || io
@@ -215,7 +225,10 @@ impl Rows {
                 for (i, ev) in batch.events.iter().enumerate() {
                     let seq = batch.first_seq.wrapping_add(i as u64);
                     let p = pos.get(&(device.as_str(), batch.epoch, seq)).copied();
-                    if let Some(p) = p {
+                    // The row holds the first delivery of a key in the round: its kind.
+                    if let Some(p) = p
+                        && rows.kind[p].is_empty()
+                    {
                         rows.kind[p] = ev.body.kind().to_string();
                     }
                     v.push(p);
@@ -238,7 +251,12 @@ impl PgStore {
         let target = describe(&pg);
         pg.application_name("fleetsync-hub");
         pg.connect_timeout(CONNECT_TIMEOUT);
-        pg.options(format!("-c statement_timeout={}", cfg.statement_timeout_ms));
+        // An ack is only as durable as the commit: never let a server default of
+        // synchronous_commit = off decide that.
+        pg.options(format!(
+            "-c statement_timeout={} -c synchronous_commit=on",
+            cfg.statement_timeout_ms
+        ));
         let mgr = Manager::from_config(
             pg,
             NoTls,
@@ -473,6 +491,24 @@ impl PgStore {
             Some(r) => Ok(Some(postcard::from_bytes(r.get::<_, &[u8]>(0))?)),
             None => Ok(None),
         }
+    }
+
+    /// See [`super::Store::assignments`].
+    pub async fn assignments(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<(String, AssignmentRecord)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT device, record FROM assignments WHERE device = ANY($1) ORDER BY device",
+                &[&devices],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), postcard::from_bytes(r.get::<_, &[u8]>(1))?)))
+            .collect()
     }
 
     /// See [`super::Store::mark_assignment_sent`].

@@ -21,12 +21,20 @@
 //! writes again together with the marker; a crash after it leaves the whole.
 //!
 //! Event rows are written with compare-and-swap on an absent key, so a redelivery in any
-//! order changes nothing.
+//! order changes nothing. A call that fails part way may have written some events of
+//! its round, each with everything it implies: their redelivery is a duplicate with
+//! nothing missing. A failed sync marks the store failed for the life of the process
+//! (writes refused, readiness red): the kernel may have dropped what it could not write.
+//!
+//! Known limit: sled keeps values over a quarter of its segment (assembled POD photos,
+//! not chunks) in files of its own that it writes without fsync; `make_durable` syncs
+//! them before the round is acked, but a power loss inside a round can leave sled's log
+//! naming a blob file that never reached the disk.
 
 mod durable;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
@@ -52,6 +60,10 @@ pub struct SledStore {
     /// What the last `make_durable` synced; held for a whole write call, so one call
     /// writes and syncs at a time (the order the module note relies on).
     synced: Arc<Mutex<durable::Synced>>,
+    /// Set once a sync failed: the kernel may have dropped the dirty pages it could not
+    /// write, so a later sync that succeeds proves nothing. Every write fails from then
+    /// on and readiness goes red until the hub restarts and sled re-reads its disk.
+    failed: Arc<AtomicBool>,
 }
 
 fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
@@ -102,6 +114,7 @@ impl SledStore {
             assignments: db.open_tree("assignments")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
+            failed: Arc::new(AtomicBool::new(false)),
             path: path.to_path_buf(),
             db,
         };
@@ -138,13 +151,17 @@ impl SledStore {
             // A panic in another call cannot leave the map wrong, only stale: a stale
             // entry at worst syncs a file once more.
             let mut synced = s.synced.lock().unwrap_or_else(|p| p.into_inner());
+            s.check_not_failed()?;
             let out = f(s)?;
-            durable::make_durable(&s.db, &s.path, &mut synced).map_err(|source| {
-                StoreError::Io {
+            if let Err(source) = durable::make_durable(&s.db, &s.path, &mut synced) {
+                s.failed.store(true, Ordering::SeqCst);
+                tracing::error!(path = %s.path.display(), error = %source,
+                    "store sync failed: nothing more is acked until the hub restarts (check the disk)");
+                return Err(StoreError::Io {
                     path: s.path.clone(),
                     source,
-                }
-            })?;
+                });
+            }
             Ok(out)
         })
         .await
@@ -181,51 +198,54 @@ impl SledStore {
         recorded_ms: u64,
     ) -> Result<Ingested, StoreError> {
         let mut out = Ingested::default();
-        let mut newest_health: Option<(u64, Health)> = None;
         for (i, event) in batch.events.iter().enumerate() {
             let seq = batch.first_seq + i as u64;
             let key = event_key(device, batch.epoch, seq);
-            if let Some(existing) = self.events.get(&key)? {
-                // Same identity: a redelivery, unless the content differs.
-                let same = decode::<StoredEvent>(&existing).is_ok_and(|old| old.event == *event);
-                if same {
-                    out.duplicates += 1;
-                } else {
-                    out.conflicts += 1;
+            // An event with effects (an ack, a newer health) is new only if its row is
+            // absent: its effects are written first (idempotent), its row (the marker)
+            // last. A position has none: its row is the whole of it.
+            let has_effects = matches!(event.body, Body::AssignmentAck(_) | Body::Health(_));
+            if has_effects && !self.events.contains_key(&key)? {
+                match &event.body {
+                    Body::AssignmentAck(a) => {
+                        self.ack_assignment(device, &a.assignment_id, a.version, event.time_ms)?
+                    }
+                    Body::Health(h) => self.merge_device(
+                        device,
+                        recorded_ms,
+                        Some(batch.epoch),
+                        Some(&(event.time_ms, h.clone())),
+                    )?,
+                    _ => {}
                 }
-                continue;
-            }
-            // New: its effects first (idempotent), the event row (the marker) last.
-            if let Body::AssignmentAck(a) = &event.body {
-                self.ack_assignment(device, &a.assignment_id, a.version, event.time_ms)?;
-            }
-            if let Body::Health(h) = &event.body
-                && newest_health
-                    .as_ref()
-                    .is_none_or(|(t, _)| *t <= event.time_ms)
-            {
-                newest_health = Some((event.time_ms, h.clone()));
             }
             let row = postcard::to_stdvec(&StoredEvent {
                 recorded_ms,
                 event: event.clone(),
             })?;
-            // Rounds are written one at a time, so the key is still absent; the CAS keeps
-            // the at-most-once invariant even if that ever changes.
             match self
                 .events
                 .compare_and_swap(key, None as Option<&[u8]>, Some(row))?
             {
                 Ok(()) => out.new.push(seq),
-                Err(_) => out.duplicates += 1,
+                Err(existing) => {
+                    // Same identity: a redelivery, unless the content differs.
+                    let same = existing
+                        .current
+                        .as_ref()
+                        .and_then(|b| postcard::from_bytes::<StoredEvent>(b).ok())
+                        .is_some_and(|old| old.event == *event);
+                    if same {
+                        out.duplicates += 1;
+                    } else {
+                        out.conflicts += 1;
+                    }
+                }
             }
         }
-        self.merge_device(
-            device,
-            recorded_ms,
-            Some(batch.epoch),
-            newest_health.as_ref(),
-        )?;
+        // Last seen and epoch are merged for redeliveries too, so a crash before this
+        // line is repaired by the redelivery.
+        self.merge_device(device, recorded_ms, Some(batch.epoch), None)?;
         Ok(out)
     }
 
@@ -330,11 +350,11 @@ impl SledStore {
 
     /// Stores a blob chunk and assembles the blob once every byte is there.
     fn put_chunk(&self, chunk: &BlobChunk) -> Result<ChunkOutcome, StoreError> {
-        if self.blobs.contains_key(chunk.sha256)? {
-            return Ok(ChunkOutcome::Complete);
-        }
         if let Some(why) = chunk_invalid(chunk) {
             return Ok(ChunkOutcome::Invalid(why));
+        }
+        if self.blobs.contains_key(chunk.sha256)? {
+            return Ok(ChunkOutcome::Complete);
         }
         let mut key = chunk.sha256.to_vec();
         key.extend_from_slice(&chunk.offset.to_be_bytes());
@@ -419,6 +439,22 @@ impl SledStore {
         .await
     }
 
+    /// See [`super::Store::assignments`].
+    pub async fn assignments(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<(String, AssignmentRecord)>, StoreError> {
+        // Inline, not on a blocking thread: point reads of a small tree that stays in
+        // sled's cache, once per ingest round (a thread hop would cost more than the reads).
+        let mut out = Vec::new();
+        for d in devices {
+            if let Some(v) = self.assignments.get(d.as_bytes())? {
+                out.push((d.clone(), decode(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
     /// See [`super::Store::mark_assignment_sent`].
     pub async fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
         let device = device.to_string();
@@ -495,8 +531,20 @@ impl SledStore {
         .await
     }
 
-    /// sled is in this process: it answers whenever the process does.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    fn check_not_failed(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other(
+                    "an earlier sync of the store failed; restart the hub once the disk is fixed",
+                ),
+            });
+        }
         Ok(())
+    }
+
+    /// sled is in this process: it answers unless a sync has failed.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.check_not_failed()
     }
 }

@@ -1,8 +1,9 @@
 -- fleetsync hub schema 1: events, devices, blobs, quarantine, assignments.
 -- Unsigned protocol integers are stored in bigint (u32 fits; seq is checked to fit).
+-- Device ids sort by bytes (COLLATE "C"), as in the embedded store.
 
 CREATE TABLE events (
-    device      text   NOT NULL,
+    device      text COLLATE "C" NOT NULL,
     epoch       bigint NOT NULL,
     seq         bigint NOT NULL,
     recorded_ms bigint NOT NULL,
@@ -12,7 +13,7 @@ CREATE TABLE events (
 );
 
 CREATE TABLE devices (
-    id            text   PRIMARY KEY,
+    id            text COLLATE "C" PRIMARY KEY,
     first_seen_ms bigint NOT NULL,
     last_seen_ms  bigint NOT NULL,
     epoch         bigint NOT NULL,
@@ -42,6 +43,6 @@ CREATE TABLE quarantine (
 );
 
 CREATE TABLE assignments (
-    device text   PRIMARY KEY,
+    device text COLLATE "C" PRIMARY KEY,
     record bytea  NOT NULL                -- postcard(AssignmentRecord)
 );
