@@ -16,15 +16,22 @@ use tokio::sync::Mutex;
 const TOTAL: usize = 10_000;
 const POSTERS: usize = 16;
 
-/// Event number `n`: every fifth an exception (critical lane), the rest positions; the
-/// content identifies it uniquely.
-fn event(n: usize) -> Value {
+/// Event number `n` and where it is posted: every fifth an exception (critical lane,
+/// `POST /v1/exceptions`), the rest positions (`POST /v1/events`); the content identifies
+/// it uniquely.
+fn event(n: usize) -> (&'static str, Value) {
     let t = 1_795_773_600_000u64 + n as u64 * 1000;
     let time = fleetsync_protocol::json::Time(t).to_rfc3339();
     if n.is_multiple_of(5) {
-        json!({"kind": "exception", "event_time": time, "code": "test", "text": format!("event-{n}")})
+        (
+            "/v1/exceptions",
+            json!({"kind": "exception", "code": "other", "text": format!("event-{n}")}),
+        )
     } else {
-        json!({"kind": "position", "event_time": time, "lat": 52.0 + n as f64 * 1e-5, "lon": 4.9})
+        (
+            "/v1/events",
+            json!({"kind": "position", "event_time": time, "lat": 52.0 + n as f64 * 1e-5, "lon": 4.9}),
+        )
     }
 }
 
@@ -64,8 +71,14 @@ async fn every_accepted_event_arrives_exactly_once_through_kill9() {
                 if accepted.lock().unwrap().len() >= TOTAL {
                     return;
                 }
-                let ev = event(next.fetch_add(1, Ordering::SeqCst));
-                match driver.post_json("/v1/events", &ev).await {
+                let (path, ev) = event(next.fetch_add(1, Ordering::SeqCst));
+                let mut body = ev.clone();
+                if let Some(o) = body.as_object_mut()
+                    && path == "/v1/exceptions"
+                {
+                    o.remove("kind");
+                }
+                match driver.post_json(path, &body).await {
                     Ok(r) if r.status() == 201 => {
                         accepted.lock().unwrap().insert(key_of(&ev));
                     }

@@ -495,15 +495,14 @@ async fn assignments_versions_and_acks(store: Store, _f: Fresh) {
     );
     let rec = store.assignment("V1").await.unwrap().unwrap();
     assert!(!rec.acknowledged());
-    // An ack of another job is not an ack of this one.
+    // An ack of another job is not an ack of this one, nor one of a version never sent
+    // (a forged acknowledgement).
     ingest_one(&store, "V1", ack_batch(0, "job-0", 1)).await;
-    assert!(
-        !store
-            .assignment("V1")
-            .await
-            .unwrap()
-            .unwrap()
-            .acknowledged()
+    ingest_one(&store, "V1", ack_batch(10, "job-1", u32::MAX)).await;
+    let rec = store.assignment("V1").await.unwrap().unwrap();
+    assert_eq!(
+        rec.acked_version, None,
+        "an ack of what was never sent was recorded"
     );
     ingest_one(&store, "V1", ack_batch(1, "job-1", 1)).await;
     let rec = store.assignment("V1").await.unwrap().unwrap();
@@ -524,7 +523,17 @@ async fn assignments_versions_and_acks(store: Store, _f: Fresh) {
         .unwrap();
     let rec = store.assignment("V1").await.unwrap().unwrap();
     assert!(!rec.acknowledged());
+    assert_eq!(
+        rec.acked_version, None,
+        "a new version starts unacknowledged"
+    );
     assert_eq!(rec.sent_ms, T0 + 5);
+    // A late ack of the old version does not acknowledge the new one; its own does.
+    ingest_one(&store, "V1", ack_batch(11, "job-1", 1)).await;
+    let acked = |r: Option<fleetsync_hub::store::AssignmentRecord>| r.unwrap().acknowledged();
+    assert!(!acked(store.assignment("V1").await.unwrap()));
+    ingest_one(&store, "V1", ack_batch(12, "job-1", 2)).await;
+    assert!(acked(store.assignment("V1").await.unwrap()));
     store.mark_assignment_sent("V1", T0 + 9).await.unwrap();
     assert_eq!(
         store.assignment("V1").await.unwrap().unwrap().sent_ms,

@@ -123,9 +123,7 @@ async fn readyz(addr: SocketAddr) -> Option<u16> {
 }
 
 fn event(n: usize) -> Value {
-    let t = 1_795_773_600_000u64 + n as u64 * 1000;
-    json!({"kind": "exception", "event_time": fleetsync_protocol::json::Time(t).to_rfc3339(),
-           "code": "test", "text": format!("event-{n}")})
+    json!({"code": "other", "text": format!("event-{n}")})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -162,7 +160,7 @@ async fn postgres_lost_mid_stream_stops_acks_and_resumes_exactly_once() {
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let n = next.fetch_add(1, Ordering::SeqCst);
-                if let Ok(r) = driver.post_json("/v1/events", &event(n)).await
+                if let Ok(r) = driver.post_json("/v1/exceptions", &event(n)).await
                     && r.status() == 201
                 {
                     accepted.lock().unwrap().insert(format!("event-{n}"));
@@ -281,4 +279,119 @@ async fn postgres_lost_mid_stream_stops_acks_and_resumes_exactly_once() {
         texts.len()
     );
     sd.cancel();
+}
+
+/// A frame the store refuses every time (here: an ack for an assignment whose stored
+/// record was damaged) costs its own ack, not everyone's: the batches that shared its
+/// rounds are stored and acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_the_store_always_refuses_does_not_stall_the_others() {
+    use fleetsync_protocol::topic::{Channel, Layout};
+    use fleetsync_protocol::{
+        AssignmentAck, Batch, Body, BoundedString, BoundedVec, Downlink, Event, Fix, Uplink, frame,
+    };
+    use rumqttc::{Event as MqttEvent, Packet, QoS};
+
+    let Some(server) = fleetsync_tests::pg_url() else {
+        return;
+    };
+    let url = fleetsync_tests::fresh_pg_db(&server).await;
+    let hub = fleetsync_tests::TestHub::start_on(&["V1"], Some(&url)).await;
+    let job = json!({"id": "job-1", "version": 1, "stops": []});
+    assert_eq!(hub.http.put_assignment("V1", &job).await, 202);
+    pg_exec(
+        &url,
+        "UPDATE assignments SET record = '\\x00ff'::bytea WHERE device = 'V1'",
+    )
+    .await;
+
+    let encode = |first_seq: u64, events: Vec<Event>| {
+        frame::encode(&Uplink::Batch(Batch {
+            epoch: 1,
+            first_seq,
+            events: BoundedVec::try_from_slice(&events).unwrap(),
+        }))
+        .unwrap()
+    };
+    let t0 = 1_795_773_600_000u64;
+    let bad = encode(
+        0,
+        vec![Event {
+            time_ms: t0,
+            body: Body::AssignmentAck(AssignmentAck {
+                assignment_id: BoundedString::try_from_str("job-1").unwrap(),
+                version: 1,
+            }),
+        }],
+    );
+    let good = |k: u64| {
+        encode(
+            k * 10,
+            (0..10)
+                .map(|i| Event {
+                    time_ms: t0 + (k * 10 + i) * 1000,
+                    body: Body::Position(Fix {
+                        lat_e7: 520_000_000 + i as i32,
+                        lon_e7: 49_000_000,
+                        speed_cmps: None,
+                        heading_ddeg: None,
+                        hdop_d: None,
+                        satellites: None,
+                    }),
+                })
+                .collect(),
+        )
+    };
+    let (client, mut el) = fleetsync_tests::device_client(&hub.pki, "V1", "V1", hub.running_mqtt);
+    let up = Layout::Embedded
+        .topic("V1", Channel::Up)
+        .unwrap()
+        .to_string();
+    let down = Layout::Embedded
+        .topic("V1", Channel::Down)
+        .unwrap()
+        .to_string();
+    let mut acked: HashSet<u64> = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline && (1..=10).any(|k| !acked.contains(&(k * 10))) {
+        match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
+            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
+                client
+                    .subscribe(down.as_str(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::SubAck(_)))) => {
+                // The refused frame beside every good one, as a device resending it would.
+                for k in 1..=10 {
+                    for f in [bad.clone(), good(k)] {
+                        client
+                            .publish(up.as_str(), QoS::AtLeastOnce, false, f)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
+                if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
+                    acked.extend(a.ranges.iter().map(|r| r.first));
+                }
+            }
+            Ok(Err(e)) => panic!("device connection failed: {e}"),
+            _ => {}
+        }
+    }
+    let missing: Vec<u64> = (1..=10)
+        .map(|k| k * 10)
+        .filter(|s| !acked.contains(s))
+        .collect();
+    assert!(missing.is_empty(), "good batches never acked: {missing:?}");
+    assert!(!acked.contains(&0), "the refused frame was acked");
+    assert!(hub.http.metric("fleetsync_hub_store_failures_total").await > 0);
+    let stored = pg_exec(&url, "SELECT count(*) FROM events WHERE device = 'V1'").await;
+    assert_eq!(
+        stored[0].get::<_, i64>(0),
+        100,
+        "the ten good batches, not the refused one"
+    );
 }

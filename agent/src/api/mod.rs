@@ -1,9 +1,13 @@
 //! The local API for the driver's tablet (axum, bearer token).
 //!
 //! - `GET /v1/status`: link, epoch, backlog per lane, last ack, disk use.
-//! - `POST /v1/events`: one event in the shared JSON shape; 201 `{epoch, seq}` only once
-//!   it is durable (fsynced); 400 naming the bad field; 507 when the store is full of
-//!   undelivered critical events.
+//! - `POST /v1/events`: one event in the shared JSON shape, of the kinds a local client
+//!   may originate ([`LOCAL_KINDS`]: positions, from an external GPS app); 201 `{epoch,
+//!   seq}` only once it is durable (fsynced); 400 naming the bad field; 422 for a kind the
+//!   agent records itself (geofence, trip, health, gap, assignment_ack: the hub trusts
+//!   them as the device's own word) or that has its own endpoint with its own rules
+//!   (pod: `POST /v1/stops/{stop}/pod`, exception: `POST /v1/exceptions`); 507 when the
+//!   store is full of undelivered critical events.
 //!
 //! - the driver's jobs, POD and exception endpoints ([`driver`]).
 //!
@@ -29,6 +33,11 @@ use tokio::sync::Notify;
 
 use crate::store::{Store, StoreError};
 use crate::uplink::LinkState;
+
+/// The event kinds `POST /v1/events` accepts: what a client on the gateway's LAN may
+/// originate. Everything else the agent records itself or takes through an endpoint
+/// that checks it.
+pub const LOCAL_KINDS: [&str; 1] = ["position"];
 
 /// Largest request body of `POST /v1/events`.
 pub const MAX_EVENT_BODY: usize = 64 * 1024;
@@ -230,6 +239,18 @@ async fn post_event(State(st): State<ApiState>, body: Bytes) -> Result<Response,
     let event = json
         .to_event()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let kind = event.body.kind();
+    if !LOCAL_KINDS.contains(&kind) {
+        let instead = match kind {
+            "pod" => "; POD goes to POST /v1/stops/{stop}/pod",
+            "exception" => "; exceptions go to POST /v1/exceptions",
+            _ => "; the agent records it itself",
+        };
+        return Err(ApiError::Unprocessable(format!(
+            "kind: {kind:?} cannot be posted here (accepted: {}){instead}",
+            LOCAL_KINDS.join(", ")
+        )));
+    }
     let id = st.store.append(event).await?;
     st.wake.notify_one();
     Ok((

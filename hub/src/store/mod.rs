@@ -166,24 +166,19 @@ impl AssignmentRecord {
     }
 
     /// Applies an `AssignmentAck` the device captured at `time_ms`; returns whether the
-    /// record changed. Only an ack of this assignment that is newer than the one recorded
-    /// counts; applying the same ack twice changes nothing.
+    /// record changed. Only an ack of exactly the assignment and version the hub sent
+    /// counts: a device cannot acknowledge what it was never sent (a forged or stale
+    /// version is ignored), and applying the same ack twice changes nothing.
     pub fn apply_ack(&mut self, id: &str, version: u32, time_ms: u64) -> bool {
-        if self.assignment.id.as_str() != id || self.acked_version.is_some_and(|v| v >= version) {
+        if self.assignment.id.as_str() != id
+            || version != self.assignment.version
+            || self.acked_version == Some(version)
+        {
             return false;
         }
         self.acked_version = Some(version);
         self.acked_ms = Some(time_ms);
         true
-    }
-
-    /// The record once `a` replaces this one (a higher version), sent at `now_ms`.
-    pub fn replaced_by(&self, a: &Assignment, now_ms: u64) -> Self {
-        AssignmentRecord {
-            acked_version: self.acked_version,
-            acked_ms: self.acked_ms,
-            ..Self::new(a, now_ms)
-        }
     }
 }
 

@@ -465,7 +465,7 @@ impl PgStore {
             if prev.assignment.version >= a.version {
                 return Ok(Err(prev.assignment.version));
             }
-            let rec = postcard::to_stdvec(&prev.replaced_by(a, now_ms))?;
+            let rec = postcard::to_stdvec(&AssignmentRecord::new(a, now_ms))?;
             tx.execute(
                 "UPDATE assignments SET record = $2 WHERE device = $1",
                 &[&device, &rec],

@@ -414,7 +414,7 @@ impl SledStore {
                     return Ok(Err(p.assignment.version));
                 }
                 let rec = match &prev {
-                    Some(p) => p.replaced_by(&a, now_ms),
+                    Some(_) => AssignmentRecord::new(&a, now_ms),
                     None => AssignmentRecord::new(&a, now_ms),
                 };
                 let new = postcard::to_stdvec(&rec)?;
