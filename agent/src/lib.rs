@@ -66,6 +66,67 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// The certificate names another device than the config: the hub would refuse
+    /// every connection (it takes the id from the certificate), so the agent does not
+    /// start.
+    #[error(
+        "device_id {device_id:?} but {path} is the certificate of {cert_id:?}: the hub knows a device by its certificate; use that device's certificate or fix device_id"
+    )]
+    Identity {
+        /// The config's device id.
+        device_id: String,
+        /// What the certificate says.
+        cert_id: String,
+        /// The certificate file.
+        path: String,
+    },
+}
+
+impl AgentError {
+    /// Whether an operator must change the configuration or its files (exit code 64, no
+    /// restart).
+    pub fn is_config(&self) -> bool {
+        use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, PermissionDenied};
+        match self {
+            AgentError::Tls { .. } | AgentError::Config(_) | AgentError::Identity { .. } => true,
+            AgentError::Bind { source, .. } => {
+                matches!(
+                    source.kind(),
+                    AddrInUse | AddrNotAvailable | PermissionDenied
+                )
+            }
+            AgentError::Store(_) => false,
+        }
+    }
+}
+
+/// Checks what `run` will use beyond the file: the TLS material loads, and the device
+/// certificate is this device's (its subject's O field is `device_id`).
+pub fn preflight(cfg: &Config) -> Result<rustls::ClientConfig, AgentError> {
+    let tls = client_tls(&cfg.hub.ca, &cfg.hub.cert, &cfg.hub.key)?;
+    let path = &cfg.hub.cert;
+    let first = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_err(path, e))?
+        .next()
+        .ok_or_else(|| tls_err(path, "no certificate found"))?
+        .map_err(|e| tls_err(path, e))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+        .map_err(|e| tls_err(path, format!("not an X.509 certificate: {e}")))?;
+    let cert_id = parsed
+        .subject()
+        .iter_organization()
+        .next()
+        .and_then(|o| o.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if cert_id != cfg.device_id {
+        return Err(AgentError::Identity {
+            device_id: cfg.device_id.clone(),
+            cert_id,
+            path: path.display().to_string(),
+        });
+    }
+    Ok(tls)
 }
 
 fn tls_err(path: &std::path::Path, e: impl std::fmt::Display) -> AgentError {
@@ -124,7 +185,7 @@ impl Running {
 /// Starts the agent: store (epoch bump), uplink, health, local API.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, AgentError> {
     let (host, port) = cfg.hub_addr()?;
-    let tls = Arc::new(client_tls(&cfg.hub.ca, &cfg.hub.cert, &cfg.hub.key)?);
+    let tls = Arc::new(preflight(&cfg)?);
     let store_cfg = store::StoreConfig {
         path: cfg.store.path.clone(),
         quota_bytes: cfg.store.quota_bytes,

@@ -63,10 +63,16 @@ fn main() -> ExitCode {
         Cmd::Config {
             cmd: ConfigCmd::Check { config },
         } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
+            Ok(cfg) => match fleetsync_agent::preflight(&cfg) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(if e.is_config() { EXIT_CONFIG } else { 1 })
+                }
+            },
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(EXIT_CONFIG)
@@ -105,7 +111,12 @@ fn main() -> ExitCode {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "agent did not start");
-                        return ExitCode::FAILURE;
+                        eprintln!("error: {e}");
+                        return if e.is_config() {
+                            ExitCode::from(EXIT_CONFIG)
+                        } else {
+                            ExitCode::FAILURE
+                        };
                     }
                 };
                 wait_for_signal().await;

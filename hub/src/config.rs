@@ -294,11 +294,36 @@ impl Config {
                 "auth.operator_token must be at least 16 characters".into(),
             ));
         }
-        if self.mqtt.max_packet_bytes < 16 * 1024 {
-            return Err(ConfigError::Invalid(
-                "mqtt.max_packet_bytes must be at least 16384".into(),
-            ));
-        }
+        let range = |key: &str, v: u64, lo: u64, hi: u64, unit: &str| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(format!(
+                    "{key} = {v}: must be from {lo} to {hi}{unit}"
+                )))
+            }
+        };
+        range(
+            "mqtt.handshake_timeout_ms",
+            self.mqtt.handshake_timeout_ms,
+            100,
+            60_000,
+            " (ms)",
+        )?;
+        range(
+            "mqtt.max_packet_bytes",
+            self.mqtt.max_packet_bytes as u64,
+            16 * 1024,
+            16 << 20,
+            " (bytes)",
+        )?;
+        range(
+            "mqtt.max_connections",
+            self.mqtt.max_connections as u64,
+            1,
+            1_000_000,
+            "",
+        )?;
         match (&self.store.path, &self.store.url) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -336,12 +361,29 @@ impl Config {
                         path.display()
                     )));
                 }
+                // Not there yet: it is created at start, under its nearest existing
+                // ancestor, which must be a directory.
+                let base = path
+                    .ancestors()
+                    .skip(1)
+                    .map(|a| {
+                        if a.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            a
+                        }
+                    })
+                    .find(|a| a.exists());
+                if let Some(a) = base
+                    && !a.is_dir()
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "store.path {}: {} is not a directory",
+                        path.display(),
+                        a.display()
+                    )));
+                }
             }
-        }
-        if self.mqtt.max_connections == 0 {
-            return Err(ConfigError::Invalid(
-                "mqtt.max_connections must be at least 1".into(),
-            ));
         }
         Ok(())
     }

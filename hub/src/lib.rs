@@ -49,7 +49,7 @@ pub enum HubError {
     #[error("{0}")]
     Broker(#[from] broker::embedded::BrokerError),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", if source.kind() == std::io::ErrorKind::AddrInUse { " (is another hub or program on that port?)" } else { "" })]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -62,10 +62,38 @@ pub enum HubError {
 }
 
 impl HubError {
-    /// Whether an operator must change the configuration (exit code 64, no restart).
+    /// Whether an operator must change the configuration (exit code 64, no restart):
+    /// unusable TLS material, a listen address in use or not this machine's, a store
+    /// that cannot be used as configured.
     pub fn is_config(&self) -> bool {
-        matches!(self, HubError::Store(e) if e.is_config())
+        use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, PermissionDenied};
+        match self {
+            HubError::Store(e) => e.is_config(),
+            HubError::Tls(_) => true,
+            HubError::Bind { source, .. } => {
+                matches!(
+                    source.kind(),
+                    AddrInUse | AddrNotAvailable | PermissionDenied
+                )
+            }
+            HubError::Broker(_) | HubError::NotReady => false,
+        }
     }
+}
+
+/// What `config check` checks beyond the file itself, the same way `run` will use it:
+/// the TLS material loads and the key matches the certificate, and both listen
+/// addresses can be bound now (a port in use is named). The store is checked by
+/// [`Config::validate`] (sled) or when it is opened (PostgreSQL).
+pub fn preflight(cfg: &Config) -> Result<(), HubError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tls::server_config(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
+    for addr in [cfg.mqtt.listen, cfg.http.listen] {
+        if addr.port() != 0 {
+            std::net::TcpListener::bind(addr).map_err(|source| HubError::Bind { addr, source })?;
+        }
+    }
+    Ok(())
 }
 
 /// A started hub.

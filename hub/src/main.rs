@@ -118,10 +118,16 @@ fn main() -> ExitCode {
         Cmd::Config {
             cmd: ConfigCmd::Check { config },
         } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
+            Ok(cfg) => match fleetsync_hub::preflight(&cfg) {
+                Ok(()) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(if e.is_config() { EXIT_CONFIG } else { 1 })
+                }
+            },
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(EXIT_CONFIG)

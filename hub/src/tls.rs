@@ -21,7 +21,7 @@ pub enum TlsError {
         message: String,
     },
     /// rustls refused the material.
-    #[error("tls: {0}")]
+    #[error("{0}")]
     Rustls(#[from] rustls::Error),
     /// The client verifier could not be built.
     #[error("client verifier: {0}")]
@@ -69,7 +69,14 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::Serve
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => pem_err(
+                key,
+                format!("not the private key of the certificate {}", cert.display()),
+            ),
+            other => TlsError::Rustls(other),
+        })?;
     // Stateless session tickets (keys rotated by the ticketer, never stored): a device
     // that reconnects to the same hub process resumes without a certificate verify and
     // signature on either side, which is what keeps a reconnect storm (a cell tower back,

@@ -155,3 +155,106 @@ fn pki_refuses_overwrite_and_bad_ids_and_never_prints_keys() {
         assert_eq!(mode & 0o077, 0, "CA key readable by others");
     }
 }
+
+/// `config check` loads and checks what `run` will use, and both exit 64 on the same
+/// problems: unusable TLS material, a key that is not the certificate's, a store path
+/// under a file, a port in use, values out of range; an agent whose certificate names
+/// another device.
+#[test]
+fn config_check_and_run_refuse_the_same_things_with_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(
+        run("fleetsync-hub", &["pki", "init", "--dir", "pki"], d)
+            .status
+            .success()
+    );
+    for dev in ["V1", "V2"] {
+        let out = run(
+            "fleetsync-hub",
+            &["pki", "issue-device", "--dir", "pki", "--device", dev],
+            d,
+        );
+        assert!(out.status.success());
+    }
+    std::fs::write(d.join("garbage.pem"), "not a certificate\n").unwrap();
+    std::fs::write(d.join("a-file"), "x").unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    let example =
+        String::from_utf8(run("fleetsync-hub", &["config", "example"], d).stdout).unwrap();
+    let base = example
+        .replace("0.0.0.0:8883", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()));
+    let cases: [(&str, String, &str); 6] = [
+        (
+            "bad CA",
+            base.replace("pki/ca.pem", "garbage.pem"),
+            "garbage.pem",
+        ),
+        (
+            "key of another certificate",
+            base.replace("pki/hub-key.pem", "pki/devices/V1/key.pem"),
+            "tls",
+        ),
+        (
+            "store under a file",
+            base.replace("data/hub", "a-file/hub"),
+            "not a directory",
+        ),
+        (
+            "port in use",
+            base.replace(
+                &base[base.find("[http]").unwrap()..base.find("[store]").unwrap()],
+                &format!("[http]\nlisten = \"127.0.0.1:{held_port}\"\n\n"),
+            ),
+            "in use",
+        ),
+        (
+            "handshake timeout 0",
+            base.replace("handshake_timeout_ms = 5000", "handshake_timeout_ms = 0"),
+            "handshake_timeout_ms",
+        ),
+        (
+            "1 TiB packets",
+            base.replace(
+                "max_packet_bytes = 262144",
+                "max_packet_bytes = 1099511627776",
+            ),
+            "max_packet_bytes",
+        ),
+    ];
+    for (what, text, says) in cases {
+        assert_ne!(text, base, "{what}: the case did not change the config");
+        std::fs::write(d.join("hub.toml"), &text).unwrap();
+        for args in [
+            &["config", "check", "hub.toml"][..],
+            &["run", "--config", "hub.toml"][..],
+        ] {
+            let out = run("fleetsync-hub", args, d);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{what}: {args:?}: {err}");
+            assert!(
+                err.contains(says),
+                "{what}: {args:?} does not say {says:?}: {err}"
+            );
+        }
+    }
+    drop(held);
+
+    // The agent: device_id V2 with V1's certificate.
+    let agent = String::from_utf8(run("fleetsync-agent", &["config", "example"], d).stdout)
+        .unwrap()
+        .replace("device_id = \"V1\"", "device_id = \"V2\"")
+        .replace("127.0.0.1:8090", &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(d.join("agent.toml"), agent).unwrap();
+    for args in [
+        &["config", "check", "agent.toml"][..],
+        &["run", "--config", "agent.toml"][..],
+    ] {
+        let out = run("fleetsync-agent", args, d);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains("certificate of \"V1\""), "{args:?}: {err}");
+    }
+}
