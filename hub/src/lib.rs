@@ -125,7 +125,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = Arc::new(presence::Registry::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let server_cfg = tls::server_config(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
+    let device_tls = tls::device_tls(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
 
     let (max_packet, max_conn) = (cfg.mqtt.max_packet_bytes, cfg.mqtt.max_connections);
     let broker = tokio::task::spawn_blocking(move || broker::embedded::start(max_packet, max_conn))
@@ -184,10 +184,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         upstream: broker.addr,
         secret: broker.secret.clone(),
         listening: listening_tx,
+        verifier: device_tls.verifier.clone(),
     };
     tasks.push(tokio::spawn(broker::gateway::run(
         listener,
-        TlsAcceptor::from(Arc::new(server_cfg)),
+        TlsAcceptor::from(device_tls.config.clone()),
         gw_cfg,
         registry.clone(),
         metrics.clone(),

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Events whose identity was already stored with different content (quarantined).
     pub identity_conflicts: AtomicU64,
+    /// Device connections refused or closed because the certificate is no longer valid
+    /// (a resumed session after expiry, a live connection at expiry).
+    pub certificate_refusals: AtomicU64,
     /// Store rounds that failed (nothing of them acked).
     pub store_failures: AtomicU64,
     /// Gauge: devices with an open connection.
@@ -66,7 +69,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
+            (
+                "fleetsync_hub_certificate_refusals_total",
+                "Device connections refused or closed because the certificate is no longer valid.",
+                &self.certificate_refusals,
+            ),
             (
                 "fleetsync_hub_store_failures_total",
                 "Store rounds that failed; nothing of them was acked.",

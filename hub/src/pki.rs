@@ -137,6 +137,16 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<PkiPaths, PkiError> {
 
 /// Issues a client certificate for `device` into `dir/devices/{device}/`.
 pub fn issue_device(dir: &Path, device: &str) -> Result<PathBuf, PkiError> {
+    issue_device_until(dir, device, rcgen::date_time_ymd(2034, 1, 1).into())
+}
+
+/// [`issue_device`] with a certificate that expires at `not_after` (a device being
+/// retired, or a test of expiry).
+pub fn issue_device_until(
+    dir: &Path,
+    device: &str,
+    not_after: std::time::SystemTime,
+) -> Result<PathBuf, PkiError> {
     validate_device_id(device).map_err(|_| PkiError::BadDeviceId(device.to_string()))?;
     let ca_pem_path = dir.join("ca.pem");
     let ca_key_path = dir.join("ca-key.pem");
@@ -150,7 +160,7 @@ pub fn issue_device(dir: &Path, device: &str) -> Result<PathBuf, PkiError> {
     params.distinguished_name = dn(device, device);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2034, 1, 1);
+    params.not_after = time::OffsetDateTime::from(not_after);
     let cert = params.signed_by(&key, &issuer)?;
 
     let out = dir.join("devices").join(device);

@@ -57,15 +57,47 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server config for the device listener.
-pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+/// The device listener's TLS: the rustls config and the verifier of device certificates
+/// in it, which the gateway runs again on a resumed session (rustls checks the client
+/// certificate on full handshakes only; a session ticket carries the certificate it was
+/// issued with, however old).
+#[derive(Debug, Clone)]
+pub struct DeviceTls {
+    /// The server config.
+    pub config: Arc<rustls::ServerConfig>,
+    /// Checks a device certificate chain against the fleet CA at a given time.
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+/// The device listener's TLS ([`server_config`] and its verifier).
+pub fn device_tls(ca: &Path, cert: &Path, key: &Path) -> Result<DeviceTls, TlsError> {
+    let verifier = client_verifier(ca)?;
+    let config = Arc::new(config_with(verifier.clone(), cert, key)?);
+    Ok(DeviceTls { config, verifier })
+}
+
+fn client_verifier(
+    ca: &Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in load_certs(ca)? {
         roots.add(c)?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+/// Server config for the device listener.
+pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    config_with(client_verifier(ca)?, cert, key)
+}
+
+fn config_with(
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cert: &Path,
+    key: &Path,
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -83,8 +115,17 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::Serve
     // a hub under load) from feeding on itself. The resumed session carries the client
     // certificate it was opened with, so the device id is the same as on the full
     // handshake. A hub restart starts with new keys: the next connection is full again.
+    // The gateway checks that certificate's validity again on every resumed session
+    // (`broker::gateway`), and closes a connection when its certificate expires.
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(cfg)
+}
+
+/// When a certificate stops being valid (its notAfter), if it can be read.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = parsed.validity().not_after.timestamp();
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
 /// The device id in a client certificate: the subject's O field, which must be a valid

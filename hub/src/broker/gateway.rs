@@ -59,6 +59,8 @@ pub struct GatewayConfig {
     /// confirmed (its SUBACK went by): from then on a downlink publish reaches it, so
     /// whatever it has not acknowledged can be sent at once instead of at the next resend.
     pub listening: mpsc::Sender<String>,
+    /// The device certificate verifier of the TLS config, run again on resumed sessions.
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 /// Runs the accept loop until `shutdown`.
@@ -133,17 +135,29 @@ async fn connection(
             return;
         }
     };
-    let device = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(crate::tls::device_id_of);
+    let session = tls.get_ref().1;
+    let chain = session.peer_certificates().unwrap_or_default();
+    let device = chain.first().and_then(crate::tls::device_id_of);
     let Some(device) = device else {
         Metrics::add(&metrics.tls_handshake_failures, 1);
         warn!(%peer, "client certificate has no usable device id in its O field");
         return;
     };
+    // rustls verified the certificate on a full handshake; a resumed session brings the
+    // certificate its ticket was issued with, so it is checked again now: an expired
+    // (or otherwise no longer valid) identity stops at once, not when tickets run out.
+    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        && let Err(e) = cfg.verifier.verify_client_cert(
+            &chain[0],
+            &chain[1..],
+            rustls_pki_types::UnixTime::now(),
+        )
+    {
+        Metrics::add(&metrics.certificate_refusals, 1);
+        warn!(%device, %peer, error = %e, "resumed session with a certificate no longer valid; refused");
+        return;
+    }
+    let expires = chain.first().and_then(crate::tls::not_after);
     let upstream = match TcpStream::connect(cfg.upstream).await {
         Ok(s) => s,
         Err(e) => {
@@ -157,7 +171,15 @@ async fn connection(
         .connected_devices
         .store(registry.count() as u64, Ordering::Relaxed);
     debug!(%device, %peer, "device connected");
-    let result = proxy(tls, upstream, &device, cfg).await;
+    // A connection lives no longer than its certificate.
+    let result = tokio::select! {
+        r = proxy(tls, upstream, &device, cfg) => r,
+        _ = wall_clock_reaches(expires) => {
+            Metrics::add(&metrics.certificate_refusals, 1);
+            info!(%device, "device certificate expired; disconnected");
+            Ok(())
+        }
+    };
     registry.closed(&device);
     metrics
         .connected_devices
@@ -169,6 +191,23 @@ async fn connection(
             warn!(%device, other_device = %other, %topic, "device used another device's topic; disconnected");
         }
         Err(e) => debug!(%device, error = %e, "device connection closed"),
+    }
+}
+
+/// Returns once the wall clock is at or past `t` (never for `None`). Sleeps at most a
+/// minute at a time, so a clock set forward (NTP after a cold boot) counts, and no timer
+/// is armed years ahead.
+async fn wall_clock_reaches(t: Option<std::time::SystemTime>) {
+    let Some(t) = t else {
+        return std::future::pending().await;
+    };
+    loop {
+        match t.duration_since(std::time::SystemTime::now()) {
+            Ok(left) if !left.is_zero() => {
+                tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+            }
+            _ => return,
+        }
     }
 }
 
