@@ -28,6 +28,13 @@ key = "pki/hub-key.pem"
 handshake_timeout_ms = 5000
 # Devices connected at once; further connections are refused until one leaves.
 max_connections = 10000
+# TLS handshakes in progress at once, and from one source address (an IPv6 /64): a
+# budget of their own, so clients that connect and never finish a handshake cannot take
+# the fleet's places. Past either, a new connection is closed at once. Vehicles behind
+# one carrier NAT share a source address: handshakes take milliseconds, so 64 at once
+# from one address is plenty for a fleet.
+max_handshakes = 1024
+max_handshakes_per_source = 64
 # Largest MQTT packet a device may send (event batches, blob chunks).
 max_packet_bytes = 262144
 
@@ -85,6 +92,12 @@ pub struct MqttConfig {
     /// Most device connections at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most TLS handshakes in progress.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Most TLS handshakes in progress from one source address.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: usize,
     /// Largest MQTT packet accepted from a device.
     #[serde(default = "default_max_packet_bytes")]
     pub max_packet_bytes: usize,
@@ -183,6 +196,12 @@ fn default_handshake_timeout_ms() -> u64 {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
+fn default_max_handshakes_per_source() -> usize {
+    64
 }
 fn default_max_packet_bytes() -> usize {
     256 * 1024
@@ -323,6 +342,20 @@ impl Config {
             1,
             1_000_000,
             "",
+        )?;
+        range(
+            "mqtt.max_handshakes",
+            self.mqtt.max_handshakes as u64,
+            1,
+            100_000,
+            "",
+        )?;
+        range(
+            "mqtt.max_handshakes_per_source",
+            self.mqtt.max_handshakes_per_source as u64,
+            1,
+            self.mqtt.max_handshakes as u64,
+            " (at most mqtt.max_handshakes)",
         )?;
         match (&self.store.path, &self.store.url) {
             (Some(_), Some(_)) => {

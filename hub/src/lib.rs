@@ -180,6 +180,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     let gw_cfg = broker::gateway::GatewayConfig {
         handshake_timeout: cfg.mqtt.handshake_timeout(),
         max_connections: cfg.mqtt.max_connections,
+        max_handshakes: cfg.mqtt.max_handshakes,
+        max_handshakes_per_source: cfg.mqtt.max_handshakes_per_source,
         max_packet_bytes: cfg.mqtt.max_packet_bytes,
         upstream: broker.addr,
         secret: broker.secret.clone(),

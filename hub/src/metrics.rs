@@ -40,6 +40,11 @@ pub struct Metrics {
     pub certificate_refusals: AtomicU64,
     /// Store rounds that failed (nothing of them acked).
     pub store_failures: AtomicU64,
+    /// Connections closed at once because the handshake budget (total or per source) was
+    /// full.
+    pub handshakes_refused: AtomicU64,
+    /// Gauge: TLS handshakes in progress.
+    pub handshakes_in_progress: AtomicU64,
     /// Gauge: devices with an open connection.
     pub connected_devices: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
@@ -69,7 +74,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
+            (
+                "fleetsync_hub_handshakes_refused_total",
+                "Connections closed at once: the TLS handshake budget (total or per source) was full.",
+                &self.handshakes_refused,
+            ),
             (
                 "fleetsync_hub_certificate_refusals_total",
                 "Device connections refused or closed because the certificate is no longer valid.",
@@ -147,6 +157,11 @@ impl Metrics {
             out,
             "# HELP fleetsync_hub_connected_devices Devices with an open connection.\n# TYPE fleetsync_hub_connected_devices gauge\nfleetsync_hub_connected_devices {}",
             g(&self.connected_devices)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fleetsync_hub_handshakes_in_progress TLS handshakes in progress.\n# TYPE fleetsync_hub_handshakes_in_progress gauge\nfleetsync_hub_handshakes_in_progress {}",
+            g(&self.handshakes_in_progress)
         );
         let name = "fleetsync_hub_ingest_lag_seconds";
         let _ = writeln!(

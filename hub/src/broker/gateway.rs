@@ -47,8 +47,12 @@ use crate::presence::Registry;
 pub struct GatewayConfig {
     /// Handshake deadline.
     pub handshake_timeout: Duration,
-    /// Most connections at once (including ones still in their handshake).
+    /// Most device connections at once (verified devices).
     pub max_connections: usize,
+    /// Most TLS handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Most TLS handshakes in progress from one source address (IPv4) or /64 (IPv6).
+    pub max_handshakes_per_source: usize,
     /// Largest MQTT packet from a device.
     pub max_packet_bytes: usize,
     /// The broker's loopback address.
@@ -63,6 +67,87 @@ pub struct GatewayConfig {
     pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
+/// TLS handshakes in progress: a budget of their own, apart from the devices'
+/// connections (a client holds a device slot only once its certificate is verified), and
+/// a cap per source address (an IPv4 address, an IPv6 /64), so clients that connect and
+/// never finish their handshake delay strangers from their own address, not the fleet.
+/// Full: the new connection is closed at once (counted in `handshakes_refused`).
+#[derive(Debug)]
+struct Handshakes {
+    total: Arc<Semaphore>,
+    per_source: std::sync::Mutex<std::collections::HashMap<[u8; 8], usize>>,
+    per_source_max: usize,
+    in_progress: Arc<Metrics>,
+}
+
+/// One handshake's place in [`Handshakes`]; gives it back when dropped.
+#[derive(Debug)]
+struct HandshakeSlot {
+    gate: Arc<Handshakes>,
+    source: [u8; 8],
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+fn source_key(ip: std::net::IpAddr) -> [u8; 8] {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut k = [0u8; 8];
+            k[4..].copy_from_slice(&v4.octets());
+            k
+        }
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => source_key(std::net::IpAddr::V4(v4)),
+            None => {
+                let mut k = [0u8; 8];
+                k.copy_from_slice(&v6.octets()[..8]);
+                k[0] |= 0x80; // apart from every IPv4 key
+                k
+            }
+        },
+    }
+}
+
+impl Handshakes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 8], usize>> {
+        // Single increments and decrements: a panic cannot leave the map inconsistent.
+        self.per_source.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        let source = source_key(ip);
+        let mut map = self.lock();
+        let n = map.entry(source).or_default();
+        if *n >= self.per_source_max {
+            return None;
+        }
+        *n += 1;
+        drop(map);
+        Metrics::add(&self.in_progress.handshakes_in_progress, 1);
+        Some(HandshakeSlot {
+            gate: self.clone(),
+            source,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut map = self.gate.lock();
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+        self.gate
+            .in_progress
+            .handshakes_in_progress
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs the accept loop until `shutdown`.
 pub async fn run(
     listener: TcpListener,
@@ -73,6 +158,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let handshakes = Arc::new(Handshakes {
+        total: Arc::new(Semaphore::new(cfg.max_handshakes)),
+        per_source: Default::default(),
+        per_source_max: cfg.max_handshakes_per_source,
+        in_progress: metrics.clone(),
+    });
     let cfg = Arc::new(cfg);
     let tasks = TaskTracker::new();
     loop {
@@ -89,23 +180,24 @@ pub async fn run(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            Metrics::add(&metrics.connections_refused, 1);
-            debug!(%peer, "connection limit reached; refused");
+        let Some(slot) = handshakes.try_enter(peer.ip()) else {
+            Metrics::add(&metrics.handshakes_refused, 1);
+            debug!(%peer, "handshake budget (total or this source's) full; refused");
             continue;
         };
-        let (acceptor, cfg, registry, metrics, shutdown) = (
+        let (acceptor, cfg, registry, metrics, shutdown, permits) = (
             acceptor.clone(),
             cfg.clone(),
             registry.clone(),
             metrics.clone(),
             shutdown.clone(),
+            permits.clone(),
         );
         tasks.spawn(async move {
-            let _permit = permit;
+            let admit = Admission { slot, permits };
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = connection(tcp, peer, acceptor, &cfg, &registry, &metrics) => {}
+                _ = connection(tcp, peer, acceptor, admit, &cfg, &registry, &metrics) => {}
             }
         });
     }
@@ -113,10 +205,17 @@ pub async fn run(
     tasks.wait().await;
 }
 
+/// What lets a connection in: its handshake slot, then a device slot once verified.
+struct Admission {
+    slot: HandshakeSlot,
+    permits: Arc<Semaphore>,
+}
+
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
+    admit: Admission,
     cfg: &GatewayConfig,
     registry: &Registry,
     metrics: &Metrics,
@@ -158,6 +257,14 @@ async fn connection(
         return;
     }
     let expires = chain.first().and_then(crate::tls::not_after);
+    // Verified: the handshake's slot goes back, a device's slot is taken.
+    let Admission { slot, permits } = admit;
+    drop(slot);
+    let Ok(_permit) = permits.try_acquire_owned() else {
+        Metrics::add(&metrics.connections_refused, 1);
+        warn!(%device, "device connection limit (mqtt.max_connections) reached; refused");
+        return;
+    };
     let upstream = match TcpStream::connect(cfg.upstream).await {
         Ok(s) => s,
         Err(e) => {
