@@ -150,13 +150,15 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     let port = || crate::ports::unused_port().map_err(e);
     let (mqtt, http) = (port()?, port()?);
     let toml = dir.join("hub.toml");
+    // Every simulated vehicle connects from this one address: the per-source handshake
+    // cap (a defence against strangers on one address) is lifted to the total.
     let store = crate::hub_store_section(opts.store.as_deref(), &dir.join("hub-data"))
         .await
         .map_err(e)?;
     std::fs::write(
         &toml,
         format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
             pki.join("ca.pem").display(),
             pki.join("hub.pem").display(),
             pki.join("hub-key.pem").display(),

@@ -239,14 +239,14 @@ async fn client_without_certificate_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_do_not_block_devices() {
     let hub = TestHub::start(&["V1"]).await;
-    // 100 sockets that open TCP and never say a word.
+    // 100 sockets that open TCP and never say a word, from another address than the
+    // device's (from the device's own address they would meet its per-source handshake
+    // cap, mqtt.max_handshakes_per_source: tests/tests/handshake_flood.rs).
     let mut stalled = Vec::new();
     for _ in 0..100 {
-        stalled.push(
-            tokio::net::TcpStream::connect(hub.running_mqtt)
-                .await
-                .unwrap(),
-        );
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        stalled.push(sock.connect(hub.running_mqtt).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
