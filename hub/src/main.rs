@@ -94,6 +94,21 @@ enum PkiCmd {
     },
 }
 
+/// The config (exit 64 when it is invalid) and a runtime to run it in.
+fn config_and_runtime(
+    path: &std::path::Path,
+) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let cfg = Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })?;
+    Ok((cfg, rt))
+}
+
 fn init_tracing(json: bool) {
     // rumqttd logs every closed device connection as an error; the gateway and ingest log
     // what an operator needs. RUST_LOG=rumqttd=info brings it back.
@@ -169,19 +184,9 @@ fn main() -> ExitCode {
             cmd: StoreCmd::Migrate { config },
         } => {
             init_tracing(false);
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let (cfg, rt) = match config_and_runtime(&config) {
+                Ok(v) => v,
+                Err(code) => return code,
             };
             rt.block_on(async move {
                 match fleetsync_hub::store::Store::open(&cfg.store).await {
@@ -210,19 +215,9 @@ fn main() -> ExitCode {
         }
         Cmd::Run { config, log_json } => {
             init_tracing(log_json);
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let (cfg, rt) = match config_and_runtime(&config) {
+                Ok(v) => v,
+                Err(code) => return code,
             };
             rt.block_on(async move {
                 let shutdown = CancellationToken::new();

@@ -233,6 +233,25 @@ impl Http {
         .unwrap_or_else(|| panic!("{device}: assignment v{version} never acknowledged"))
     }
 
+    /// The agent's undelivered events (both lanes), from its `/v1/status`.
+    pub async fn backlog(&self) -> Option<u64> {
+        let s: Value = self.get("/v1/status").await.ok()?.json().await.ok()?;
+        Some(
+            s["backlog"]["critical"]["events"].as_u64()?
+                + s["backlog"]["telemetry"]["events"].as_u64()?,
+        )
+    }
+
+    /// Waits (`timeout` at most) until the agent's backlog is empty; whether it was.
+    pub async fn wait_drained(&self, timeout: Duration) -> bool {
+        wait_for(timeout, || {
+            let agent = self.clone();
+            async move { (agent.backlog().await? == 0).then_some(()) }
+        })
+        .await
+        .is_some()
+    }
+
     /// Every event of `device` at the hub, following `next` cursors.
     pub async fn all_events(&self, device: &str) -> Vec<Value> {
         let mut out = Vec::new();

@@ -122,17 +122,10 @@ async fn every_accepted_event_arrives_exactly_once_through_kill9() {
 
     // Drain: the agent's backlog goes to zero once the hub has acked everything.
     assert!(wait_http_ok(hub_addr, "/readyz", Duration::from_secs(30)).await);
-    let drained = wait_for(Duration::from_secs(120), || {
-        let driver = driver.clone();
-        async move {
-            let s: Value = driver.get("/v1/status").await.ok()?.json().await.ok()?;
-            let backlog = s["backlog"]["critical"]["events"].as_u64()?
-                + s["backlog"]["telemetry"]["events"].as_u64()?;
-            (backlog == 0).then_some(())
-        }
-    })
-    .await;
-    assert!(drained.is_some(), "agent backlog did not drain");
+    assert!(
+        driver.wait_drained(Duration::from_secs(120)).await,
+        "agent backlog did not drain"
+    );
 
     let ops = stack.ops();
     let events = ops.all_events("V1").await;

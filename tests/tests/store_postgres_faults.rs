@@ -189,14 +189,7 @@ async fn postgres_lost_mid_stream_stops_acks_and_resumes_exactly_once() {
     assert!(red.is_some(), "readyz stayed green without PostgreSQL");
     let during = stored(ops.clone()).await;
     let acks = ops.metric("fleetsync_hub_acks_sent_total").await;
-    let backlog = |driver: fleetsync_tests::Http| async move {
-        let s: Value = driver.get("/v1/status").await.ok()?.json().await.ok()?;
-        Some(
-            s["backlog"]["critical"]["events"].as_u64()?
-                + s["backlog"]["telemetry"]["events"].as_u64()?,
-        )
-    };
-    let backlog_cut = backlog(driver.clone()).await.unwrap();
+    let backlog_cut = driver.backlog().await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         stored(ops.clone()).await,
@@ -209,7 +202,7 @@ async fn postgres_lost_mid_stream_stops_acks_and_resumes_exactly_once() {
         "acked while the database was gone"
     );
     assert!(
-        backlog(driver.clone()).await.unwrap() > backlog_cut,
+        driver.backlog().await.unwrap() > backlog_cut,
         "the agent's backlog did not grow while nothing was acked"
     );
     let failures = ops.metric("fleetsync_hub_store_failures_total").await;
@@ -245,17 +238,10 @@ async fn postgres_lost_mid_stream_stops_acks_and_resumes_exactly_once() {
 
     stop.store(true, Ordering::SeqCst);
     poster.await.unwrap();
-    let drained = wait_for(Duration::from_secs(60), || {
-        let driver = driver.clone();
-        async move {
-            let s: Value = driver.get("/v1/status").await.ok()?.json().await.ok()?;
-            let backlog = s["backlog"]["critical"]["events"].as_u64()?
-                + s["backlog"]["telemetry"]["events"].as_u64()?;
-            (backlog == 0).then_some(())
-        }
-    })
-    .await;
-    assert!(drained.is_some(), "agent backlog did not drain");
+    assert!(
+        driver.wait_drained(Duration::from_secs(60)).await,
+        "agent backlog did not drain"
+    );
 
     let events = ops.all_events("V1").await;
     let mut texts = HashSet::new();

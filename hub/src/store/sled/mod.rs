@@ -79,6 +79,14 @@ fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
     Ok(postcard::from_bytes(v)?)
 }
 
+/// The decoded value under `key` in `tree`, if any.
+fn get<T: serde::de::DeserializeOwned>(
+    tree: &::sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    tree.get(key)?.map(|v| decode(&v)).transpose()
+}
+
 impl SledStore {
     /// Opens (or creates) the store at `path` (blocking).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -287,11 +295,8 @@ impl SledStore {
     /// See [`super::Store::device`].
     pub async fn device(&self, device: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let device = device.to_string();
-        self.blocking(move |s| match s.devices.get(device.as_bytes())? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        })
-        .await
+        self.blocking(move |s| get(&s.devices, device.as_bytes()))
+            .await
     }
 
     /// See [`super::Store::events`].
@@ -432,11 +437,8 @@ impl SledStore {
     /// See [`super::Store::assignment`].
     pub async fn assignment(&self, device: &str) -> Result<Option<AssignmentRecord>, StoreError> {
         let device = device.to_string();
-        self.blocking(move |s| match s.assignments.get(device.as_bytes())? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        })
-        .await
+        self.blocking(move |s| get(&s.assignments, device.as_bytes()))
+            .await
     }
 
     /// See [`super::Store::assignments`].
@@ -448,8 +450,8 @@ impl SledStore {
         // sled's cache, once per ingest round (a thread hop would cost more than the reads).
         let mut out = Vec::new();
         for d in devices {
-            if let Some(v) = self.assignments.get(d.as_bytes())? {
-                out.push((d.clone(), decode(&v)?));
+            if let Some(rec) = get(&self.assignments, d.as_bytes())? {
+                out.push((d.clone(), rec));
             }
         }
         Ok(out)
