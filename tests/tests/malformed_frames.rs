@@ -100,10 +100,14 @@ async fn bad_frames_are_quarantined_and_ingest_goes_on() {
     let q = hub.http.get_json("/v1/ops/quarantine").await;
     let q = q.as_array().unwrap();
     assert_eq!(q.len(), 3);
-    let mut raws: Vec<String> = q
-        .iter()
-        .map(|e| e["raw_hex"].as_str().unwrap().to_string())
-        .collect();
+    // The listing names each frame; its bytes are at its own URL.
+    let mut raws: Vec<String> = Vec::new();
+    for e in q {
+        let url = e["raw_url"].as_str().unwrap();
+        let raw = hub.http.get(url).await.unwrap().bytes().await.unwrap();
+        assert_eq!(raw.len() as u64, e["bytes"].as_u64().unwrap());
+        raws.push(hex_of(&raw));
+    }
     raws.sort();
     // The hub keeps up to 64 KiB of each frame.
     let mut want: Vec<String> = bad
@@ -155,7 +159,15 @@ async fn bad_frames_are_quarantined_and_ingest_goes_on() {
         "{}",
         q[0]
     );
-    assert_eq!(q[0]["raw_hex"], hex_of(&conflicting));
+    let raw = hub
+        .http
+        .get(q[0]["raw_url"].as_str().unwrap())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(hex_of(&raw), hex_of(&conflicting));
 
     let events = hub.http.all_events("V1").await;
     assert_eq!(events.len(), 30);

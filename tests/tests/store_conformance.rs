@@ -8,7 +8,8 @@ use std::collections::HashSet;
 
 use fleetsync_hub::config::StoreConfig;
 use fleetsync_hub::store::{
-    ChunkOutcome, Item, MAX_QUARANTINE, MAX_QUARANTINE_RAW, Outcome, Quarantined, Store,
+    ChunkOutcome, Item, MAX_QUARANTINE, MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome,
+    QUARANTINE_HEAD, Quarantined, Store,
 };
 use fleetsync_protocol::{
     Assignment, AssignmentAck, Batch, BlobChunk, Body, BoundedVec, Event, Exception, Health,
@@ -423,36 +424,66 @@ async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
 }
 
 async fn quarantine_is_bounded(store: Store, _f: Fresh) {
-    let q = |n: usize, len: usize| Quarantined {
-        device: "V1".into(),
-        topic: "/tenants/V1/up".into(),
+    let q = |device: &str, n: usize, len: usize| Quarantined {
+        device: device.into(),
+        topic: format!("/tenants/{device}/up"),
         recorded_ms: T0 + n as u64,
         error: format!("bad frame {n}"),
-        raw: vec![0xab; len],
+        raw: (0..len).map(|i| (i % 251) as u8).collect(),
     };
     let id = store
-        .quarantine(q(0, MAX_QUARANTINE_RAW + 1000))
+        .quarantine(q("V0", 0, MAX_QUARANTINE_RAW + 1000))
         .await
         .unwrap();
-    let got = store.quarantined(10).await.unwrap();
-    assert_eq!(got[0].0, id);
+    let got = store.quarantined(10, None).await.unwrap();
+    assert_eq!(got[0].id, id);
+    assert_eq!(got[0].bytes, MAX_QUARANTINE_RAW, "raw bytes are capped");
     assert_eq!(
-        got[0].1.raw.len(),
-        MAX_QUARANTINE_RAW,
-        "raw bytes are capped"
+        got[0].head.len(),
+        QUARANTINE_HEAD,
+        "listings carry the head only"
     );
+    let raw = store.quarantined_raw(id).await.unwrap().unwrap();
+    assert_eq!(
+        raw,
+        q("V0", 0, MAX_QUARANTINE_RAW).raw,
+        "the kept bytes, whole"
+    );
+    assert!(store.quarantined_raw(id + 999_999).await.unwrap().is_none());
+
+    // One device cannot push the others out: it keeps its own newest share.
+    let flood: Vec<Item> = (1..=MAX_QUARANTINE_PER_DEVICE + 50)
+        .map(|n| Item::Quarantine(q("V1", n, 8)))
+        .collect();
+    store.ingest(flood, T0).await.unwrap();
+    let all = store.quarantined(MAX_QUARANTINE, None).await.unwrap();
+    let v1: Vec<_> = all.iter().filter(|e| e.device == "V1").collect();
+    assert_eq!(v1.len(), MAX_QUARANTINE_PER_DEVICE, "V1 past its share");
+    assert_eq!(
+        v1[0].error,
+        format!("bad frame {}", MAX_QUARANTINE_PER_DEVICE + 50),
+        "newest kept"
+    );
+    assert!(
+        all.iter().any(|e| e.device == "V0"),
+        "another device's frame pushed out"
+    );
+
+    // The total bound, over many devices; newest first, paged with `before`.
     let items: Vec<Item> = (1..=MAX_QUARANTINE + 5)
-        .map(|n| Item::Quarantine(q(n, 8)))
+        .map(|n| Item::Quarantine(q(&format!("D{}", n % 200), n, 8)))
         .collect();
     store.ingest(items, T0).await.unwrap();
-    let all = store.quarantined(MAX_QUARANTINE * 2).await.unwrap();
+    let all = store.quarantined(MAX_QUARANTINE * 2, None).await.unwrap();
     assert_eq!(all.len(), MAX_QUARANTINE, "oldest dropped past the bound");
     assert_eq!(
-        all[0].1.error,
+        all[0].error,
         format!("bad frame {}", MAX_QUARANTINE + 5),
         "newest first"
     );
-    assert!(all.windows(2).all(|w| w[0].0 > w[1].0));
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+    let page = store.quarantined(10, Some(all[9].id)).await.unwrap();
+    assert_eq!(page[0].id, all[10].id, "before is exclusive");
 }
 
 fn assignment(id: &str, version: u32) -> Assignment {

@@ -135,6 +135,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/blobs/{sha256}", get(blob))
         .route("/quarantine", get(quarantine))
+        .route("/quarantine/{id}/raw", get(quarantine_raw))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,
@@ -341,6 +342,7 @@ async fn blob(State(st): State<AppState>, Path(sha): Path<String>) -> Result<Res
 #[serde(deny_unknown_fields)]
 struct QuarantineQuery {
     limit: Option<usize>,
+    before: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -351,28 +353,76 @@ struct QuarantineOut {
     recorded_time: Time,
     error: String,
     bytes: usize,
-    raw_hex: String,
+    /// The first bytes of the frame (hex); the whole frame is at `raw_url`.
+    head_hex: String,
+    raw_url: String,
 }
+
+/// Largest body of a quarantine listing: a page ends early rather than pass it.
+pub const MAX_QUARANTINE_PAGE_BYTES: usize = 1 << 20;
 
 async fn quarantine(
     State(st): State<AppState>,
     Query(q): Query<QuarantineQuery>,
-) -> Result<Json<Vec<QuarantineOut>>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let rows = st.store.quarantined(limit).await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|(id, q)| QuarantineOut {
-                id,
-                device: q.device,
-                topic: q.topic,
-                recorded_time: Time(q.recorded_ms),
-                error: q.error,
-                bytes: q.raw.len(),
-                raw_hex: hex::encode(&q.raw),
-            })
-            .collect(),
-    ))
+    let rows = st.store.quarantined(limit, q.before).await?;
+    let full_page = rows.len() == limit;
+    let mut cut = false;
+    let mut out = Vec::with_capacity(rows.len());
+    // The body is built item by item and stops before it would pass the byte bound, so
+    // a listing never costs more memory than that, whatever the frames hold.
+    let mut body = Vec::with_capacity(4096);
+    body.push(b'[');
+    for r in rows {
+        let item = QuarantineOut {
+            raw_url: format!("/v1/ops/quarantine/{}/raw", r.id),
+            id: r.id,
+            device: r.device,
+            topic: r.topic,
+            recorded_time: Time(r.recorded_ms),
+            error: r.error,
+            bytes: r.bytes,
+            head_hex: hex::encode(&r.head),
+        };
+        let json = serde_json::to_vec(&item).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if body.len() + json.len() + 2 > MAX_QUARANTINE_PAGE_BYTES {
+            cut = true;
+            break;
+        }
+        if !out.is_empty() {
+            body.push(b',');
+        }
+        body.extend_from_slice(&json);
+        out.push(item.id);
+    }
+    body.push(b']');
+    let mut resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    // Where the next page starts (the id to pass as `before`), when there may be one.
+    if (full_page || cut)
+        && let Some(last) = out.last()
+        && let Ok(v) = header::HeaderValue::from_str(&last.to_string())
+    {
+        resp.headers_mut().insert("x-next-before", v);
+    }
+    Ok(resp)
+}
+
+async fn quarantine_raw(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("id: expected a number, got {id:?}")))?;
+    match st.store.quarantined_raw(id).await? {
+        Some(raw) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], raw).into_response())
+        }
+        None => Err(ApiError::NotFound(format!(
+            "no quarantined frame {id} (dropped past the quarantine's bounds, or never there)"
+        ))),
+    }
 }
 
 /// Hex of a digest (re-exported for callers building blob URLs).

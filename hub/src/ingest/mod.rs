@@ -191,6 +191,7 @@ async fn worker(
     } = inputs;
     let mut pending: VecDeque<(String, Vec<u8>)> = VecDeque::new();
     let mut backoff = BACKOFF_MIN;
+    let mut qlog = QuarantineLog::default();
     loop {
         let mut group = Vec::new();
         tokio::select! {
@@ -215,7 +216,7 @@ async fn worker(
             }
         }
         if !group.is_empty() {
-            match commit(&store, &dispatch, &metrics, layout, &group).await {
+            match commit(&store, &dispatch, &metrics, &mut qlog, layout, &group).await {
                 Ok(acks) => {
                     pending.extend(acks);
                     backoff = BACKOFF_MIN;
@@ -227,8 +228,15 @@ async fn worker(
                     Metrics::add(&metrics.store_failures, 1);
                     warn!(error = %e, frames = group.len(), "store round failed; retrying its frames one by one");
                     for p in &group {
-                        match commit(&store, &dispatch, &metrics, layout, std::slice::from_ref(p))
-                            .await
+                        match commit(
+                            &store,
+                            &dispatch,
+                            &metrics,
+                            &mut qlog,
+                            layout,
+                            std::slice::from_ref(p),
+                        )
+                        .await
                         {
                             Ok(acks) => pending.extend(acks),
                             Err(e) => {
@@ -259,6 +267,47 @@ async fn worker(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Quarantine log lines per device and minute; past it, frames are counted (the
+/// metric and the quarantine itself hold them) but not logged, and the next line says
+/// how many went unlogged.
+const QUARANTINE_LOG_PER_MINUTE: u32 = 5;
+/// Devices tracked by the log limiter before windows that ended are dropped.
+const QUARANTINE_LOG_DEVICES: usize = 10_000;
+
+/// One WARN line per quarantined frame would let one device fill the hub's log (10,000
+/// garbage frames: 2.4 MB); this keeps at most [`QUARANTINE_LOG_PER_MINUTE`] a device.
+#[derive(Debug, Default)]
+struct QuarantineLog {
+    /// Per device: (window start ms, lines logged in it, frames not logged since the
+    /// last line).
+    windows: std::collections::HashMap<String, (u64, u32, u64)>,
+}
+
+impl QuarantineLog {
+    /// `Some(frames not logged since the last line)` if this one may be logged now.
+    fn admit(&mut self, device: &str, now_ms: u64) -> Option<u64> {
+        if self.windows.len() >= QUARANTINE_LOG_DEVICES && !self.windows.contains_key(device) {
+            self.windows
+                .retain(|_, (start, _, _)| now_ms.saturating_sub(*start) < 60_000);
+        }
+        let w = self
+            .windows
+            .entry(device.to_string())
+            .or_insert((now_ms, 0, 0));
+        if now_ms.saturating_sub(w.0) >= 60_000 {
+            w.0 = now_ms;
+            w.1 = 0;
+        }
+        if w.1 < QUARANTINE_LOG_PER_MINUTE {
+            w.1 += 1;
+            Some(std::mem::take(&mut w.2))
+        } else {
+            w.2 += 1;
+            None
         }
     }
 }
@@ -307,6 +356,7 @@ async fn commit(
     store: &Store,
     dispatch: &Dispatch,
     metrics: &Metrics,
+    qlog: &mut QuarantineLog,
     layout: Layout,
     group: &[Publish],
 ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -326,9 +376,12 @@ async fn commit(
         if !heard.iter().any(|d| d == device) {
             heard.push(device.to_string());
         }
-        let quarantine = |error: String| {
+        let mut quarantine = |error: String| {
             Metrics::add(&metrics.malformed_frames, 1);
-            warn!(%device, topic = %p.topic, %error, bytes = p.payload.len(), "frame quarantined");
+            if let Some(suppressed) = qlog.admit(device, now) {
+                warn!(%device, topic = %p.topic, %error, bytes = p.payload.len(), suppressed,
+                    "frame quarantined");
+            }
             Item::Quarantine(Quarantined {
                 device: device.to_string(),
                 topic: p.topic.clone(),
@@ -475,7 +528,9 @@ async fn commit(
                         _ => "blob bytes do not match their sha256".into(),
                     };
                     Metrics::add(&metrics.malformed_frames, 1);
-                    warn!(%device, error = %why, "blob chunk quarantined");
+                    if let Some(suppressed) = qlog.admit(&device, now) {
+                        warn!(%device, error = %why, suppressed, "blob chunk quarantined");
+                    }
                     store.quarantine(keep(why)).await?;
                 }
             },

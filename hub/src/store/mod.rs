@@ -21,7 +21,8 @@
 //!   (on PostgreSQL also across hub processes).
 //! - a blob is stored only once all its bytes are there and their sha256 matches.
 //! - the quarantine keeps at most [`MAX_QUARANTINE`] frames of at most
-//!   [`MAX_QUARANTINE_RAW`] bytes each.
+//!   [`MAX_QUARANTINE_RAW`] bytes each, at most [`MAX_QUARANTINE_PER_DEVICE`] of them from
+//!   one device.
 
 pub mod postgres;
 pub mod sled;
@@ -39,6 +40,12 @@ pub const MAX_BLOB_BYTES: u32 = 32 * 1024 * 1024;
 pub const MAX_QUARANTINE: usize = 10_000;
 /// Bytes kept of each quarantined frame.
 pub const MAX_QUARANTINE_RAW: usize = 64 * 1024;
+/// Quarantined frames kept per device (its oldest dropped past this), so one device's
+/// garbage cannot push every other device's out.
+pub const MAX_QUARANTINE_PER_DEVICE: usize = 100;
+/// Bytes of a quarantined frame shown in listings ([`QuarantineEntry::head`]); the
+/// whole frame is read one at a time ([`Store::quarantined_raw`]).
+pub const QUARANTINE_HEAD: usize = 64;
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +140,42 @@ pub struct Quarantined {
     pub error: String,
     /// The raw bytes (the store keeps at most [`MAX_QUARANTINE_RAW`]).
     pub raw: Vec<u8>,
+}
+
+/// A quarantined frame as listed: what it is, its size and its first bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuarantineEntry {
+    /// Its id.
+    pub id: u64,
+    /// Device the topic names.
+    pub device: String,
+    /// Topic it came on.
+    pub topic: String,
+    /// When.
+    pub recorded_ms: u64,
+    /// Why it was refused.
+    pub error: String,
+    /// Bytes kept of it.
+    pub bytes: usize,
+    /// Its first [`QUARANTINE_HEAD`] bytes.
+    pub head: Vec<u8>,
+}
+
+impl QuarantineEntry {
+    fn of(id: u64, q: Quarantined) -> Self {
+        let bytes = q.raw.len();
+        let mut head = q.raw;
+        head.truncate(QUARANTINE_HEAD);
+        QuarantineEntry {
+            id,
+            device: q.device,
+            topic: q.topic,
+            recorded_ms: q.recorded_ms,
+            error: q.error,
+            bytes,
+            head,
+        }
+    }
 }
 
 /// The assignment sent to a device and what it acknowledged.
@@ -352,9 +395,18 @@ impl Store {
         }
     }
 
-    /// Newest quarantined frames first.
-    pub async fn quarantined(&self, limit: usize) -> Result<Vec<(u64, Quarantined)>, StoreError> {
-        both!(self, s => s.quarantined(limit).await)
+    /// Quarantined frames, newest first, strictly older than `before` (an id) if given.
+    pub async fn quarantined(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<QuarantineEntry>, StoreError> {
+        both!(self, s => s.quarantined(limit, before).await)
+    }
+
+    /// One quarantined frame's kept bytes.
+    pub async fn quarantined_raw(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        both!(self, s => s.quarantined_raw(id).await)
     }
 
     /// Every device with its record, by id.

@@ -49,7 +49,8 @@ pub use migrations::SCHEMA_VERSION;
 
 use super::{
     AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
-    MAX_QUARANTINE_RAW, Outcome, Quarantined, StoreError, StoredEvent, assemble, chunk_invalid,
+    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, QUARANTINE_HEAD, QuarantineEntry,
+    StoreError, StoredEvent, assemble, chunk_invalid,
 };
 use crate::config::StoreConfig;
 
@@ -413,31 +414,47 @@ impl PgStore {
     }
 
     /// See [`super::Store::quarantined`].
-    pub async fn quarantined(&self, limit: usize) -> Result<Vec<(u64, Quarantined)>, StoreError> {
+    pub async fn quarantined(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<QuarantineEntry>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let before = before.and_then(to_i64).unwrap_or(i64::MAX);
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, device, topic, recorded_ms, error, raw FROM quarantine ORDER BY id DESC LIMIT $1",
-                &[&limit],
+                "SELECT id, device, topic, recorded_ms, error, length(raw)::int8, substring(raw from 1 for $3) \
+                 FROM quarantine WHERE id < $2 ORDER BY id DESC LIMIT $1",
+                &[&limit, &before, &(QUARANTINE_HEAD as i32)],
             )
             .await
             .map_err(|e| self.pg(e))?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    to_u64(r.get(0)),
-                    Quarantined {
-                        device: r.get(1),
-                        topic: r.get(2),
-                        recorded_ms: to_u64(r.get(3)),
-                        error: r.get(4),
-                        raw: r.get(5),
-                    },
-                )
+            .map(|r| QuarantineEntry {
+                id: to_u64(r.get(0)),
+                device: r.get(1),
+                topic: r.get(2),
+                recorded_ms: to_u64(r.get(3)),
+                error: r.get(4),
+                bytes: usize::try_from(r.get::<_, i64>(5)).unwrap_or(0),
+                head: r.get(6),
             })
             .collect())
+    }
+
+    /// See [`super::Store::quarantined_raw`].
+    pub async fn quarantined_raw(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(id) = to_i64(id) else {
+            return Ok(None);
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT raw FROM quarantine WHERE id = $1", &[&id])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// See [`super::Store::put_assignment`].
@@ -769,7 +786,7 @@ async fn ingest_round(
         .await?;
     }
 
-    let mut quarantined = false;
+    let mut quarantined: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
     for (idx, item) in items.iter().enumerate() {
         if let Item::Quarantine(q) = item {
             let raw = &q.raw[..q.raw.len().min(MAX_QUARANTINE_RAW)];
@@ -780,10 +797,19 @@ async fn ingest_round(
                 )
                 .await?;
             outcomes[idx] = Some(Outcome::Quarantined(to_u64(row.get(0))));
-            quarantined = true;
+            quarantined.insert(q.device.as_str());
         }
     }
-    if quarantined {
+    for device in &quarantined {
+        // This device's oldest past its share.
+        tx.execute(
+            "DELETE FROM quarantine WHERE device = $1 AND id < \
+             (SELECT id FROM quarantine WHERE device = $1 ORDER BY id DESC OFFSET $2::int8 LIMIT 1)",
+            &[device, &(MAX_QUARANTINE_PER_DEVICE as i64 - 1)],
+        )
+        .await?;
+    }
+    if !quarantined.is_empty() {
         let keep = MAX_QUARANTINE as i64;
         tx.execute(
             "DELETE FROM quarantine WHERE id < (SELECT id FROM quarantine ORDER BY id DESC OFFSET $1::int8 LIMIT 1)",

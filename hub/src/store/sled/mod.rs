@@ -7,6 +7,7 @@
 //! tree blobs:       key  sha256 (32 bytes)    val  the verified blob
 //! tree blob_parts:  key  sha256 ++ offset: u32 BE   val  chunk bytes (until complete)
 //! tree quarantine:  key  id: u64 BE           val  postcard(Quarantined)
+//! tree quarantine_by_device: key device_id ++ 0x00 ++ id: u64 BE   val  empty
 //! tree assignments: key  device_id            val  postcard(AssignmentRecord)
 //! ```
 //!
@@ -42,7 +43,8 @@ use sha2::Digest as _;
 
 use super::{
     AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
-    MAX_QUARANTINE_RAW, Outcome, Quarantined, StoreError, StoredEvent, assemble, chunk_invalid,
+    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, QuarantineEntry, Quarantined,
+    StoreError, StoredEvent, assemble, chunk_invalid,
 };
 
 /// The hub's sled store.
@@ -55,6 +57,7 @@ pub struct SledStore {
     blobs: ::sled::Tree,
     blob_parts: ::sled::Tree,
     quarantine: ::sled::Tree,
+    quarantine_by_device: ::sled::Tree,
     assignments: ::sled::Tree,
     quarantined_count: Arc<AtomicUsize>,
     /// What the last `make_durable` synced; held for a whole write call, so one call
@@ -72,6 +75,14 @@ fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&epoch.to_be_bytes());
     k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn by_device_key(device: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 9);
+    k.extend_from_slice(device.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
     k
 }
 
@@ -119,6 +130,7 @@ impl SledStore {
             blobs: db.open_tree("blobs")?,
             blob_parts: db.open_tree("blob_parts")?,
             quarantine: db.open_tree("quarantine")?,
+            quarantine_by_device: db.open_tree("quarantine_by_device")?,
             assignments: db.open_tree("assignments")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
@@ -128,6 +140,18 @@ impl SledStore {
         };
         let n = store.quarantine.iter().keys().count();
         store.quarantined_count.store(n, Ordering::Relaxed);
+        if n > 0 && store.quarantine_by_device.is_empty() {
+            // A store from before the per-device index: index what is there, once.
+            for kv in store.quarantine.iter() {
+                let (k, v) = kv?;
+                let q: Quarantined = decode(&v)?;
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&k);
+                store
+                    .quarantine_by_device
+                    .insert(by_device_key(&q.device, u64::from_be_bytes(id)), &[])?;
+            }
+        }
         Ok(store)
     }
 
@@ -508,27 +532,72 @@ impl SledStore {
         let id = self.db.generate_id()?;
         let mut q = q.clone();
         q.raw.truncate(MAX_QUARANTINE_RAW);
+        // Index first, frame last (the order of the module note): an index entry whose
+        // frame is missing is skipped and dropped with the device's oldest.
+        self.quarantine_by_device
+            .insert(by_device_key(&q.device, id), &[])?;
         self.quarantine
             .insert(id.to_be_bytes(), postcard::to_stdvec(&q)?)?;
         // Counted in memory: sled's len() walks the whole tree.
-        let n = self.quarantined_count.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > MAX_QUARANTINE && self.quarantine.pop_min()?.is_some() {
+        self.quarantined_count.fetch_add(1, Ordering::Relaxed);
+        // This device's oldest past its share.
+        let mut prefix = q.device.as_bytes().to_vec();
+        prefix.push(0);
+        let mine: Vec<::sled::IVec> = self
+            .quarantine_by_device
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for k in mine
+            .iter()
+            .take(mine.len().saturating_sub(MAX_QUARANTINE_PER_DEVICE))
+        {
+            let old = &k[prefix.len()..];
+            if self.quarantine.remove(old)?.is_some() {
+                self.quarantined_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.quarantine_by_device.remove(k)?;
+        }
+        // Everyone's oldest past the total.
+        while self.quarantined_count.load(Ordering::Relaxed) > MAX_QUARANTINE {
+            let Some((k, v)) = self.quarantine.pop_min()? else {
+                break;
+            };
             self.quarantined_count.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(old) = decode::<Quarantined>(&v) {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&k);
+                self.quarantine_by_device
+                    .remove(by_device_key(&old.device, u64::from_be_bytes(id)))?;
+            }
         }
         Ok(id)
     }
 
     /// See [`super::Store::quarantined`].
-    pub async fn quarantined(&self, limit: usize) -> Result<Vec<(u64, Quarantined)>, StoreError> {
+    pub async fn quarantined(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<QuarantineEntry>, StoreError> {
         self.blocking(move |s| {
+            let end = before.unwrap_or(u64::MAX).to_be_bytes();
             let mut out = Vec::new();
-            for kv in s.quarantine.iter().rev().take(limit) {
+            for kv in s.quarantine.range(..end).rev().take(limit) {
                 let (k, v) = kv?;
                 let mut id = [0u8; 8];
                 id.copy_from_slice(&k);
-                out.push((u64::from_be_bytes(id), decode(&v)?));
+                out.push(QuarantineEntry::of(u64::from_be_bytes(id), decode(&v)?));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::quarantined_raw`].
+    pub async fn quarantined_raw(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.blocking(move |s| {
+            Ok(get::<Quarantined>(&s.quarantine, &id.to_be_bytes())?.map(|q| q.raw))
         })
         .await
     }

@@ -41,6 +41,7 @@ CREATE TABLE quarantine (
     error       text   NOT NULL,
     raw         bytea  NOT NULL
 );
+CREATE INDEX quarantine_by_device ON quarantine (device, id);
 
 CREATE TABLE assignments (
     device text COLLATE "C" PRIMARY KEY,
