@@ -39,6 +39,11 @@ quota_bytes = 67108864
 listen = "127.0.0.1:8090"
 # Bearer token of the local API (FLEETSYNC_AGENT_API_TOKEN overrides it).
 token = "change-me-driver-token"
+# Connections open at once (more wait in the listen backlog, holding none of the agent's
+# file descriptors, which the store and the uplink need), and the time a client has to
+# send a request's headers (a stalled or idle client is closed after it).
+max_connections = 64
+header_timeout_ms = 10000
 
 [gps]
 # Where fixes come from (leave out for no GPS):
@@ -139,6 +144,30 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer token.
     pub token: String,
+    /// Connections open at once.
+    #[serde(default = "default_api_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+}
+
+fn default_api_max_connections() -> usize {
+    64
+}
+
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+
+impl ApiConfig {
+    /// The server loop's limits.
+    pub fn limits(&self) -> crate::api::serve::ServeLimits {
+        crate::api::serve::ServeLimits {
+            max_connections: self.max_connections,
+            header_timeout: std::time::Duration::from_millis(self.header_timeout_ms),
+        }
+    }
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -146,6 +175,8 @@ impl std::fmt::Debug for ApiConfig {
         f.debug_struct("ApiConfig")
             .field("listen", &self.listen)
             .field("token", &"<redacted>")
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_ms", &self.header_timeout_ms)
             .finish()
     }
 }
@@ -289,6 +320,18 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "api.token must be at least 16 characters".into(),
             ));
+        }
+        if !(1..=4096).contains(&self.api.max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "api.max_connections = {}: must be from 1 to 4096 (keep it well below the process's file limit)",
+                self.api.max_connections
+            )));
+        }
+        if !(100..=600_000).contains(&self.api.header_timeout_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "api.header_timeout_ms = {}: must be from 100 to 600000 (ms)",
+                self.api.header_timeout_ms
+            )));
         }
         if self.store.quota_bytes < 64 * 1024 {
             return Err(ConfigError::Invalid(

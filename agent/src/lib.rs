@@ -285,15 +285,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         gps: gps_stats,
         pod_lock: Arc::new(tokio::sync::Mutex::new(())),
     });
-    let sd = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { sd.cancelled().await })
-            .await
-        {
-            tracing::error!(error = %e, "local API stopped");
-        }
-    }));
+    tasks.push(tokio::spawn(api::serve::serve(
+        listener,
+        app,
+        cfg.api.limits(),
+        shutdown.clone(),
+    )));
     info!(%api_addr, "agent started");
     Ok(Running {
         api_addr,

@@ -41,6 +41,10 @@ max_packet_bytes = 262144
 [http]
 # Operator API, /healthz, /readyz, /metrics.
 listen = "127.0.0.1:8080"
+# Connections open at once (more wait in the listen backlog), and the time a client has
+# to send a request's headers (a stalled or idle client is closed after it).
+max_connections = 1024
+header_timeout_ms = 10000
 
 [store]
 # Where the hub keeps events, devices, blobs and assignments. Events are acked to
@@ -109,6 +113,22 @@ pub struct MqttConfig {
 pub struct HttpConfig {
     /// Listen address of the HTTP APIs.
     pub listen: SocketAddr,
+    /// Connections open at once.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+}
+
+impl HttpConfig {
+    /// The server loop's limits.
+    pub fn limits(&self) -> crate::api::serve::ServeLimits {
+        crate::api::serve::ServeLimits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+        }
+    }
 }
 
 /// `[store]`: exactly one of `path` (sled) and `url` (PostgreSQL).
@@ -195,6 +215,12 @@ fn default_handshake_timeout_ms() -> u64 {
     5000
 }
 fn default_max_connections() -> usize {
+    10_000
+}
+fn default_http_max_connections() -> usize {
+    1024
+}
+fn default_header_timeout_ms() -> u64 {
     10_000
 }
 fn default_max_handshakes() -> usize {
@@ -356,6 +382,20 @@ impl Config {
             1,
             self.mqtt.max_handshakes as u64,
             " (at most mqtt.max_handshakes)",
+        )?;
+        range(
+            "http.max_connections",
+            self.http.max_connections as u64,
+            1,
+            100_000,
+            "",
+        )?;
+        range(
+            "http.header_timeout_ms",
+            self.http.header_timeout_ms,
+            100,
+            600_000,
+            " (ms)",
         )?;
         match (&self.store.path, &self.store.url) {
             (Some(_), Some(_)) => {

@@ -215,15 +215,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         ready,
         dispatch,
     });
-    let sd = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
-        let r = axum::serve(http, app)
-            .with_graceful_shutdown(async move { sd.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    }));
+    tasks.push(tokio::spawn(api::serve::serve(
+        http,
+        app,
+        cfg.http.limits(),
+        shutdown.clone(),
+    )));
     info!(%mqtt_addr, %http_addr, "hub started");
     Ok(Running {
         mqtt_addr,

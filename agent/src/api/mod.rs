@@ -14,6 +14,7 @@
 //! Errors are JSON `{"error": "..."}`.
 
 mod driver;
+pub mod serve;
 
 pub use driver::{EXCEPTION_CODES, MAX_FILE_BYTES, MAX_POD_BYTES, sniff};
 

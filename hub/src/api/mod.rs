@@ -4,6 +4,8 @@
 //! Errors are JSON `{"error": "..."}`: 4xx says which parameter is wrong and what was
 //! expected; 5xx is logged and answered with a generic message.
 
+pub mod serve;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
