@@ -87,7 +87,7 @@ impl HubError {
 /// [`Config::validate`] (sled) or when it is opened (PostgreSQL).
 pub fn preflight(cfg: &Config) -> Result<(), HubError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tls::server_config(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
+    tls::device_tls(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
     for addr in [cfg.mqtt.listen, cfg.http.listen] {
         if addr.port() != 0 {
             std::net::TcpListener::bind(addr).map_err(|source| HubError::Bind { addr, source })?;

@@ -69,7 +69,7 @@ pub struct DeviceTls {
     pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
-/// The device listener's TLS ([`server_config`] and its verifier).
+/// The device listener's TLS: its server config and the verifier in it.
 pub fn device_tls(ca: &Path, cert: &Path, key: &Path) -> Result<DeviceTls, TlsError> {
     let verifier = client_verifier(ca)?;
     let config = Arc::new(config_with(verifier.clone(), cert, key)?);
@@ -86,11 +86,6 @@ fn client_verifier(
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))
-}
-
-/// Server config for the device listener.
-pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
-    config_with(client_verifier(ca)?, cert, key)
 }
 
 fn config_with(

@@ -356,6 +356,13 @@ impl Drop for TestHub {
     }
 }
 
+/// The embedded layout's (up, down) topics of `device`.
+pub fn device_topics(device: &str) -> (String, String) {
+    use fleetsync_protocol::topic::{Channel, Layout};
+    let t = |ch| Layout::Embedded.topic(device, ch).unwrap().to_string();
+    (t(Channel::Up), t(Channel::Down))
+}
+
 /// An MQTT device client using `device`'s certificate from `pki`.
 pub fn device_client(
     pki: &Path,

@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use fleetsync_protocol::topic::{Channel, Layout};
 use fleetsync_protocol::{
     AssignmentAck, Batch, Body, BoundedString, BoundedVec, Event, Uplink, frame,
 };
@@ -81,14 +80,7 @@ async fn hub_records_only_acks_of_the_version_it_sent() {
     let hub = TestHub::start(&["V1"]).await;
     assert_eq!(hub.http.put_assignment("V1", &job(3)).await, 202);
     let (client, mut el) = device_client(&hub.pki, "V1", "V1", hub.running_mqtt);
-    let up = Layout::Embedded
-        .topic("V1", Channel::Up)
-        .unwrap()
-        .to_string();
-    let down = Layout::Embedded
-        .topic("V1", Channel::Down)
-        .unwrap()
-        .to_string();
+    let (up, down) = fleetsync_tests::device_topics("V1");
     let ack = |seq: u64, version: u32| {
         frame::encode(&Uplink::Batch(Batch {
             epoch: 1,

@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use fleetsync_protocol::topic::{Channel, Layout};
 use fleetsync_protocol::{Batch, Body, BoundedVec, Downlink, Event, Fix, Uplink, frame};
 use fleetsync_tests::{TestHub, device_client};
 use rumqttc::{Event as MqttEvent, Packet, QoS};
@@ -38,14 +37,7 @@ fn batch_at(first_seq: u64, n: usize, lat0: i32) -> Vec<u8> {
 async fn bad_frames_are_quarantined_and_ingest_goes_on() {
     let hub = TestHub::start(&["V1"]).await;
     let (client, mut el) = device_client(&hub.pki, "V1", "V1", hub.running_mqtt);
-    let up = Layout::Embedded
-        .topic("V1", Channel::Up)
-        .unwrap()
-        .to_string();
-    let down = Layout::Embedded
-        .topic("V1", Channel::Down)
-        .unwrap()
-        .to_string();
+    let (up, down) = fleetsync_tests::device_topics("V1");
 
     let garbage = b"this is not a frame".to_vec();
     let good = batch(0, 30);

@@ -272,7 +272,6 @@ async fn postgres_lost_mid_stream_stops_acks_and_resumes_exactly_once() {
 /// rounds are stored and acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_the_store_always_refuses_does_not_stall_the_others() {
-    use fleetsync_protocol::topic::{Channel, Layout};
     use fleetsync_protocol::{
         AssignmentAck, Batch, Body, BoundedString, BoundedVec, Downlink, Event, Fix, Uplink, frame,
     };
@@ -329,14 +328,7 @@ async fn a_frame_the_store_always_refuses_does_not_stall_the_others() {
         )
     };
     let (client, mut el) = fleetsync_tests::device_client(&hub.pki, "V1", "V1", hub.running_mqtt);
-    let up = Layout::Embedded
-        .topic("V1", Channel::Up)
-        .unwrap()
-        .to_string();
-    let down = Layout::Embedded
-        .topic("V1", Channel::Down)
-        .unwrap()
-        .to_string();
+    let (up, down) = fleetsync_tests::device_topics("V1");
     let mut acked: HashSet<u64> = HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::time::Instant::now() < deadline && (1..=10).any(|k| !acked.contains(&(k * 10))) {
