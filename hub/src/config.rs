@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::{MAX_BLOB_BYTES, PartialBlobLimits};
+
 /// A complete, commented config that runs as is after `fleetsync-hub pki init --dir pki`.
 pub const EXAMPLE: &str = r#"# fleetsync-hub configuration. Unknown keys are errors.
 # Environment overrides: FLEETSYNC_HUB_OPERATOR_TOKEN, FLEETSYNC_HUB_HTTP_LISTEN,
@@ -57,6 +59,12 @@ path = "data/hub"
 # PostgreSQL only: connections per hub process, and the longest a statement may run.
 # pool_size = 16
 # statement_timeout_ms = 30000
+# Unfinished blob uploads (POD photos arrive in chunks): what one device may hold (its
+# oldest uploads make room for newer ones; at least 33554432, one whole blob), and how
+# long an upload with no new chunk is kept (agents send an unacknowledged blob again,
+# whole).
+# partial_blob_budget_bytes = 67108864
+# partial_blob_ttl_s = 3600
 
 [auth]
 # Bearer token of the operator API. Set it from a secret store via
@@ -147,6 +155,13 @@ pub struct StoreConfig {
     /// Longest a PostgreSQL statement may run.
     #[serde(default = "default_statement_timeout_ms")]
     pub statement_timeout_ms: u64,
+    /// Most bytes of unfinished blob uploads one device may hold (its oldest uploads
+    /// make room for newer ones).
+    #[serde(default = "default_partial_blob_budget_bytes")]
+    pub partial_blob_budget_bytes: u64,
+    /// An unfinished blob upload that gets no chunk for this long is dropped.
+    #[serde(default = "default_partial_blob_ttl_s")]
+    pub partial_blob_ttl_s: u64,
 }
 
 impl StoreConfig {
@@ -157,6 +172,16 @@ impl StoreConfig {
             url: None,
             pool_size: default_pool_size(),
             statement_timeout_ms: default_statement_timeout_ms(),
+            partial_blob_budget_bytes: default_partial_blob_budget_bytes(),
+            partial_blob_ttl_s: default_partial_blob_ttl_s(),
+        }
+    }
+
+    /// The limits on unfinished blob uploads these settings give.
+    pub fn partial_blob_limits(&self) -> PartialBlobLimits {
+        PartialBlobLimits {
+            budget_bytes: self.partial_blob_budget_bytes,
+            ttl_ms: self.partial_blob_ttl_s.saturating_mul(1000),
         }
     }
 
@@ -191,6 +216,8 @@ impl std::fmt::Debug for StoreConfig {
             .field("url", &self.url.as_deref().map(redact_url))
             .field("pool_size", &self.pool_size)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("partial_blob_budget_bytes", &self.partial_blob_budget_bytes)
+            .field("partial_blob_ttl_s", &self.partial_blob_ttl_s)
             .finish()
     }
 }
@@ -234,6 +261,12 @@ fn default_max_packet_bytes() -> usize {
 }
 fn default_pool_size() -> usize {
     16
+}
+fn default_partial_blob_budget_bytes() -> u64 {
+    PartialBlobLimits::default().budget_bytes
+}
+fn default_partial_blob_ttl_s() -> u64 {
+    PartialBlobLimits::default().ttl_ms / 1000
 }
 fn default_statement_timeout_ms() -> u64 {
     30_000
@@ -396,6 +429,20 @@ impl Config {
             100,
             600_000,
             " (ms)",
+        )?;
+        range(
+            "store.partial_blob_budget_bytes",
+            self.store.partial_blob_budget_bytes,
+            u64::from(MAX_BLOB_BYTES),
+            1 << 40,
+            " (bytes; at least one whole blob)",
+        )?;
+        range(
+            "store.partial_blob_ttl_s",
+            self.store.partial_blob_ttl_s,
+            10,
+            30 * 86_400,
+            " (s)",
         )?;
         match (&self.store.path, &self.store.url) {
             (Some(_), Some(_)) => {

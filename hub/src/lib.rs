@@ -156,6 +156,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         },
         shutdown.clone(),
     )));
+    tasks.push(tokio::spawn(ingest::sweep_uploads(
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )));
     // Devices may only come in once the hub's subscriptions exist.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !ready.load(Ordering::SeqCst) {

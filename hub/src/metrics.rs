@@ -47,6 +47,14 @@ pub struct Metrics {
     pub handshakes_in_progress: AtomicU64,
     /// Gauge: devices with an open connection.
     pub connected_devices: AtomicU64,
+    /// Unfinished blob uploads a device's newer upload evicted (its own, for room).
+    pub blob_uploads_evicted: AtomicU64,
+    /// Unfinished blob uploads dropped after getting no chunk for the configured time.
+    pub blob_uploads_expired: AtomicU64,
+    /// Gauge (at the last sweep): unfinished blob uploads in the store.
+    pub blob_uploads_in_progress: AtomicU64,
+    /// Gauge (at the last sweep): bytes of their parts.
+    pub blob_upload_bytes: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
     lag_count: AtomicU64,
     lag_sum_ms: AtomicU64,
@@ -74,7 +82,17 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 14] = [
+        let counters: [(&str, &str, &AtomicU64); 16] = [
+            (
+                "fleetsync_hub_blob_uploads_evicted_total",
+                "Unfinished blob uploads dropped to make room for the same device's newer one.",
+                &self.blob_uploads_evicted,
+            ),
+            (
+                "fleetsync_hub_blob_uploads_expired_total",
+                "Unfinished blob uploads dropped after getting no chunk for store.partial_blob_ttl_s.",
+                &self.blob_uploads_expired,
+            ),
             (
                 "fleetsync_hub_handshakes_refused_total",
                 "Connections closed at once: the TLS handshake budget (total or per source) was full.",
@@ -163,6 +181,24 @@ impl Metrics {
             "# HELP fleetsync_hub_handshakes_in_progress TLS handshakes in progress.\n# TYPE fleetsync_hub_handshakes_in_progress gauge\nfleetsync_hub_handshakes_in_progress {}",
             g(&self.handshakes_in_progress)
         );
+        for (name, help, c) in [
+            (
+                "fleetsync_hub_blob_uploads_in_progress",
+                "Unfinished blob uploads in the store (at the last sweep).",
+                &self.blob_uploads_in_progress,
+            ),
+            (
+                "fleetsync_hub_blob_upload_bytes",
+                "Bytes of unfinished blob uploads in the store (at the last sweep).",
+                &self.blob_upload_bytes,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                g(c)
+            );
+        }
         let name = "fleetsync_hub_ingest_lag_seconds";
         let _ = writeln!(
             out,

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 
 use fleetsync_hub::config::StoreConfig;
 use fleetsync_hub::store::{
-    ChunkOutcome, Item, MAX_QUARANTINE, MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome,
-    QUARANTINE_HEAD, Quarantined, Store,
+    ChunkOutcome, Item, MAX_PARTIAL_UPLOADS, MAX_QUARANTINE, MAX_QUARANTINE_PER_DEVICE,
+    MAX_QUARANTINE_RAW, Outcome, QUARANTINE_HEAD, Quarantined, Store,
 };
 use fleetsync_protocol::{
     Assignment, AssignmentAck, Batch, BlobChunk, Body, BoundedVec, Event, Exception, Health,
@@ -50,17 +50,18 @@ enum Fresh {
 
 impl Fresh {
     async fn reopen(&self, store: Store) -> Store {
-        match self {
-            Fresh::Sled(dir) => {
-                drop(store); // sled allows one handle per process
-                Store::open(&StoreConfig::sled(dir.path().join("hub")))
-                    .await
-                    .unwrap()
-            }
-            Fresh::Postgres(url) => Store::open(&StoreConfig::postgres(url.clone()))
-                .await
-                .unwrap(),
-        }
+        self.reopen_with(store, |_| {}).await
+    }
+
+    /// Opens the same store again with settings changed by `f`.
+    async fn reopen_with(&self, store: Store, f: impl Fn(&mut StoreConfig)) -> Store {
+        let mut cfg = match self {
+            Fresh::Sled(dir) => StoreConfig::sled(dir.path().join("hub")),
+            Fresh::Postgres(url) => StoreConfig::postgres(url.clone()),
+        };
+        f(&mut cfg);
+        drop(store); // sled allows one handle per process
+        Store::open(&cfg).await.unwrap()
     }
 }
 
@@ -97,6 +98,7 @@ conformance!(
     cursors_kinds_and_limits,
     device_record_merges_maxima,
     blob_assembly_and_corrupt_chunks,
+    blob_uploads_are_owned_bounded_and_expire,
     quarantine_is_bounded,
     assignments_versions_and_acks,
 );
@@ -350,14 +352,151 @@ fn chunks(data: &[u8], sha: [u8; 32], size: usize) -> Vec<BlobChunk> {
 }
 
 async fn put(store: &Store, c: BlobChunk) -> ChunkOutcome {
+    put_as(store, "V1", c, T0).await
+}
+
+async fn put_as(store: &Store, device: &str, c: BlobChunk, at: u64) -> ChunkOutcome {
     let item = Item::Chunk {
-        device: "V1".into(),
+        device: device.into(),
         chunk: c,
     };
-    match store.ingest(vec![item], T0).await.unwrap().remove(0) {
+    match store.ingest(vec![item], at).await.unwrap().remove(0) {
         Outcome::Chunk(c) => c,
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// Puts `chunks` as `device` in rounds of 128; the evictions they caused.
+async fn put_all(store: &Store, device: &str, chunks: Vec<BlobChunk>, at: u64) -> u32 {
+    let mut evicted = 0;
+    for round in chunks.chunks(128) {
+        let items = round
+            .iter()
+            .map(|c| Item::Chunk {
+                device: device.into(),
+                chunk: c.clone(),
+            })
+            .collect();
+        for o in store.ingest(items, at).await.unwrap() {
+            match o {
+                Outcome::Chunk(ChunkOutcome::Partial { evicted: n }) => evicted += n,
+                Outcome::Chunk(ChunkOutcome::Complete) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    evicted
+}
+
+/// A blob of `len` bytes made from `seed`, and its digest.
+fn blob(seed: u32, len: usize) -> (Vec<u8>, [u8; 32]) {
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) as u8)
+        .collect();
+    let sha = sha2::Sha256::digest(&data).into();
+    (data, sha)
+}
+
+async fn blob_uploads_are_owned_bounded_and_expire(store: Store, fresh: Fresh) {
+    const MIB: usize = 1 << 20;
+    let store = fresh
+        .reopen_with(store, |c| {
+            c.partial_blob_budget_bytes = MIB as u64;
+            c.partial_blob_ttl_s = 600;
+        })
+        .await;
+    assert_eq!(store.partial_blob_limits().budget_bytes, MIB as u64);
+
+    // Ownership: V2 naming V1's digest (other bytes, even another length) neither spoils
+    // nor completes V1's upload.
+    let (photo, sha) = blob(1, 100_000);
+    let mine = chunks(&photo, sha, 16 * 1024);
+    let (head, tail) = mine.split_at(3);
+    assert_eq!(put_all(&store, "V1", head.to_vec(), T0).await, 0);
+    let forged: Vec<BlobChunk> = chunks(&vec![0xAA; 100_000], sha, 16 * 1024);
+    for c in forged {
+        let out = put_as(&store, "V2", c, T0).await;
+        assert!(
+            matches!(
+                out,
+                ChunkOutcome::Partial { .. } | ChunkOutcome::DigestMismatch
+            ),
+            "{out:?}"
+        );
+    }
+    let other_len = BlobChunk {
+        total_len: 50_000,
+        ..mine[0].clone()
+    };
+    put_as(&store, "V2", other_len, T0).await;
+    assert!(store.blob(&sha).await.unwrap().is_none());
+    put_all(&store, "V1", tail.to_vec(), T0).await;
+    assert_eq!(
+        store.blob(&sha).await.unwrap().unwrap(),
+        photo,
+        "V1's upload completed intact"
+    );
+    // V2's leftover upload of that digest is moot once the blob exists.
+    assert_eq!(
+        put_as(&store, "V2", mine[0].clone(), T0).await,
+        ChunkOutcome::Complete
+    );
+
+    // Budget: V3 starts three 700 KiB uploads and sends 400 KiB of each; what it holds
+    // stays within 1 MiB, the oldest uploads go first, the newest finishes.
+    let uploads: Vec<(Vec<u8>, [u8; 32])> = (10..13).map(|s| blob(s, 700 * 1024)).collect();
+    let mut evicted = 0;
+    for (i, (data, sha)) in uploads.iter().enumerate() {
+        let cs = chunks(data, *sha, 16 * 1024);
+        evicted += put_all(&store, "V3", cs[..25].to_vec(), T0 + i as u64).await;
+    }
+    assert!(
+        evicted >= 1,
+        "over the budget, the oldest upload was evicted"
+    );
+    let r = store.sweep_partial_blobs(T0 + 10).await.unwrap();
+    assert_eq!(r.expired, 0);
+    assert!(r.bytes <= MIB as u64, "{r:?} within the budget");
+    let (data, sha) = &uploads[2];
+    let cs = chunks(data, *sha, 16 * 1024);
+    put_all(&store, "V3", cs[25..].to_vec(), T0 + 20).await;
+    assert_eq!(store.blob(sha).await.unwrap().as_ref(), Some(data));
+    let (data, sha) = &uploads[0];
+    let cs = chunks(data, *sha, 16 * 1024);
+    put_all(&store, "V3", cs[25..].to_vec(), T0 + 30).await;
+    assert!(
+        store.blob(sha).await.unwrap().is_none(),
+        "the evicted upload lost its first 400 KiB"
+    );
+
+    // Count: at most MAX_PARTIAL_UPLOADS in progress per device.
+    let mut evicted = 0;
+    for s in 0..MAX_PARTIAL_UPLOADS as u32 + 4 {
+        let (data, sha) = blob(100 + s, 20_000);
+        evicted += put_all(
+            &store,
+            "V4",
+            chunks(&data, sha, 16 * 1024)[..1].to_vec(),
+            T0 + 40,
+        )
+        .await;
+    }
+    assert_eq!(evicted, 4);
+
+    // Expiry: nothing fed for the TTL is dropped; V5's fresh upload stays and finishes.
+    let (data, sha) = blob(7, 40_000);
+    let cs = chunks(&data, sha, 16 * 1024);
+    let later = T0 + 600_000 + 50;
+    put_all(&store, "V5", cs[..1].to_vec(), later).await;
+    let r = store.sweep_partial_blobs(later + 1).await.unwrap();
+    assert!(r.expired >= MAX_PARTIAL_UPLOADS as u64, "{r:?}");
+    assert_eq!(r.uploads, 1, "{r:?}");
+    assert_eq!(r.bytes, 16 * 1024);
+    let store = fresh.reopen(store).await;
+    let r = store.sweep_partial_blobs(later + 2).await.unwrap();
+    assert_eq!((r.expired, r.uploads), (0, 1), "the sweep is durable");
+    put_all(&store, "V5", cs[1..].to_vec(), later + 3).await;
+    assert_eq!(store.blob(&sha).await.unwrap().unwrap(), data);
 }
 
 async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
@@ -367,7 +506,7 @@ async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
     parts.reverse(); // out of order
     let last = parts.pop().unwrap();
     for p in parts.clone() {
-        assert_eq!(put(&store, p).await, ChunkOutcome::Partial);
+        assert_eq!(put(&store, p).await, ChunkOutcome::Partial { evicted: 0 });
     }
     assert!(
         store.blob(&sha).await.unwrap().is_none(),
@@ -389,7 +528,10 @@ async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
     let mut flipped = bad[0].data.to_vec();
     flipped[10] ^= 0xff;
     bad[0].data = BoundedVec::try_from_slice(&flipped).unwrap();
-    assert_eq!(put(&store, bad[0].clone()).await, ChunkOutcome::Partial);
+    assert_eq!(
+        put(&store, bad[0].clone()).await,
+        ChunkOutcome::Partial { evicted: 0 }
+    );
     assert_eq!(
         put(&store, bad[1].clone()).await,
         ChunkOutcome::DigestMismatch

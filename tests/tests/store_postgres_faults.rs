@@ -87,7 +87,8 @@ async fn unusable_stores_are_refused_with_one_clear_error_each() {
     let cfg = pg_config(dir.path(), &format!("url = \"{url}\""));
     let (code, out) = hub(&["store", "migrate"], &cfg);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("schema at version 1"), "{out}");
+    let v = fleetsync_hub::store::postgres::SCHEMA_VERSION;
+    assert!(out.contains(&format!("schema at version {v}")), "{out}");
     pg_exec(&url, "INSERT INTO fleetsync_schema (version) VALUES (999)").await;
     let (code, out) = hub(&["run"], &cfg);
     assert_eq!(code, Some(64), "{out}");

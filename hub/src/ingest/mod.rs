@@ -521,7 +521,12 @@ async fn commit(
                         acks.push((down, bytes));
                     }
                 }
-                ChunkOutcome::Partial => {}
+                ChunkOutcome::Partial { evicted } => {
+                    if evicted > 0 {
+                        Metrics::add(&metrics.blob_uploads_evicted, u64::from(evicted));
+                        debug!(%device, evicted, "unfinished blob uploads evicted for a newer one");
+                    }
+                }
                 ChunkOutcome::DigestMismatch | ChunkOutcome::Invalid(_) => {
                     let why = match c {
                         ChunkOutcome::Invalid(why) => why,
@@ -547,4 +552,38 @@ async fn commit(
     }
     acks.extend(resends);
     Ok(acks)
+}
+
+/// Drops unfinished blob uploads idle past the store's limit, every half of that limit
+/// (at most a minute), and keeps the upload gauges current.
+pub async fn sweep_uploads(store: Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let ttl = Duration::from_millis(store.partial_blob_limits().ttl_ms);
+    let every = (ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sweep_partial_blobs(now_ms()).await {
+            Ok(r) => {
+                Metrics::add(&metrics.blob_uploads_expired, r.expired);
+                metrics
+                    .blob_uploads_in_progress
+                    .store(r.uploads, Ordering::Relaxed);
+                metrics.blob_upload_bytes.store(r.bytes, Ordering::Relaxed);
+                if r.expired > 0 {
+                    info!(
+                        expired = r.expired,
+                        left = r.uploads,
+                        "unfinished blob uploads expired"
+                    );
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "could not sweep unfinished blob uploads; trying again later")
+            }
+        }
+    }
 }

@@ -20,6 +20,14 @@
 //! - an event identity is stored at most once, whatever the interleaving of redeliveries
 //!   (on PostgreSQL also across hub processes).
 //! - a blob is stored only once all its bytes are there and their sha256 matches.
+//! - a blob upload in progress belongs to the device that sends it: its parts are kept
+//!   per `(device, sha256)`, so another device naming the same digest cannot touch them.
+//!   One device holds at most [`PartialBlobLimits::budget_bytes`] of parts in at most
+//!   [`MAX_PARTIAL_UPLOADS`] uploads (a chunk that needs more room evicts that device's
+//!   least recently fed uploads, never another device's), and an upload that gets no chunk
+//!   for [`PartialBlobLimits::ttl_ms`] is dropped by [`Store::sweep_partial_blobs`]. The
+//!   agent sends one blob at a time and sends it whole again when it gets no `BlobAck`,
+//!   so neither rule costs a well-behaved device anything.
 //! - the quarantine keeps at most [`MAX_QUARANTINE`] frames of at most
 //!   [`MAX_QUARANTINE_RAW`] bytes each, at most [`MAX_QUARANTINE_PER_DEVICE`] of them from
 //!   one device.
@@ -245,11 +253,83 @@ impl Ingested {
     }
 }
 
+/// Most blob uploads in progress per device (see the module note).
+pub const MAX_PARTIAL_UPLOADS: usize = 8;
+
+/// Bounds on one device's blob uploads in progress (see the module note).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialBlobLimits {
+    /// Most bytes of parts one device may hold.
+    pub budget_bytes: u64,
+    /// An upload with no chunk for this long is dropped.
+    pub ttl_ms: u64,
+}
+
+impl Default for PartialBlobLimits {
+    fn default() -> Self {
+        PartialBlobLimits {
+            budget_bytes: 2 * u64::from(MAX_BLOB_BYTES),
+            ttl_ms: 3_600_000,
+        }
+    }
+}
+
+/// One device's upload of one blob, while bytes are missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    /// The blob's length, as its chunks say.
+    pub total_len: u32,
+    /// Bytes of parts stored.
+    pub stored: u64,
+    /// When the last chunk came (hub clock).
+    pub updated_ms: u64,
+}
+
+/// Which of a device's other uploads (`mine`, with `this` among them or not) to drop so
+/// that `add` more bytes for `this` fit the limits: least recently fed first. Both
+/// backends evict by this one rule.
+pub fn uploads_to_evict(
+    mine: &[(Sha256, UploadRecord)],
+    this: &Sha256,
+    add: u64,
+    limits: &PartialBlobLimits,
+) -> Vec<Sha256> {
+    let mut others: Vec<&(Sha256, UploadRecord)> = mine.iter().filter(|(s, _)| s != this).collect();
+    others.sort_by_key(|(s, r)| (r.updated_ms, *s));
+    let mut bytes: u64 = mine.iter().map(|(_, r)| r.stored).sum::<u64>() + add;
+    let mut count = others.len() + 1;
+    let mut out = Vec::new();
+    for (sha, rec) in others {
+        if bytes <= limits.budget_bytes && count <= MAX_PARTIAL_UPLOADS {
+            break;
+        }
+        bytes -= rec.stored;
+        count -= 1;
+        out.push(*sha);
+    }
+    out
+}
+
+/// What a sweep of uploads in progress did and left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Uploads dropped because they were idle past the limit.
+    pub expired: u64,
+    /// Uploads still in progress.
+    pub uploads: u64,
+    /// Bytes of parts they hold.
+    pub bytes: u64,
+}
+
 /// Result of storing a blob chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkOutcome {
-    /// More chunks needed.
-    Partial,
+    /// More chunks needed; `evicted` of the device's other uploads were dropped to make
+    /// room for this one.
+    Partial {
+        /// Uploads dropped for room.
+        evicted: u32,
+    },
     /// The blob is complete and verified (now or earlier).
     Complete,
     /// All bytes arrived but the digest did not match; the parts were dropped.
@@ -359,7 +439,11 @@ impl Store {
             (_, Some(url)) => Ok(Store::Postgres(
                 postgres::PgStore::open(url, cfg, true).await?,
             )),
-            (Some(path), None) => Ok(Store::Sled(sled::SledStore::open_async(path).await?)),
+            (Some(path), None) => Ok(Store::Sled(
+                sled::SledStore::open_async(path)
+                    .await?
+                    .with_partial_blob_limits(cfg.partial_blob_limits()),
+            )),
             (None, None) => Err(StoreError::Config(
                 "store: set [store] path (sled) or [store] url (PostgreSQL)".into(),
             )),
@@ -434,6 +518,16 @@ impl Store {
     /// A verified blob.
     pub async fn blob(&self, sha256: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
         both!(self, s => s.blob(sha256).await)
+    }
+
+    /// Drops blob uploads that got no chunk since `now_ms - ttl` and says what is left.
+    pub async fn sweep_partial_blobs(&self, now_ms: u64) -> Result<SweepReport, StoreError> {
+        both!(self, s => s.sweep_partial_blobs(now_ms).await)
+    }
+
+    /// The limits on uploads in progress this store applies.
+    pub fn partial_blob_limits(&self) -> PartialBlobLimits {
+        both!(self, s => s.partial_blob_limits())
     }
 
     /// Records `a` as the device's assignment if its version is higher than the one

@@ -12,7 +12,10 @@ use tokio_postgres::Client;
 use crate::store::StoreError;
 
 /// The migrations this hub knows, in order.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_blob_uploads.sql")),
+];
 
 /// The schema version this hub writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;

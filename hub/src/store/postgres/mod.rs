@@ -4,7 +4,8 @@
 //! events      (device, epoch, seq) PRIMARY KEY, recorded_ms, kind, body = postcard(Event)
 //! devices     id PRIMARY KEY, first/last_seen_ms, epoch, health_ms, health = postcard(Health)
 //! blobs       sha256 PRIMARY KEY, data
-//! blob_parts  (sha256, off) PRIMARY KEY, data            until the blob is complete
+//! blob_uploads (device, sha256) PRIMARY KEY, total_len, stored, updated_ms   in progress
+//! blob_parts  (device, sha256, off) PRIMARY KEY, data     cascade-deleted with the upload
 //! quarantine  id bigserial, device, topic, recorded_ms, error, raw
 //! assignments device PRIMARY KEY, record = postcard(AssignmentRecord)
 //! fleetsync_schema  version: the migrations applied (migrations/NNNN_*.sql)
@@ -26,8 +27,10 @@
 //! Blobs (POD signatures and photos, at most 32 MiB) live in PostgreSQL as `bytea`: every
 //! hub process must serve every blob and assemble chunks that arrive through any of
 //! them, so they belong in the one store all processes share, in the same transaction as
-//! the round that completes them. A per-blob advisory lock makes the "last chunk
-//! completes the blob" check exact across processes.
+//! the round that completes them. A per-device advisory lock (taken in device order,
+//! before any row lock of the round's later statements) makes the device's upload budget
+//! and the "last chunk completes the blob" check exact across processes; two devices
+//! completing the same blob both insert it, `ON CONFLICT DO NOTHING`.
 //!
 //! Sequence numbers above `i64::MAX` (no agent counts that far) cannot be stored and are
 //! counted as conflicts.
@@ -49,8 +52,9 @@ pub use migrations::SCHEMA_VERSION;
 
 use super::{
     AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
-    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, QUARANTINE_HEAD, QuarantineEntry,
-    StoreError, StoredEvent, assemble, chunk_invalid,
+    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, PartialBlobLimits, QUARANTINE_HEAD,
+    QuarantineEntry, StoreError, StoredEvent, SweepReport, UploadRecord, assemble, chunk_invalid,
+    uploads_to_evict,
 };
 use crate::config::StoreConfig;
 
@@ -63,6 +67,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    partial_limits: PartialBlobLimits,
     /// host:port/database, for messages (never the password).
     target: String,
 }
@@ -166,10 +171,15 @@ fn to_u32(v: i64) -> u32 {
     u32::try_from(v).unwrap_or(0)
 }
 
-/// The advisory lock key of a blob: its digest's first 8 bytes.
-fn blob_lock(sha: &Sha256) -> i64 {
+/// The advisory lock key of a device's blob uploads: the first 8 bytes of
+/// sha256("blob-uploads" ++ 0 ++ device).
+fn uploads_lock(device: &str) -> i64 {
+    let mut h = sha2::Sha256::new();
+    h.update(b"blob-uploads\0");
+    h.update(device.as_bytes());
+    let d = h.finalize();
     let mut b = [0u8; 8];
-    b.copy_from_slice(&sha[..8]);
+    b.copy_from_slice(&d[..8]);
     i64::from_be_bytes(b)
 }
 
@@ -273,7 +283,11 @@ impl PgStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Config(format!("store: {e}")))?;
-        let store = PgStore { pool, target };
+        let store = PgStore {
+            pool,
+            target,
+            partial_limits: cfg.partial_blob_limits(),
+        };
         let mut client = store.client().await?;
         if migrate {
             migrations::apply(&mut client)
@@ -325,7 +339,7 @@ impl PgStore {
         let mut attempt = 0;
         loop {
             let mut client = self.client().await?;
-            match ingest_round(&mut client, &items, &rows, recorded).await {
+            match ingest_round(&mut client, &items, &rows, recorded, &self.partial_limits).await {
                 Ok(Ok(out)) => return Ok(out),
                 Ok(Err(e)) => return Err(e),
                 Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
@@ -411,6 +425,33 @@ impl PgStore {
             .await
             .map_err(|e| self.pg(e))?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// See [`super::Store::sweep_partial_blobs`].
+    pub async fn sweep_partial_blobs(&self, now_ms: u64) -> Result<SweepReport, StoreError> {
+        let cutoff = to_i64(now_ms.saturating_sub(self.partial_limits.ttl_ms)).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let expired = client
+            .execute("DELETE FROM blob_uploads WHERE updated_ms < $1", &[&cutoff])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let row = client
+            .query_one(
+                "SELECT count(*), coalesce(sum(stored), 0)::int8 FROM blob_uploads",
+                &[],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(SweepReport {
+            expired,
+            uploads: to_u64(row.get(0)),
+            bytes: to_u64(row.get(1)),
+        })
+    }
+
+    /// See [`super::Store::partial_blob_limits`].
+    pub fn partial_blob_limits(&self) -> PartialBlobLimits {
+        self.partial_limits
     }
 
     /// See [`super::Store::quarantined`].
@@ -605,6 +646,7 @@ async fn ingest_round(
     items: &[Item],
     rows: &Rows,
     recorded: i64,
+    limits: &PartialBlobLimits,
 ) -> Result<Result<Vec<Outcome>, StoreError>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut new_keys = vec![false; rows.device.len()];
@@ -735,18 +777,25 @@ async fn ingest_round(
         }
     }
 
-    // Blob chunks, by digest (lock order).
-    let mut chunks: Vec<(usize, &fleetsync_protocol::BlobChunk)> = items
+    // Blob chunks, by device (lock order), then digest and offset.
+    let mut chunks: Vec<(usize, &str, &fleetsync_protocol::BlobChunk)> = items
         .iter()
         .enumerate()
         .filter_map(|(i, it)| match it {
-            Item::Chunk { chunk, .. } => Some((i, chunk)),
+            Item::Chunk { device, chunk } => Some((i, device.as_str(), chunk)),
             _ => None,
         })
         .collect();
-    chunks.sort_by_key(|(_, c)| (c.sha256, c.offset));
-    for (idx, chunk) in chunks {
-        outcomes[idx] = Some(Outcome::Chunk(put_chunk(&tx, chunk).await?));
+    chunks.sort_by_key(|(_, d, c)| (*d, c.sha256, c.offset));
+    let mut locked: Option<&str> = None;
+    for (idx, device, chunk) in chunks {
+        if locked != Some(device) {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&uploads_lock(device)])
+                .await?;
+            locked = Some(device);
+        }
+        let outcome = put_chunk(&tx, device, chunk, recorded, limits).await?;
+        outcomes[idx] = Some(Outcome::Chunk(outcome));
     }
 
     if !devices.is_empty() {
@@ -824,66 +873,113 @@ async fn ingest_round(
         .collect())
 }
 
-/// One chunk inside the round's transaction, under the blob's advisory lock.
+/// One chunk of `device`'s upload inside the round's transaction, under the device's
+/// advisory lock (see the store's module note for the limits).
 async fn put_chunk(
     tx: &Transaction<'_>,
+    device: &str,
     chunk: &fleetsync_protocol::BlobChunk,
+    now: i64,
+    limits: &PartialBlobLimits,
 ) -> Result<ChunkOutcome, tokio_postgres::Error> {
     if let Some(why) = chunk_invalid(chunk) {
         return Ok(ChunkOutcome::Invalid(why));
     }
     let sha = &chunk.sha256[..];
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&blob_lock(&chunk.sha256)],
-    )
-    .await?;
+    let drop_upload = "DELETE FROM blob_uploads WHERE device = $1 AND sha256 = $2";
     if tx
         .query_opt("SELECT 1 FROM blobs WHERE sha256 = $1", &[&sha])
         .await?
         .is_some()
     {
+        // Done before (perhaps by another device): this device's upload is moot.
+        tx.execute(drop_upload, &[&device, &sha]).await?;
         return Ok(ChunkOutcome::Complete);
     }
+    let mut mine = Vec::new();
+    for r in tx
+        .query(
+            "SELECT sha256, total_len, stored, updated_ms FROM blob_uploads WHERE device = $1",
+            &[&device],
+        )
+        .await?
+    {
+        let Ok(s) = Sha256::try_from(r.get::<_, &[u8]>(0)) else {
+            continue;
+        };
+        mine.push((
+            s,
+            UploadRecord {
+                total_len: to_u32(r.get(1)),
+                stored: to_u64(r.get(2)),
+                updated_ms: to_u64(r.get(3)),
+            },
+        ));
+    }
+    let mut rec = mine
+        .iter()
+        .find(|(s, _)| *s == chunk.sha256)
+        .map(|(_, r)| *r);
+    if rec.is_some_and(|r| r.total_len != chunk.total_len) {
+        // The same digest with another length: one of them is wrong; start over.
+        tx.execute(drop_upload, &[&device, &sha]).await?;
+        mine.retain(|(s, _)| *s != chunk.sha256);
+        rec = None;
+    }
+    let off = i64::from(chunk.offset);
+    let old_len = tx
+        .query_opt(
+            "SELECT length(data)::int8 FROM blob_parts WHERE device = $1 AND sha256 = $2 AND off = $3",
+            &[&device, &sha, &off],
+        )
+        .await?
+        .map_or(0, |r| to_u64(r.get(0)));
+    let add = (chunk.data.len() as u64).saturating_sub(old_len);
+    let mut evicted = 0u32;
+    if add > 0 {
+        for s in uploads_to_evict(&mine, &chunk.sha256, add, limits) {
+            tx.execute(drop_upload, &[&device, &&s[..]]).await?;
+            evicted += 1;
+        }
+    }
+    let stored = rec.map_or(0, |r| r.stored) + chunk.data.len() as u64 - old_len;
     tx.execute(
-        "INSERT INTO blob_parts (sha256, off, data) VALUES ($1, $2, $3) \
-         ON CONFLICT (sha256, off) DO UPDATE SET data = EXCLUDED.data",
-        &[&sha, &i64::from(chunk.offset), &chunk.data.as_slice()],
+        "INSERT INTO blob_uploads (device, sha256, total_len, stored, updated_ms) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device, sha256) DO UPDATE SET \
+         total_len = EXCLUDED.total_len, stored = EXCLUDED.stored, updated_ms = EXCLUDED.updated_ms",
+        &[
+            &device,
+            &sha,
+            &i64::from(chunk.total_len),
+            &to_i64(stored).unwrap_or(i64::MAX),
+            &now,
+        ],
     )
     .await?;
-    // Lengths first: the bytes are read only once they cover the blob.
-    let lens = tx
-        .query(
-            "SELECT off, length(data)::int8 FROM blob_parts WHERE sha256 = $1 ORDER BY off",
-            &[&sha],
-        )
-        .await?;
-    let mut covered = 0u64;
-    for r in &lens {
-        let (off, len) = (to_u64(r.get(0)), to_u64(r.get(1)));
-        if off > covered {
-            break;
-        }
-        covered = covered.max(off + len);
-    }
-    if covered < u64::from(chunk.total_len) {
-        return Ok(ChunkOutcome::Partial);
+    tx.execute(
+        "INSERT INTO blob_parts (device, sha256, off, data) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (device, sha256, off) DO UPDATE SET data = EXCLUDED.data",
+        &[&device, &sha, &off, &chunk.data.as_slice()],
+    )
+    .await?;
+    if stored < u64::from(chunk.total_len) {
+        return Ok(ChunkOutcome::Partial { evicted });
     }
     let parts: Vec<(u64, Vec<u8>)> = tx
         .query(
-            "SELECT off, data FROM blob_parts WHERE sha256 = $1 ORDER BY off",
-            &[&sha],
+            "SELECT off, data FROM blob_parts WHERE device = $1 AND sha256 = $2 ORDER BY off",
+            &[&device, &sha],
         )
         .await?
         .iter()
         .map(|r| (to_u64(r.get(0)), r.get(1)))
         .collect();
     let Some(blob) = assemble(&parts, chunk.total_len) else {
-        return Ok(ChunkOutcome::Partial);
+        return Ok(ChunkOutcome::Partial { evicted });
     };
+    drop(parts);
     let digest: Sha256 = sha2::Sha256::digest(&blob).into();
-    tx.execute("DELETE FROM blob_parts WHERE sha256 = $1", &[&sha])
-        .await?;
+    tx.execute(drop_upload, &[&device, &sha]).await?;
     if digest != chunk.sha256 {
         return Ok(ChunkOutcome::DigestMismatch);
     }

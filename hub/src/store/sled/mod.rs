@@ -5,7 +5,9 @@
 //!                   val  postcard(StoredEvent { recorded_ms: u64, event: Event })
 //! tree devices:     key  device_id            val  postcard(DeviceRecord)
 //! tree blobs:       key  sha256 (32 bytes)    val  the verified blob
-//! tree blob_parts:  key  sha256 ++ offset: u32 BE   val  chunk bytes (until complete)
+//! tree blob_uploads:      key  device_id ++ 0x00 ++ sha256   val  postcard(UploadRecord)
+//! tree blob_upload_parts: key  device_id ++ 0x00 ++ sha256 ++ offset: u32 BE
+//!                         val  chunk bytes (until the blob is complete)
 //! tree quarantine:  key  id: u64 BE           val  postcard(Quarantined)
 //! tree quarantine_by_device: key device_id ++ 0x00 ++ id: u64 BE   val  empty
 //! tree assignments: key  device_id            val  postcard(AssignmentRecord)
@@ -27,6 +29,10 @@
 //! nothing missing. A failed sync marks the store failed for the life of the process
 //! (writes refused, readiness red): the kernel may have dropped what it could not write.
 //!
+//! An upload's record is written before its part and removed after its parts, so a crash
+//! leaves no part without a record (the sweep finds every part through its record); the
+//! record's byte count may then be one chunk high until the upload ends or expires.
+//!
 //! Known limit: sled keeps values over a quarter of its segment (assembled POD photos,
 //! not chunks) in files of its own that it writes without fsync; `make_durable` syncs
 //! them before the round is acked, but a power loss inside a round can leave sled's log
@@ -43,8 +49,9 @@ use sha2::Digest as _;
 
 use super::{
     AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
-    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, QuarantineEntry, Quarantined,
-    StoreError, StoredEvent, assemble, chunk_invalid,
+    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, PartialBlobLimits, QuarantineEntry,
+    Quarantined, StoreError, StoredEvent, SweepReport, UploadRecord, assemble, chunk_invalid,
+    uploads_to_evict,
 };
 
 /// The hub's sled store.
@@ -55,7 +62,9 @@ pub struct SledStore {
     events: ::sled::Tree,
     devices: ::sled::Tree,
     blobs: ::sled::Tree,
-    blob_parts: ::sled::Tree,
+    blob_uploads: ::sled::Tree,
+    blob_upload_parts: ::sled::Tree,
+    partial_limits: PartialBlobLimits,
     quarantine: ::sled::Tree,
     quarantine_by_device: ::sled::Tree,
     assignments: ::sled::Tree,
@@ -86,8 +95,25 @@ fn by_device_key(device: &str, id: u64) -> Vec<u8> {
     k
 }
 
+/// Key of one device's upload of one blob; its parts' keys extend it with the offset.
+fn upload_key(device: &str, sha256: &Sha256) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 37);
+    k.extend_from_slice(device.as_bytes());
+    k.push(0);
+    k.extend_from_slice(sha256);
+    k
+}
+
 fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
     Ok(postcard::from_bytes(v)?)
+}
+
+/// Drops the tree of ownerless parts an older hub kept (`sha256 ++ offset` keys).
+fn db_drop_old_parts(db: &::sled::Db) -> Result<(), StoreError> {
+    if db.tree_names().iter().any(|n| &n[..] == b"blob_parts") {
+        db.drop_tree("blob_parts")?;
+    }
+    Ok(())
 }
 
 /// The decoded value under `key` in `tree`, if any.
@@ -128,7 +154,9 @@ impl SledStore {
             events: db.open_tree("events")?,
             devices: db.open_tree("devices")?,
             blobs: db.open_tree("blobs")?,
-            blob_parts: db.open_tree("blob_parts")?,
+            blob_uploads: db.open_tree("blob_uploads")?,
+            blob_upload_parts: db.open_tree("blob_upload_parts")?,
+            partial_limits: PartialBlobLimits::default(),
             quarantine: db.open_tree("quarantine")?,
             quarantine_by_device: db.open_tree("quarantine_by_device")?,
             assignments: db.open_tree("assignments")?,
@@ -138,6 +166,9 @@ impl SledStore {
             path: path.to_path_buf(),
             db,
         };
+        // Parts of a store from before uploads had owners: dropped (the agents send
+        // every unacknowledged blob again, whole).
+        db_drop_old_parts(&store.db)?;
         let n = store.quarantine.iter().keys().count();
         store.quarantined_count.store(n, Ordering::Relaxed);
         if n > 0 && store.quarantine_by_device.is_empty() {
@@ -153,6 +184,17 @@ impl SledStore {
             }
         }
         Ok(store)
+    }
+
+    /// The same store applying `limits` to blob uploads in progress.
+    pub fn with_partial_blob_limits(mut self, limits: PartialBlobLimits) -> Self {
+        self.partial_limits = limits;
+        self
+    }
+
+    /// See [`super::Store::partial_blob_limits`].
+    pub fn partial_blob_limits(&self) -> PartialBlobLimits {
+        self.partial_limits
     }
 
     /// Opens the store on a blocking thread.
@@ -214,7 +256,7 @@ impl SledStore {
                         .map(Outcome::Batch),
                     Item::Chunk { device, chunk } => {
                         s.touch_device(device, recorded_ms)?;
-                        s.put_chunk(chunk).map(Outcome::Chunk)
+                        s.put_chunk(device, chunk, recorded_ms).map(Outcome::Chunk)
                     }
                     Item::Quarantine(q) => s.put_quarantine(q).map(Outcome::Quarantined),
                 })
@@ -377,42 +419,126 @@ impl SledStore {
         Ok(out)
     }
 
-    /// Stores a blob chunk and assembles the blob once every byte is there.
-    fn put_chunk(&self, chunk: &BlobChunk) -> Result<ChunkOutcome, StoreError> {
+    /// Stores `device`'s chunk of its upload and assembles the blob once every byte is
+    /// there (see the store's module note for the limits).
+    fn put_chunk(
+        &self,
+        device: &str,
+        chunk: &BlobChunk,
+        now_ms: u64,
+    ) -> Result<ChunkOutcome, StoreError> {
         if let Some(why) = chunk_invalid(chunk) {
             return Ok(ChunkOutcome::Invalid(why));
         }
+        let key = upload_key(device, &chunk.sha256);
         if self.blobs.contains_key(chunk.sha256)? {
+            // Done before (perhaps by another device): this device's upload is moot.
+            self.drop_upload(&key)?;
             return Ok(ChunkOutcome::Complete);
         }
-        let mut key = chunk.sha256.to_vec();
-        key.extend_from_slice(&chunk.offset.to_be_bytes());
-        self.blob_parts.insert(key, chunk.data.as_slice())?;
+        let mut rec: Option<UploadRecord> = get(&self.blob_uploads, &key)?;
+        if rec.is_some_and(|r| r.total_len != chunk.total_len) {
+            // The same digest with another length: one of them is wrong; start over.
+            self.drop_upload(&key)?;
+            rec = None;
+        }
+        let mut part_key = key.clone();
+        part_key.extend_from_slice(&chunk.offset.to_be_bytes());
+        let old_len = self
+            .blob_upload_parts
+            .get(&part_key)?
+            .map_or(0, |v| v.len() as u64);
+        let add = (chunk.data.len() as u64).saturating_sub(old_len);
+        let mut evicted = 0u32;
+        if add > 0 {
+            let mine = self.uploads_of(device)?;
+            for sha in uploads_to_evict(&mine, &chunk.sha256, add, &self.partial_limits) {
+                self.drop_upload(&upload_key(device, &sha))?;
+                evicted += 1;
+            }
+        }
+        let stored = rec.map_or(0, |r| r.stored) + chunk.data.len() as u64 - old_len;
+        let rec = UploadRecord {
+            total_len: chunk.total_len,
+            stored,
+            updated_ms: now_ms,
+        };
+        // Record first, part second: no part is ever without its record.
+        self.blob_uploads
+            .insert(&key[..], postcard::to_stdvec(&rec)?)?;
+        self.blob_upload_parts
+            .insert(part_key, chunk.data.as_slice())?;
+        if stored < u64::from(chunk.total_len) {
+            return Ok(ChunkOutcome::Partial { evicted });
+        }
         let mut parts = Vec::new();
-        for kv in self.blob_parts.scan_prefix(chunk.sha256) {
+        for kv in self.blob_upload_parts.scan_prefix(&key) {
             let (k, v) = kv?;
-            let off = u64::from(u32::from_be_bytes([k[32], k[33], k[34], k[35]]));
-            parts.push((off, v));
+            let o = &k[key.len()..];
+            if o.len() == 4 {
+                parts.push((u64::from(u32::from_be_bytes([o[0], o[1], o[2], o[3]])), v));
+            }
         }
         let Some(blob) = assemble(&parts, chunk.total_len) else {
-            return Ok(ChunkOutcome::Partial);
+            return Ok(ChunkOutcome::Partial { evicted });
         };
+        drop(parts);
         let digest: Sha256 = sha2::Sha256::digest(&blob).into();
         if digest == chunk.sha256 {
             // The blob before its parts go: a crash in between leaves parts to sweep,
             // never a blob that is neither whole nor resumable.
             self.blobs.insert(chunk.sha256, blob)?;
         }
-        for (off, _) in &parts {
-            let mut k = chunk.sha256.to_vec();
-            k.extend_from_slice(&(*off as u32).to_be_bytes());
-            self.blob_parts.remove(k)?;
-        }
+        self.drop_upload(&key)?;
         Ok(if digest == chunk.sha256 {
             ChunkOutcome::Complete
         } else {
             ChunkOutcome::DigestMismatch
         })
+    }
+
+    /// `device`'s uploads in progress.
+    fn uploads_of(&self, device: &str) -> Result<Vec<(Sha256, UploadRecord)>, StoreError> {
+        let mut prefix = device.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.blob_uploads.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            if let Ok(sha) = Sha256::try_from(&k[prefix.len()..]) {
+                out.push((sha, decode(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes one upload: its parts, then its record.
+    fn drop_upload(&self, key: &[u8]) -> Result<(), StoreError> {
+        for k in self.blob_upload_parts.scan_prefix(key).keys() {
+            self.blob_upload_parts.remove(k?)?;
+        }
+        self.blob_uploads.remove(key)?;
+        Ok(())
+    }
+
+    /// See [`super::Store::sweep_partial_blobs`].
+    pub async fn sweep_partial_blobs(&self, now_ms: u64) -> Result<SweepReport, StoreError> {
+        let cutoff = now_ms.saturating_sub(self.partial_limits.ttl_ms);
+        self.write(move |s| {
+            let mut report = SweepReport::default();
+            for kv in s.blob_uploads.iter() {
+                let (k, v) = kv?;
+                let rec: UploadRecord = decode(&v)?;
+                if rec.updated_ms < cutoff {
+                    s.drop_upload(&k)?;
+                    report.expired += 1;
+                } else {
+                    report.uploads += 1;
+                    report.bytes += rec.stored;
+                }
+            }
+            Ok(report)
+        })
+        .await
     }
 
     /// See [`super::Store::blob`].
