@@ -13,6 +13,7 @@
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod dispatch;

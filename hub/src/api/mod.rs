@@ -1,9 +1,14 @@
-//! HTTP: the operator API under `/v1/ops` (bearer token), `/healthz`, `/readyz`,
-//! `/metrics`, and the OpenAPI document at `/v1/openapi.json`.
+//! HTTP: the operator API under `/v1/ops`, `/healthz`, `/readyz`, `/metrics`, and the
+//! OpenAPI document at `/v1/openapi.json`. Every `/v1` call carries
+//! `Authorization: Bearer <token>`, checked against the role its prefix needs
+//! ([`crate::auth`]): 401 for no or an unknown token, 403 for a token of another role.
 //!
-//! Errors are JSON `{"error": "..."}`: 4xx says which parameter is wrong and what was
-//! expected; 5xx is logged and answered with a generic message.
+//! Errors are RFC 9457 problem details (`application/problem+json`): `type`, `title`,
+//! `status`, `detail`, `field` when one input field is wrong, and `error` (the same text
+//! as `detail`, for clients of the first API version). 4xx says which parameter is wrong
+//! and what was expected; 5xx is logged and answered with a generic message.
 
+pub mod credentials;
 pub mod serve;
 
 use std::sync::Arc;
@@ -14,11 +19,12 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use fleetsync_protocol::json::{AssignmentJson, EventJson, Time, parse_sha256, sha256_hex};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{self, Principal, Role};
 use crate::dispatch::{AssignError, Dispatch};
 use crate::metrics::Metrics;
 use crate::presence::Registry;
@@ -49,8 +55,19 @@ pub struct AppState {
 pub enum ApiError {
     /// 400 with a message.
     BadRequest(String),
+    /// 400 (or another 4xx) naming the input field that is wrong.
+    Field {
+        /// The status.
+        status: StatusCode,
+        /// The field, as a JSON path into the request (`stops[1].location.lat`).
+        field: String,
+        /// What is wrong and what was expected.
+        detail: String,
+    },
     /// 401.
     Unauthorized,
+    /// 403 with a message.
+    Forbidden(String),
     /// 404 with a message.
     NotFound(String),
     /// 409 with a message.
@@ -73,8 +90,48 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A 400 naming `field`.
+    pub fn field(field: impl Into<String>, detail: impl Into<String>) -> ApiError {
+        ApiError::Field {
+            status: StatusCode::BAD_REQUEST,
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Parses a JSON body of at most `max` bytes; an error names the field it is about
+/// (`stops[1].location.lat`, or `body` for the whole).
+pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], max: usize) -> Result<T, ApiError> {
+    if body.len() > max {
+        return Err(ApiError::Field {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            field: "body".into(),
+            detail: format!("{} bytes, larger than the limit of {max}", body.len()),
+        });
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::field(field, e.into_inner().to_string())
+    })
+}
+
+/// RFC 9457 problem details, with the message also as `error`.
 #[derive(Serialize)]
-struct ErrorBody<'a> {
+struct Problem<'a> {
+    r#type: &'static str,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
     error: &'a str,
 }
 
@@ -82,10 +139,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, msg) = match &self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.as_str()),
+            ApiError::Field { status, detail, .. } => (*status, detail.as_str()),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token (Authorization: Bearer <operator_token>)",
+                "missing or unknown bearer token (Authorization: Bearer <token>)",
             ),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m.as_str()),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m.as_str()),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m.as_str()),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m.as_str()),
@@ -97,7 +156,25 @@ impl IntoResponse for ApiError {
                 )
             }
         };
-        let mut resp = (status, Json(ErrorBody { error: msg })).into_response();
+        let field = match &self {
+            ApiError::Field { field, .. } => Some(field.as_str()),
+            _ => None,
+        };
+        let problem = Problem {
+            r#type: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: msg,
+            field,
+            error: msg,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut resp = (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body,
+        )
+            .into_response();
         if matches!(self, ApiError::Unauthorized) {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -113,17 +190,54 @@ pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_operator(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
+/// The caller of a request: the bootstrap token or a stored credential.
+pub async fn authenticate(
+    st: &AppState,
+    headers: &header::HeaderMap,
+) -> Result<Principal, ApiError> {
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| secret_eq(t.trim().as_bytes(), st.operator_token.as_bytes()));
-    if !ok {
-        return ApiError::Unauthorized.into_response();
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    if secret_eq(token.as_bytes(), st.operator_token.as_bytes()) {
+        return Ok(Principal::Bootstrap);
     }
+    match st
+        .store
+        .credential_by_token(&auth::token_sha256(token))
+        .await?
+    {
+        Some(c) => Ok(Principal::Credential(c)),
+        None => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Lets the request through if its caller has `role`; the caller goes into the
+/// request's extensions for the handler.
+async fn require(st: AppState, role: Role, mut req: Request, next: Next) -> Response {
+    let who = match authenticate(&st, req.headers()).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if !who.has(role) {
+        let has = match &who {
+            Principal::Bootstrap => "operator",
+            Principal::Credential(c) => c.role.as_str(),
+        };
+        return ApiError::Forbidden(format!(
+            "this credential's role is {has}; this API needs the {} role",
+            role.as_str()
+        ))
+        .into_response();
+    }
+    req.extensions_mut().insert(who);
     next.run(req).await
+}
+
+async fn require_operator(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    require(st, Role::Operator, req, next).await
 }
 
 /// The router.
@@ -138,6 +252,11 @@ pub fn app(state: AppState) -> Router {
         .route("/blobs/{sha256}", get(blob))
         .route("/quarantine", get(quarantine))
         .route("/quarantine/{id}/raw", get(quarantine_raw))
+        .route(
+            "/credentials",
+            get(credentials::list).post(credentials::create),
+        )
+        .route("/credentials/{id}", delete(credentials::revoke))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,

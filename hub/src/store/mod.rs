@@ -40,6 +40,7 @@ use std::path::PathBuf;
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Event, Health, Sha256};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Credential;
 use crate::config::StoreConfig;
 
 /// Largest blob the hub assembles.
@@ -558,6 +559,29 @@ impl Store {
     /// Notes that the device's assignment was sent again at `now_ms`.
     pub async fn mark_assignment_sent(&self, device: &str, now_ms: u64) -> Result<(), StoreError> {
         both!(self, s => s.mark_assignment_sent(device, now_ms).await)
+    }
+
+    /// Stores a new credential.
+    pub async fn put_credential(&self, c: &Credential) -> Result<(), StoreError> {
+        both!(self, s => s.put_credential(c).await)
+    }
+
+    /// The credential whose token has this sha256.
+    pub async fn credential_by_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<Credential>, StoreError> {
+        both!(self, s => s.credential_by_token(token_sha256).await)
+    }
+
+    /// Every credential, by id.
+    pub async fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        both!(self, s => s.credentials().await)
+    }
+
+    /// Removes a credential (its token stops working at once); what was removed.
+    pub async fn delete_credential(&self, id: &str) -> Result<Option<Credential>, StoreError> {
+        both!(self, s => s.delete_credential(id).await)
     }
 
     /// Whether the store answers now (readiness).

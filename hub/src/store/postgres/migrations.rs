@@ -15,6 +15,7 @@ use crate::store::StoreError;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_blob_uploads.sql")),
+    (3, include_str!("migrations/0003_credentials.sql")),
 ];
 
 /// The schema version this hub writes.

@@ -8,6 +8,7 @@
 //! blob_parts  (device, sha256, off) PRIMARY KEY, data     cascade-deleted with the upload
 //! quarantine  id bigserial, device, topic, recorded_ms, error, raw
 //! assignments device PRIMARY KEY, record = postcard(AssignmentRecord)
+//! credentials id PRIMARY KEY, role, name, customer_id, token_sha256 UNIQUE, created_ms
 //! fleetsync_schema  version: the migrations applied (migrations/NNNN_*.sql)
 //! ```
 //!
@@ -56,6 +57,7 @@ use super::{
     QuarantineEntry, StoreError, StoredEvent, SweepReport, UploadRecord, assemble, chunk_invalid,
     uploads_to_evict,
 };
+use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
 
 /// Times a round is retried after a deadlock or serialization failure.
@@ -181,6 +183,29 @@ fn uploads_lock(device: &str) -> i64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&d[..8]);
     i64::from_be_bytes(b)
+}
+
+fn credential_row(r: &tokio_postgres::Row) -> Result<Credential, StoreError> {
+    let role = match r.get::<_, &str>(1) {
+        "erp" => Role::Erp,
+        "operator" => Role::Operator,
+        "customer" => Role::Customer,
+        other => {
+            return Err(StoreError::Postgres(format!(
+                "unknown credential role {other:?}"
+            )));
+        }
+    };
+    Ok(Credential {
+        id: r.get(0),
+        role,
+        name: r.get(2),
+        customer_id: r.get(3),
+        token_sha256: <[u8; 32]>::try_from(r.get::<_, &[u8]>(4)).map_err(|_| {
+            StoreError::Postgres("a credential's token digest is not 32 bytes".into())
+        })?,
+        created_ms: to_u64(r.get(5)),
+    })
 }
 
 /// A round's events, encoded, sorted by key, one row per distinct key.
@@ -425,6 +450,70 @@ impl PgStore {
             .await
             .map_err(|e| self.pg(e))?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// See [`super::Store::put_credential`].
+    pub async fn put_credential(&self, c: &Credential) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO credentials (id, role, name, customer_id, token_sha256, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &c.id,
+                    &c.role.as_str(),
+                    &c.name,
+                    &c.customer_id,
+                    &&c.token_sha256[..],
+                    &to_i64(c.created_ms).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(())
+    }
+
+    /// See [`super::Store::credential_by_token`].
+    pub async fn credential_by_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<Credential>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, role, name, customer_id, token_sha256, created_ms FROM credentials WHERE token_sha256 = $1",
+                &[&&token_sha256[..]],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        row.map(|r| credential_row(&r)).transpose()
+    }
+
+    /// See [`super::Store::credentials`].
+    pub async fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, role, name, customer_id, token_sha256, created_ms FROM credentials ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        rows.iter().map(credential_row).collect()
+    }
+
+    /// See [`super::Store::delete_credential`].
+    pub async fn delete_credential(&self, id: &str) -> Result<Option<Credential>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "DELETE FROM credentials WHERE id = $1 \
+                 RETURNING id, role, name, customer_id, token_sha256, created_ms",
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        row.map(|r| credential_row(&r)).transpose()
     }
 
     /// See [`super::Store::sweep_partial_blobs`].

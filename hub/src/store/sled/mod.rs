@@ -11,6 +11,8 @@
 //! tree quarantine:  key  id: u64 BE           val  postcard(Quarantined)
 //! tree quarantine_by_device: key device_id ++ 0x00 ++ id: u64 BE   val  empty
 //! tree assignments: key  device_id            val  postcard(AssignmentRecord)
+//! tree credentials:          key  id                val  postcard(Credential)
+//! tree credentials_by_token: key  sha256(token)     val  id
 //! ```
 //!
 //! A unit of work without sled transactions: every call that writes ends with
@@ -45,6 +47,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
+
+use crate::auth::Credential;
 use sha2::Digest as _;
 
 use super::{
@@ -68,6 +72,8 @@ pub struct SledStore {
     quarantine: ::sled::Tree,
     quarantine_by_device: ::sled::Tree,
     assignments: ::sled::Tree,
+    credentials: ::sled::Tree,
+    credentials_by_token: ::sled::Tree,
     quarantined_count: Arc<AtomicUsize>,
     /// What the last `make_durable` synced; held for a whole write call, so one call
     /// writes and syncs at a time (the order the module note relies on).
@@ -160,6 +166,8 @@ impl SledStore {
             quarantine: db.open_tree("quarantine")?,
             quarantine_by_device: db.open_tree("quarantine_by_device")?,
             assignments: db.open_tree("assignments")?,
+            credentials: db.open_tree("credentials")?,
+            credentials_by_token: db.open_tree("credentials_by_token")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
             failed: Arc::new(AtomicBool::new(false)),
@@ -518,6 +526,54 @@ impl SledStore {
         }
         self.blob_uploads.remove(key)?;
         Ok(())
+    }
+
+    /// See [`super::Store::put_credential`]. The record first, its token index second:
+    /// a crash between leaves a credential no token reaches, never a token without one.
+    pub async fn put_credential(&self, c: &Credential) -> Result<(), StoreError> {
+        let c = c.clone();
+        self.write(move |s| {
+            s.credentials
+                .insert(c.id.as_bytes(), postcard::to_stdvec(&c)?)?;
+            s.credentials_by_token
+                .insert(c.token_sha256, c.id.as_bytes())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Store::credential_by_token`].
+    pub async fn credential_by_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<Credential>, StoreError> {
+        let h = *token_sha256;
+        self.blocking(move |s| match s.credentials_by_token.get(h)? {
+            Some(id) => get(&s.credentials, &id),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    /// See [`super::Store::credentials`].
+    pub async fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        self.blocking(|s| s.credentials.iter().values().map(|v| decode(&v?)).collect())
+            .await
+    }
+
+    /// See [`super::Store::delete_credential`]. The token index first: once it is gone
+    /// the token works nowhere.
+    pub async fn delete_credential(&self, id: &str) -> Result<Option<Credential>, StoreError> {
+        let id = id.to_string();
+        self.write(move |s| {
+            let Some(c) = get::<Credential>(&s.credentials, id.as_bytes())? else {
+                return Ok(None);
+            };
+            s.credentials_by_token.remove(c.token_sha256)?;
+            s.credentials.remove(id.as_bytes())?;
+            Ok(Some(c))
+        })
+        .await
     }
 
     /// See [`super::Store::sweep_partial_blobs`].
