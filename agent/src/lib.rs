@@ -284,6 +284,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         edge,
         gps: gps_stats,
         pod_lock: Arc::new(tokio::sync::Mutex::new(())),
+        pod_uploads: Arc::new(tokio::sync::Semaphore::new(api::MAX_POD_UPLOADS)),
     });
     tasks.push(tokio::spawn(api::serve::serve(
         listener,

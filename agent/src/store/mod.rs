@@ -43,7 +43,8 @@
 //! tree "meta"      { b"epoch" => epoch: u32 BE }        // the last epoch handed out
 //! tree "critical"  { Key => Value }
 //! tree "telemetry" { Key => Value }
-//! tree "blobs"     { sha256 (32 bytes) => blob bytes }      // POD blobs until the hub's BlobAck
+//! tree "pod_blobs" { sha256 (32 bytes) => len: u64 BE }    // POD blobs until the hub's BlobAck
+//! pod/{sha256 hex}                                          // their bytes, one file each
 //! tree "docs"      { b"assignment" => postcard(Assignment),
 //!                    b"idem/" ++ key => postcard(PodStored), // POD Idempotency-Key answers
 //!                    b"stop/" ++ stop id => postcard(StopPod) }
@@ -51,9 +52,11 @@
 //! Value = postcard(Event { time_ms, body })
 //! ```
 
+mod blobs;
 mod commit;
 mod docs;
 
+pub use blobs::{BlobFile, BlobWriter};
 pub use docs::{PodStored, StopPod};
 
 use std::collections::BTreeMap;
@@ -235,8 +238,9 @@ struct Core {
     db: sled::Db,
     critical: sled::Tree,
     telemetry: sled::Tree,
-    /// POD blobs awaiting a hub `BlobAck`: sha256 => bytes (counted in the quota).
-    blobs: sled::Tree,
+    /// POD blobs awaiting a hub `BlobAck`: sha256 => length; the bytes are files
+    /// ([`blobs`]).
+    blob_records: sled::Tree,
     /// Small documents: the assignment, POD idempotency keys, PODs per stop.
     docs: sled::Tree,
     epoch: u32,
@@ -257,11 +261,13 @@ struct State {
     evicted: u64,
     /// Blobs awaiting upload.
     blobs: LaneStats,
+    /// Bytes of POD uploads in progress, reserved in the quota ([`BlobWriter`]).
+    inflight: u64,
 }
 
 impl State {
     fn used(&self) -> u64 {
-        self.critical.bytes + self.telemetry.bytes + self.blobs.bytes
+        self.critical.bytes + self.telemetry.bytes + self.blobs.bytes + self.inflight
     }
 
     fn lane_mut(&mut self, lane: Lane) -> &mut LaneStats {
@@ -427,15 +433,15 @@ impl Store {
         let meta = db.open_tree("meta")?;
         let critical = db.open_tree("critical")?;
         let telemetry = db.open_tree("telemetry")?;
-        let blobs = db.open_tree("blobs")?;
+        let blob_records = db.open_tree("pod_blobs")?;
         let docs = db.open_tree("docs")?;
 
         let mut state = State::default();
-        for item in blobs.iter() {
-            let (k, v) = item?;
-            state.blobs.events += 1;
-            state.blobs.bytes += (k.len() + v.len()) as u64;
-        }
+        let (count, bytes) = blobs::open(&cfg.path, &db, &blob_records)?;
+        state.blobs = LaneStats {
+            events: count,
+            bytes,
+        };
         let mut max_epoch = match meta.get(b"epoch")? {
             None => 0,
             Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| {
@@ -482,7 +488,7 @@ impl Store {
             db,
             critical,
             telemetry,
-            blobs,
+            blob_records,
             docs,
             epoch,
             quota: cfg.quota_bytes,
@@ -771,6 +777,38 @@ impl Core {
                 ))
             }
         }
+    }
+
+    /// Makes room for `n` more bytes that are not an event (an upload's reservation):
+    /// thins telemetry with its `Gap` events as an append would, in one transaction.
+    fn make_room(&self, st: &mut State, n: u64) -> Result<(), StoreError> {
+        let Some(plan) = self.plan_room(st, n)? else {
+            return Ok(());
+        };
+        let mut gap_kvs = Vec::with_capacity(plan.gaps.len());
+        for g in &plan.gaps {
+            gap_kvs.push((self.key(st.alloc_seq()?), g.as_slice()));
+        }
+        (&self.critical, &self.telemetry)
+            .transaction(|(crit, tele)| {
+                for (k, v) in &gap_kvs {
+                    crit.insert(k, *v)?;
+                }
+                for k in &plan.victims {
+                    tele.remove(k)?;
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(map_tx)?;
+        let evicted = plan.victims.len() as u64;
+        st.telemetry.events -= evicted;
+        st.telemetry.bytes -= plan.freed;
+        st.critical.events += gap_kvs.len() as u64;
+        st.critical.bytes += plan.gap_bytes;
+        st.evicted += evicted;
+        st.gaps_declared += gap_kvs.len() as u64;
+        self.commits.register();
+        Ok(())
     }
 
     /// Decides what, if anything, to evict so an event of `n` stored bytes fits.
