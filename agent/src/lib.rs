@@ -189,6 +189,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     let store_cfg = store::StoreConfig {
         path: cfg.store.path.clone(),
         quota_bytes: cfg.store.quota_bytes,
+        space_factor: store::SLED_SPACE_FACTOR,
         // No waiting window: writers arriving during one round's fsync form the next group.
         commit_interval: Duration::ZERO,
     };

@@ -17,6 +17,7 @@ fn open(dir: &Path, quota: u64) -> Store {
     Store::open(StoreConfig {
         path: dir.to_path_buf(),
         quota_bytes: quota,
+        space_factor: fleetsync_agent::store::SLED_SPACE_FACTOR,
         commit_interval: Duration::ZERO,
     })
     .unwrap()

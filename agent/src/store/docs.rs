@@ -111,14 +111,14 @@ impl Store {
                 fresh.push(i);
             }
         }
-        let n = (KEY_LEN + value.len()) as u64
-            + fresh
-                .iter()
-                .map(|&i| blobs::counted(files[i].len))
-                .sum::<u64>();
+        let n = (KEY_LEN + value.len()) as u64;
+        let file_bytes = fresh
+            .iter()
+            .map(|&i| blobs::counted(files[i].len))
+            .sum::<u64>();
         // The uploads' reserved bytes become the blobs': plan without them.
         st.inflight -= reserved;
-        let plan = core.plan_room(&st, n);
+        let plan = core.plan_room(&st, n, file_bytes);
         st.inflight += reserved;
         let plan = plan?;
         // Nothing may fail between taking seqs and the transaction (a seq taken and not
