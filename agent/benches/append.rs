@@ -111,6 +111,7 @@ fn open_store(dir: &Path) -> Store {
     Store::open(StoreConfig {
         path: dir.to_path_buf(),
         quota_bytes: 1 << 30,
+        space_factor: fleetsync_agent::store::SLED_SPACE_FACTOR,
         commit_interval: COMMIT_INTERVAL,
     })
     .expect("store opens")

@@ -29,8 +29,10 @@ ack_timeout_ms = 10000
 [store]
 # Events stay here until the hub acks them.
 path = "data/agent"
-# Logical bytes of stored events. Past it, old GPS fixes are dropped (declared as a Gap
-# event); POD, geofence, trip and exception events are never dropped: new ones are
+# The most the store's directory may take on the gateway's flash, plus up to 2 MiB of
+# sled's working segments. POD photos count at their size, events at 4x theirs (what
+# sled's files take per live byte). Past it, old GPS fixes are dropped (declared as a
+# Gap event); POD, geofence, trip and exception events are never dropped: new ones are
 # refused with 507 instead.
 quota_bytes = 67108864
 
@@ -132,7 +134,7 @@ pub struct HubConfig {
 pub struct StoreSection {
     /// Directory.
     pub path: PathBuf,
-    /// Quota of logical bytes.
+    /// The bound of the store directory on disk (events at 4x their logical bytes).
     pub quota_bytes: u64,
 }
 

@@ -189,6 +189,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     let store_cfg = store::StoreConfig {
         path: cfg.store.path.clone(),
         quota_bytes: cfg.store.quota_bytes,
+        space_factor: store::SLED_SPACE_FACTOR,
         // No waiting window: writers arriving during one round's fsync form the next group.
         commit_interval: Duration::ZERO,
     };
@@ -284,6 +285,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         edge,
         gps: gps_stats,
         pod_lock: Arc::new(tokio::sync::Mutex::new(())),
+        pod_uploads: Arc::new(tokio::sync::Semaphore::new(api::MAX_POD_UPLOADS)),
     });
     tasks.push(tokio::spawn(api::serve::serve(
         listener,

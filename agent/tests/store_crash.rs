@@ -42,6 +42,7 @@ fn config(dir: &Path) -> StoreConfig {
     StoreConfig {
         path: dir.to_path_buf(),
         quota_bytes: 64 << 20,
+        space_factor: fleetsync_agent::store::SLED_SPACE_FACTOR,
         commit_interval: Duration::from_millis(2),
     }
 }

@@ -239,6 +239,7 @@ fn open(dir: &std::path::Path, quota: u64) -> Store {
     Store::open(StoreConfig {
         path: dir.to_path_buf(),
         quota_bytes: quota,
+        space_factor: 1,
         commit_interval: Duration::ZERO,
     })
     .unwrap()
@@ -559,6 +560,7 @@ fn concurrent_appends_get_unique_ids_and_survive_reopen() {
     let store = Store::open(StoreConfig {
         path: dir.path().to_path_buf(),
         quota_bytes: 1 << 24,
+        space_factor: 1,
         commit_interval: Duration::from_millis(5),
     })
     .unwrap();

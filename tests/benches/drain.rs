@@ -85,6 +85,7 @@ async fn prefill(path: &Path, events: Vec<Event>) -> (u32, Duration) {
     let cfg = StoreConfig {
         path: path.to_path_buf(),
         quota_bytes: QUOTA,
+        space_factor: fleetsync_agent::store::SLED_SPACE_FACTOR,
         commit_interval: Duration::from_millis(2),
     };
     let store = tokio::task::spawn_blocking(move || Store::open(cfg))

@@ -4,14 +4,18 @@
 //! - `POST /v1/stops/{stop}/pod` (multipart): `outcome`, `reason_code` (unless delivered),
 //!   `recipient_name` (unless refused), `notes`, `shipment_id` (when the stop has several),
 //!   one `signature` (PNG or SVG) and up to [`MAX_PHOTOS`] `photo` files (JPEG, PNG, HEIC).
-//!   Everything is read and checked (sizes, types by their leading bytes) before anything
-//!   is stored; then blobs + POD event go in one durable transaction and only then 201.
-//!   A repeated `Idempotency-Key` returns the first answer.
+//!   Files are streamed to the store as they arrive (never whole in memory), checked as
+//!   they come (sizes, types by their leading bytes); the POD's blobs are fsynced files
+//!   and its event goes in one durable transaction with their records, and only then 201.
+//!   At most [`MAX_POD_UPLOADS`] uploads at once: another is answered 503 with
+//!   `Retry-After`. A repeated `Idempotency-Key` returns the first answer (its files are
+//!   only hashed, not stored again).
 //! - `POST /v1/exceptions`: `{code, text, stop_id?}` with `code` from [`EXCEPTION_CODES`].
 
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::multipart::Field;
 use axum::extract::{Multipart, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -25,12 +29,23 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::{ApiError, ApiState};
-use crate::store::{PodStored, StopPod};
+use crate::store::{BlobFile, BlobWriter, PodStored, StopPod, Store, StoreError};
 
 /// Largest single file of a POD.
 pub const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
 /// Largest POD request (all files and fields).
 pub const MAX_POD_BYTES: usize = 24 * 1024 * 1024;
+/// Largest text field of a POD (the event's own limits are smaller and named on refusal).
+const MAX_TEXT_FIELD: usize = 64 * 1024;
+/// POD uploads streaming at once; one more is answered 503 with `Retry-After`
+/// ([`UPLOAD_RETRY_AFTER_S`]) instead of being held, so uploads cannot pile up in memory
+/// or on disk.
+pub const MAX_POD_UPLOADS: usize = 2;
+/// Seconds a refused upload is told to wait.
+pub const UPLOAD_RETRY_AFTER_S: u32 = 2;
+/// Bytes of a file part gathered before they are written out: an upload holds this much
+/// memory, not its file.
+const UPLOAD_BLOCK: usize = 256 * 1024;
 /// Exception codes the driver may report.
 pub const EXCEPTION_CODES: [&str; 10] = [
     "road_closed",
@@ -203,21 +218,148 @@ pub fn sniff(bytes: &[u8]) -> Option<MediaType> {
     None
 }
 
+/// One file part of a POD, streamed to the store (or, for a replayed request, only hashed).
+struct Upload {
+    sha256: Sha256,
+    len: u64,
+    /// The finished upload; `None` when only hashed.
+    file: Option<BlobFile>,
+    media: MediaType,
+}
+
+impl Upload {
+    fn blob_ref(&self) -> BlobRef {
+        BlobRef {
+            sha256: self.sha256,
+            // At most MAX_FILE_BYTES.
+            len: self.len as u32,
+            media: self.media,
+        }
+    }
+}
+
 struct PodForm {
     outcome: Option<String>,
     reason_code: Option<String>,
     recipient_name: Option<String>,
     notes: Option<String>,
     shipment_id: Option<String>,
-    signature: Option<(Vec<u8>, MediaType)>,
-    photos: Vec<(Vec<u8>, MediaType)>,
+    signature: Option<Upload>,
+    photos: Vec<Upload>,
 }
 
 fn bad(field: &str, why: impl std::fmt::Display) -> ApiError {
     ApiError::BadRequest(format!("{field}: {why}"))
 }
 
-async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
+fn chunk_err(name: &str, e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        bad("body", format!("larger than {MAX_POD_BYTES} bytes"))
+    } else {
+        bad(name, format!("could not be read ({e})"))
+    }
+}
+
+/// Where a file part's bytes go.
+enum Sink {
+    /// A temporary file in the store (quota reserved as it grows).
+    Store(BlobWriter),
+    /// Only hashed: a replay of a stored POD needs its fingerprint, not its bytes again.
+    Hash(sha2::Sha256),
+}
+
+impl Sink {
+    /// Writes `buf` (handed back empty for reuse).
+    async fn write(self, buf: Vec<u8>) -> Result<(Sink, Vec<u8>), ApiError> {
+        match self {
+            Sink::Store(mut w) => tokio::task::spawn_blocking(move || {
+                w.write(&buf)?;
+                let mut buf = buf;
+                buf.clear();
+                Ok::<_, StoreError>((Sink::Store(w), buf))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("upload task: {e}")))?
+            .map_err(ApiError::from),
+            Sink::Hash(mut h) => {
+                h.update(&buf);
+                let mut buf = buf;
+                buf.clear();
+                Ok((Sink::Hash(h), buf))
+            }
+        }
+    }
+
+    /// Ends the part: the digest and, when stored, the fsynced upload.
+    async fn finish(self) -> Result<(Sha256, Option<BlobFile>), ApiError> {
+        match self {
+            Sink::Store(w) => {
+                let f = tokio::task::spawn_blocking(move || w.finish())
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("upload task: {e}")))??;
+                Ok((f.sha256, Some(f)))
+            }
+            Sink::Hash(h) => Ok((h.finalize().into(), None)),
+        }
+    }
+}
+
+/// Streams one file part into `sink` in blocks of [`UPLOAD_BLOCK`] bytes, checks its type
+/// by its leading bytes (`accept`) before anything of it is stored, and keeps the size
+/// limits. `total` counts the request's bytes so far.
+async fn stream_file(
+    field: &mut Field<'_>,
+    name: &str,
+    mut sink: Sink,
+    total: &mut usize,
+    accept: impl Fn(MediaType) -> bool,
+    expected: &str,
+) -> Result<Upload, ApiError> {
+    let mut buf = Vec::with_capacity(UPLOAD_BLOCK);
+    let mut media = None;
+    let mut len = 0usize;
+    loop {
+        let chunk = field.chunk().await.map_err(|e| chunk_err(name, e))?;
+        let end = chunk.is_none();
+        if let Some(c) = chunk {
+            len += c.len();
+            *total += c.len();
+            if len > MAX_FILE_BYTES {
+                return Err(bad(name, format!("larger than {MAX_FILE_BYTES} bytes")));
+            }
+            if *total > MAX_POD_BYTES {
+                return Err(bad(
+                    "body",
+                    format!("larger than {MAX_POD_BYTES} bytes in all"),
+                ));
+            }
+            buf.extend_from_slice(&c);
+        }
+        if buf.len() >= UPLOAD_BLOCK || (end && !buf.is_empty()) {
+            if media.is_none() {
+                match sniff(&buf) {
+                    Some(m) if accept(m) => media = Some(m),
+                    _ => return Err(bad(name, format!("must be {expected}"))),
+                }
+            }
+            (sink, buf) = sink.write(buf).await?;
+        }
+        if end {
+            break;
+        }
+    }
+    let media = media.ok_or_else(|| bad(name, format!("must be {expected}")))?;
+    let (sha256, file) = sink.finish().await?;
+    Ok(Upload {
+        sha256,
+        len: len as u64,
+        file,
+        media,
+    })
+}
+
+/// Reads the form, streaming files into the store (`store`) or only hashing them (`None`).
+async fn read_form(mut mp: Multipart, store: Option<&Store>) -> Result<PodForm, ApiError> {
     let mut f = PodForm {
         outcome: None,
         reason_code: None,
@@ -228,61 +370,54 @@ async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
         photos: Vec::new(),
     };
     let mut total = 0usize;
+    let sink = || -> Result<Sink, ApiError> {
+        Ok(match store {
+            Some(s) => Sink::Store(s.blob_writer()?),
+            None => Sink::Hash(sha2::Sha256::new()),
+        })
+    };
     while let Some(mut field) = mp
         .next_field()
         .await
         .map_err(|e| bad("body", format!("not valid multipart ({e})")))?
     {
         let name = field.name().unwrap_or_default().to_string();
-        // Read in chunks so an oversized file is refused as soon as it passes the limit.
-        let mut data = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                bad("body", format!("larger than {MAX_POD_BYTES} bytes"))
-            } else {
-                bad(&name, format!("could not be read ({e})"))
-            }
-        })? {
-            data.extend_from_slice(&chunk);
-            if data.len() > MAX_FILE_BYTES {
-                return Err(bad(&name, format!("larger than {MAX_FILE_BYTES} bytes")));
-            }
-        }
-        total += data.len();
-        if total > MAX_POD_BYTES {
-            return Err(bad(
-                "body",
-                format!("larger than {MAX_POD_BYTES} bytes in all"),
-            ));
-        }
-        let text =
-            |data: Vec<u8>| String::from_utf8(data).map_err(|_| bad(&name, "not UTF-8 text"));
         match name.as_str() {
-            "outcome" => f.outcome = Some(text(data)?),
-            "reason_code" => f.reason_code = Some(text(data)?),
-            "recipient_name" => f.recipient_name = Some(text(data)?),
-            "notes" => f.notes = Some(text(data)?),
-            "shipment_id" => f.shipment_id = Some(text(data)?),
             "signature" => {
                 if f.signature.is_some() {
                     return Err(bad("signature", "only one signature per POD"));
                 }
-                match sniff(&data) {
-                    Some(m @ (MediaType::Png | MediaType::Svg)) => f.signature = Some((data, m)),
-                    _ => return Err(bad("signature", "must be a PNG or SVG image")),
-                }
+                let accept = |m| matches!(m, MediaType::Png | MediaType::Svg);
+                let u = stream_file(
+                    &mut field,
+                    &name,
+                    sink()?,
+                    &mut total,
+                    accept,
+                    "a PNG or SVG image",
+                )
+                .await?;
+                f.signature = Some(u);
+                continue;
             }
             "photo" => {
                 if f.photos.len() >= MAX_PHOTOS {
                     return Err(bad("photo", format!("at most {MAX_PHOTOS} photos")));
                 }
-                match sniff(&data) {
-                    Some(m @ (MediaType::Jpeg | MediaType::Png | MediaType::Heic)) => {
-                        f.photos.push((data, m))
-                    }
-                    _ => return Err(bad("photo", "must be a JPEG, PNG or HEIC image")),
-                }
+                let accept = |m| matches!(m, MediaType::Jpeg | MediaType::Png | MediaType::Heic);
+                let u = stream_file(
+                    &mut field,
+                    &name,
+                    sink()?,
+                    &mut total,
+                    accept,
+                    "a JPEG, PNG or HEIC image",
+                )
+                .await?;
+                f.photos.push(u);
+                continue;
             }
+            "outcome" | "reason_code" | "recipient_name" | "notes" | "shipment_id" => {}
             other => {
                 return Err(bad(
                     other,
@@ -290,20 +425,32 @@ async fn read_form(mut mp: Multipart) -> Result<PodForm, ApiError> {
                 ));
             }
         }
+        let mut data = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(|e| chunk_err(&name, e))? {
+            data.extend_from_slice(&chunk);
+            total += chunk.len();
+            if data.len() > MAX_TEXT_FIELD {
+                return Err(bad(&name, format!("longer than {MAX_TEXT_FIELD} bytes")));
+            }
+        }
+        let text = String::from_utf8(data).map_err(|_| bad(&name, "not UTF-8 text"))?;
+        match name.as_str() {
+            "outcome" => f.outcome = Some(text),
+            "reason_code" => f.reason_code = Some(text),
+            "recipient_name" => f.recipient_name = Some(text),
+            "notes" => f.notes = Some(text),
+            _ => f.shipment_id = Some(text),
+        }
     }
     Ok(f)
 }
 
-fn blob(data: &[u8], media: MediaType) -> (Sha256, BlobRef) {
-    let sha: Sha256 = sha2::Sha256::digest(data).into();
-    (
-        sha,
-        BlobRef {
-            sha256: sha,
-            len: data.len() as u32,
-            media,
-        },
-    )
+/// Reads and discards a request's body, so a client that sent it without waiting for
+/// `100 Continue` reads the answer instead of a reset connection.
+async fn drain(mut mp: Multipart) {
+    while let Ok(Some(mut field)) = mp.next_field().await {
+        while let Ok(Some(_)) = field.chunk().await {}
+    }
 }
 
 #[derive(Serialize)]
@@ -339,7 +486,27 @@ pub(super) async fn pod(
         .find(|s| s.id.as_str() == stop_id)
         .ok_or_else(|| ApiError::NotFound(format!("stop {stop_id:?} is not in job {}", a.id)))?
         .clone();
-    let form = read_form(mp).await?;
+    let Ok(_permit) = Arc::clone(&st.pod_uploads).try_acquire_owned() else {
+        let waiting = headers
+            .get(axum::http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waiting {
+            drain(mp).await;
+        }
+        return Err(ApiError::Busy {
+            message: format!(
+                "{MAX_POD_UPLOADS} POD uploads are in progress; send this one again in \
+                 {UPLOAD_RETRY_AFTER_S} s"
+            ),
+            retry_after_s: UPLOAD_RETRY_AFTER_S,
+        });
+    };
+    // A key already answered: its files are only hashed, to check the replay matches.
+    let replay = match &idem {
+        Some(k) => st.store.pod_by_key(k)?.is_some(),
+        None => false,
+    };
+    let form = read_form(mp, (!replay).then_some(&st.store)).await?;
 
     let outcome = match form.outcome.as_deref() {
         Some("delivered") => Outcome::Delivered,
@@ -409,22 +576,18 @@ pub(super) async fn pod(
         fp.update((part.len() as u64).to_be_bytes());
         fp.update(part.as_bytes());
     }
-    let mut blobs = Vec::new();
-    let signature = form.signature.as_ref().map(|(d, m)| {
-        let (sha, r) = blob(d, *m);
-        blobs.push((sha, d.clone()));
-        r
-    });
-    let mut photos = Vec::new();
-    for (d, m) in &form.photos {
-        let (sha, r) = blob(d, *m);
-        blobs.push((sha, d.clone()));
-        photos.push(r);
-    }
-    for (sha, _) in &blobs {
-        fp.update(sha);
+    let signature = form.signature.as_ref().map(Upload::blob_ref);
+    let photos: Vec<BlobRef> = form.photos.iter().map(Upload::blob_ref).collect();
+    for u in form.signature.iter().chain(&form.photos) {
+        fp.update(u.sha256);
     }
     let fingerprint: [u8; 32] = fp.finalize().into();
+    let files: Vec<BlobFile> = form
+        .signature
+        .into_iter()
+        .chain(form.photos)
+        .filter_map(|u| u.file)
+        .collect();
 
     // One POD at a time: an idempotency key is checked and stored without a race.
     let _guard = st.pod_lock.lock().await;
@@ -441,6 +604,10 @@ pub(super) async fn pod(
         // once what it stored is durable.
         st.store.sync().await?;
         return Ok(created(&prev, true));
+    }
+    if replay {
+        // Idempotency answers are never removed, so the key found above is still there.
+        return Err(ApiError::Internal("POD idempotency answer vanished".into()));
     }
     let now = crate::now_ms();
     let pod_id = format!(
@@ -483,7 +650,7 @@ pub(super) async fn pod(
         .store
         .append_pod(
             ev,
-            blobs,
+            files,
             idem.as_deref(),
             fingerprint,
             StopPod {

@@ -16,7 +16,9 @@
 mod driver;
 pub mod serve;
 
-pub use driver::{EXCEPTION_CODES, MAX_FILE_BYTES, MAX_POD_BYTES, sniff};
+pub use driver::{
+    EXCEPTION_CODES, MAX_FILE_BYTES, MAX_POD_BYTES, MAX_POD_UPLOADS, UPLOAD_RETRY_AFTER_S, sniff,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -64,6 +66,8 @@ pub struct ApiState {
     pub gps: Arc<crate::gps::GpsStats>,
     /// Serialises POD creation (idempotency keys).
     pub pod_lock: Arc<tokio::sync::Mutex<()>>,
+    /// POD uploads in progress ([`MAX_POD_UPLOADS`] permits).
+    pub pod_uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// An API error.
@@ -79,6 +83,13 @@ pub enum ApiError {
     Unprocessable(String),
     /// 507: the store is full.
     Full(String),
+    /// 503 with `Retry-After`: a bounded resource is busy; the client sends it again.
+    Busy {
+        /// What is busy and when to come back.
+        message: String,
+        /// Seconds to wait.
+        retry_after_s: u32,
+    },
     /// 500, logged.
     Internal(String),
 }
@@ -107,6 +118,21 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m.as_str()),
             ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.as_str()),
             ApiError::Full(m) => (StatusCode::INSUFFICIENT_STORAGE, m.as_str()),
+            ApiError::Busy {
+                message,
+                retry_after_s,
+            } => {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(ErrorBody { error: message }),
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(*retry_after_s),
+                );
+                return r;
+            }
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "local API internal error");
                 (

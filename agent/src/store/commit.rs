@@ -285,7 +285,7 @@ fn sync_data(path: &Path) -> Result<(), StoreError> {
 
 /// fsyncs one file or directory; one that vanished meanwhile (a replaced snapshot, a
 /// removed blob) needs no sync.
-fn sync_path(path: &Path) -> Result<(), StoreError> {
+pub(super) fn sync_path(path: &Path) -> Result<(), StoreError> {
     let res = File::open(path).and_then(|f| f.sync_all());
     match res {
         Ok(()) => Ok(()),

@@ -1,17 +1,21 @@
 //! Beside the event lanes: POD blobs, the current assignment, POD idempotency answers and
 //! the PODs taken per stop.
 //!
-//! A POD is stored in ONE sled transaction: its blobs, its event (critical lane), its
-//! idempotency answer and its stop record, after making room by thinning telemetry like
-//! any append (blobs count in the quota). So a POD is either wholly stored or not at all,
-//! and `append_pod` returns only once that transaction is durable.
+//! A POD is stored in ONE sled transaction: its blobs' records, its event (critical lane),
+//! its idempotency answer and its stop record, after making room by thinning telemetry
+//! like any append (blobs count in the quota) and after its blob files are renamed to
+//! their digests and their folder fsynced ([`super::blobs`]). So a POD is either wholly
+//! stored or not at all, and `append_pod` returns only once that transaction is durable.
+
+use std::path::PathBuf;
 
 use fleetsync_protocol::{Assignment, Body, Event, Sha256};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
-use super::{KEY_LEN, Store, StoreError, map_tx};
+use super::blobs::{self, BlobFile};
+use super::{KEY_LEN, Store, StoreError, commit, map_tx};
 
 const ASSIGNMENT: &[u8] = b"assignment";
 const IDEM: &[u8] = b"idem/";
@@ -50,8 +54,6 @@ fn doc_key(prefix: &[u8], id: &str) -> Vec<u8> {
 /// What goes into the same transaction as a critical event, beside it.
 #[derive(Default)]
 struct Beside {
-    /// New blobs (sha256, bytes); they count in the quota.
-    blobs: Vec<(Sha256, Vec<u8>)>,
     /// Documents written.
     put: Vec<(Vec<u8>, Vec<u8>)>,
     /// Documents removed.
@@ -59,100 +61,160 @@ struct Beside {
 }
 
 impl Store {
-    /// Appends the critical event `value` and, in ONE sled transaction with it, the blobs
-    /// `blobs` (those not stored yet) and the documents `docs` builds from the event's seq,
-    /// after making room by thinning telemetry like any append. Returns the seq once the
+    /// Appends the critical event `value` and, in ONE sled transaction with it, the records
+    /// of `files` (those not pending already; their files renamed to their digests and the
+    /// folder fsynced first) and the documents `docs` builds from the event's seq, after
+    /// making room by thinning telemetry like any append. Returns the seq once the
     /// transaction is durable. `docs` runs under the state lock, before any seq is taken,
     /// so what it reads holds until the transaction and its error leaves no trace.
     async fn append_critical_with(
         &self,
         value: Vec<u8>,
-        blobs: Vec<(Sha256, Vec<u8>)>,
+        mut files: Vec<BlobFile>,
         docs: impl FnOnce(&Self, u64) -> Result<Beside, StoreError>,
     ) -> Result<u64, StoreError> {
         let core = &self.inner.core;
-        let (seq, ticket) = {
-            let mut st = core.state()?;
-            // Blob writers hold the state lock, so this stays true until the transaction.
-            let mut fresh = Vec::with_capacity(blobs.len());
-            for b in blobs {
-                if !core.blobs.contains_key(b.0)? {
-                    fresh.push(b);
-                }
+        // Declared before the lock: on an early return the guard is dropped first, and
+        // only then the files (whose drop takes the lock to give their reservation back).
+        let mut renamed: Vec<PathBuf> = Vec::new();
+        let res = self.commit_locked(&value, &mut files, &mut renamed, docs);
+        if res.is_err() {
+            // Renamed but not recorded: not a pending blob. (Open deletes any left over.)
+            for p in renamed {
+                let _ = std::fs::remove_file(p);
             }
-            let n = (KEY_LEN + value.len()) as u64
-                + fresh
-                    .iter()
-                    .map(|(_, b)| (32 + b.len()) as u64)
-                    .sum::<u64>();
-            let plan = core.plan_room(&st, n)?;
-            // Nothing may fail between taking seqs and the transaction (a seq taken and not
-            // written would be a hole), so the documents are built first, for the seq the
-            // event will get after any gap records.
-            let gaps = plan.as_ref().map_or(0, |p| p.gaps.len() as u64);
-            let mut beside = docs(self, st.next_seq + gaps)?;
-            beside.blobs = fresh;
-            let gap_kvs: Vec<(Vec<u8>, Vec<u8>)> = match &plan {
-                Some(p) => {
-                    let mut v = Vec::with_capacity(p.gaps.len());
-                    for g in &p.gaps {
-                        v.push((core.key(st.alloc_seq()?).to_vec(), g.clone()));
-                    }
-                    v
-                }
-                None => Vec::new(),
-            };
-            let seq = st.alloc_seq()?;
-            let key = core.key(seq);
-            let victims: &[sled::IVec] = plan.as_ref().map_or(&[], |p| &p.victims);
-            (&core.critical, &core.telemetry, &core.blobs, &core.docs)
-                .transaction(|(crit, tele, blob_t, docs_t)| {
-                    for (k, v) in &gap_kvs {
-                        crit.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    for k in victims {
-                        tele.remove(k)?;
-                    }
-                    for (sha, b) in &beside.blobs {
-                        blob_t.insert(sha.as_slice(), b.as_slice())?;
-                    }
-                    crit.insert(&key, value.as_slice())?;
-                    for k in &beside.remove {
-                        docs_t.remove(k)?;
-                    }
-                    for (k, v) in &beside.put {
-                        docs_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    Ok::<(), ConflictableTransactionError<StoreError>>(())
-                })
-                .map_err(map_tx)?;
-            if let Some(p) = &plan {
-                let evicted = p.victims.len() as u64;
-                st.telemetry.events -= evicted;
-                st.telemetry.bytes -= p.freed;
-                st.critical.events += gap_kvs.len() as u64;
-                st.critical.bytes += p.gap_bytes;
-                st.evicted += evicted;
-                st.gaps_declared += gap_kvs.len() as u64;
-            }
-            st.critical.events += 1;
-            st.critical.bytes += (KEY_LEN + value.len()) as u64;
-            for (_, b) in &beside.blobs {
-                st.blobs.events += 1;
-                st.blobs.bytes += (32 + b.len()) as u64;
-            }
-            (seq, core.commits.register())
-        };
+        }
+        drop(files);
+        let (seq, ticket) = res?;
         core.commits.wait(ticket).await?;
         Ok(seq)
     }
 
-    /// Stores a POD event with its blobs, idempotency answer and stop record atomically;
-    /// returns once durable.
+    /// The part of [`Self::append_critical_with`] under the state lock; returns the seq and
+    /// the commit ticket.
+    fn commit_locked(
+        &self,
+        value: &[u8],
+        files: &mut [BlobFile],
+        renamed: &mut Vec<PathBuf>,
+        docs: impl FnOnce(&Self, u64) -> Result<Beside, StoreError>,
+    ) -> Result<(u64, u64), StoreError> {
+        let core = &self.inner.core;
+        let dir = core.path.join(blobs::DIR);
+        let mut st = core.state()?;
+        // Blob writers hold the state lock, so this stays true until the transaction.
+        let mut fresh = Vec::with_capacity(files.len());
+        let mut reserved = 0u64;
+        for (i, f) in files.iter().enumerate() {
+            reserved += f.reserved;
+            if !core.blob_records.contains_key(f.sha256)? {
+                fresh.push(i);
+            }
+        }
+        let n = (KEY_LEN + value.len()) as u64;
+        let file_bytes = fresh
+            .iter()
+            .map(|&i| blobs::counted(files[i].len))
+            .sum::<u64>();
+        // The uploads' reserved bytes become the blobs': plan without them.
+        st.inflight -= reserved;
+        let plan = core.plan_room(&st, n, file_bytes);
+        st.inflight += reserved;
+        let plan = plan?;
+        // Nothing may fail between taking seqs and the transaction (a seq taken and not
+        // written would be a hole), so the documents are built and the files renamed first,
+        // for the seq the event will get after any gap records.
+        let gaps = plan.as_ref().map_or(0, |p| p.gaps.len() as u64);
+        let beside = docs(self, st.next_seq + gaps)?;
+        for &i in &fresh {
+            let f = &files[i];
+            let fin = blobs::file_path(&dir, &f.sha256);
+            if let Some(tmp) = &f.tmp {
+                std::fs::rename(tmp, &fin).map_err(|source| StoreError::Io {
+                    path: fin.clone(),
+                    source,
+                })?;
+                renamed.push(fin);
+            }
+        }
+        if !fresh.is_empty() {
+            commit::sync_path(&dir)?;
+        }
+        let records: Vec<(Sha256, [u8; 8])> = fresh
+            .iter()
+            .map(|&i| (files[i].sha256, files[i].len.to_be_bytes()))
+            .collect();
+        let gap_kvs: Vec<(Vec<u8>, Vec<u8>)> = match &plan {
+            Some(p) => {
+                let mut v = Vec::with_capacity(p.gaps.len());
+                for g in &p.gaps {
+                    v.push((core.key(st.alloc_seq()?).to_vec(), g.clone()));
+                }
+                v
+            }
+            None => Vec::new(),
+        };
+        let seq = st.alloc_seq()?;
+        let key = core.key(seq);
+        let victims: &[sled::IVec] = plan.as_ref().map_or(&[], |p| &p.victims);
+        (
+            &core.critical,
+            &core.telemetry,
+            &core.blob_records,
+            &core.docs,
+        )
+            .transaction(|(crit, tele, blob_t, docs_t)| {
+                for (k, v) in &gap_kvs {
+                    crit.insert(k.as_slice(), v.as_slice())?;
+                }
+                for k in victims {
+                    tele.remove(k)?;
+                }
+                for (sha, len) in &records {
+                    blob_t.insert(sha.as_slice(), len.as_slice())?;
+                }
+                crit.insert(&key, value)?;
+                for k in &beside.remove {
+                    docs_t.remove(k)?;
+                }
+                for (k, v) in &beside.put {
+                    docs_t.insert(k.as_slice(), v.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(map_tx)?;
+        renamed.clear();
+        if let Some(p) = &plan {
+            let evicted = p.victims.len() as u64;
+            st.telemetry.events -= evicted;
+            st.telemetry.bytes -= p.freed;
+            st.critical.events += gap_kvs.len() as u64;
+            st.critical.bytes += p.gap_bytes;
+            st.evicted += evicted;
+            st.gaps_declared += gap_kvs.len() as u64;
+        }
+        st.critical.events += 1;
+        st.critical.bytes += (KEY_LEN + value.len()) as u64;
+        // Every upload's reservation ends here: a fresh one's bytes are the blob's now, a
+        // repeated one's file is deleted when `files` is dropped.
+        st.inflight -= reserved;
+        for f in files.iter_mut() {
+            f.reserved = 0;
+        }
+        for &i in &fresh {
+            files[i].tmp = None;
+            st.blobs.events += 1;
+            st.blobs.bytes += blobs::counted(files[i].len);
+        }
+        Ok((seq, core.commits.register()))
+    }
+
+    /// Stores a POD event with its blobs (finished uploads), idempotency answer and stop
+    /// record atomically; returns once durable.
     pub async fn append_pod(
         &self,
         ev: Event,
-        blobs: Vec<(Sha256, Vec<u8>)>,
+        files: Vec<BlobFile>,
         idempotency_key: Option<&str>,
         fingerprint: [u8; 32],
         stop: StopPod,
@@ -162,15 +224,16 @@ impl Store {
         };
         let stop_id = pod.stop_id.to_string();
         let pod_id = pod.pod_id.to_string();
-        // The same picture twice (or one still pending from an earlier POD) is one blob.
-        let mut blobs = blobs;
-        blobs.sort_by_key(|b| b.0);
-        blobs.dedup_by(|a, b| a.0 == b.0);
+        // The same picture twice (or one still pending from an earlier POD) is one blob;
+        // the duplicate upload is dropped (its file deleted, its reservation given back).
+        let mut files = files;
+        files.sort_by_key(|f| f.sha256);
+        files.dedup_by(|a, b| a.sha256 == b.sha256);
         let value = postcard::to_stdvec(&ev)?;
         let epoch = self.inner.core.epoch;
         let stop_bytes = postcard::to_stdvec(&stop)?;
         let seq = self
-            .append_critical_with(value, blobs, |_, seq| {
+            .append_critical_with(value, files, |_, seq| {
                 let stored = PodStored {
                     pod_id: pod_id.clone(),
                     epoch,
@@ -208,40 +271,6 @@ impl Store {
         match self.inner.core.docs.get(doc_key(STOP, stop_id))? {
             Some(v) => Ok(Some(postcard::from_bytes(&v)?)),
             None => Ok(None),
-        }
-    }
-
-    /// Blobs awaiting the hub's `BlobAck`, with their sizes.
-    pub fn pending_blobs(&self) -> Result<Vec<(Sha256, usize)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.inner.core.blobs.iter() {
-            let (k, v) = item?;
-            let sha: Sha256 = k
-                .as_ref()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("blob key not 32 bytes".into()))?;
-            out.push((sha, v.len()));
-        }
-        Ok(out)
-    }
-
-    /// A pending blob's bytes.
-    pub fn blob(&self, sha: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.inner.core.blobs.get(sha)?.map(|v| v.to_vec()))
-    }
-
-    /// Deletes a blob the hub has stored (durable at the next commit round).
-    pub fn remove_blob(&self, sha: &Sha256) -> Result<bool, StoreError> {
-        let core = &self.inner.core;
-        let mut st = core.state()?;
-        match core.blobs.remove(sha)? {
-            Some(v) => {
-                st.blobs.events -= 1;
-                st.blobs.bytes -= (32 + v.len()) as u64;
-                core.commits.register();
-                Ok(true)
-            }
-            None => Ok(false),
         }
     }
 
@@ -285,7 +314,6 @@ impl Store {
                 Ok(Beside {
                     put: vec![(ASSIGNMENT.to_vec(), doc)],
                     remove,
-                    ..Beside::default()
                 })
             })
             .await;

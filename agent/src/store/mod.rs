@@ -20,9 +20,15 @@
 //!   most one window (plus that wait, at most 2 ms) later.
 //!   An `Err` from `append` does not prove the event absent: a failed fsync leaves it
 //!   stored, and it may still be delivered (with its identity, so the hub dedups).
-//! - **Quota.** Logical bytes = key + value length of every stored event, kept in memory
-//!   and rebuilt by a scan on open. Ordinary events must fit in `quota - reserve`; the
-//!   reserve (`min(quota / 8, max(quota / 100, 4 KiB))`) is only for `Gap` events. When an
+//! - **Quota.** `quota_bytes` bounds the store's directory on disk (every file under
+//!   [`StoreConfig::path`]), with a slack of sled's working segments (measured at most
+//!   2 MiB; README). Files (pending POD blobs, uploads in progress) count at their length;
+//!   events at [`StoreConfig::space_factor`] times their logical bytes (key + value
+//!   length, kept in memory and rebuilt by a scan on open), because sled's log-structured
+//!   files hold that much per live byte. So events may hold
+//!   `cap = (quota - file bytes) / space_factor`; ordinary events must fit in
+//!   `cap - reserve`; the reserve (`min(cap / 8, max(cap / 100, 4 KiB))`) is only for
+//!   `Gap` events. When an
 //!   append does not fit, the oldest telemetry is evicted (plus a little slack, so one
 //!   `Gap` covers many fixes) and, in the same sled transaction, one
 //!   `Gap { lane: Telemetry, reason: Quota }` per evicted epoch is written to the critical
@@ -43,7 +49,8 @@
 //! tree "meta"      { b"epoch" => epoch: u32 BE }        // the last epoch handed out
 //! tree "critical"  { Key => Value }
 //! tree "telemetry" { Key => Value }
-//! tree "blobs"     { sha256 (32 bytes) => blob bytes }      // POD blobs until the hub's BlobAck
+//! tree "pod_blobs" { sha256 (32 bytes) => len: u64 BE }    // POD blobs until the hub's BlobAck
+//! pod/{sha256 hex}                                          // their bytes, one file each
 //! tree "docs"      { b"assignment" => postcard(Assignment),
 //!                    b"idem/" ++ key => postcard(PodStored), // POD Idempotency-Key answers
 //!                    b"stop/" ++ stop id => postcard(StopPod) }
@@ -51,9 +58,11 @@
 //! Value = postcard(Event { time_ms, body })
 //! ```
 
+mod blobs;
 mod commit;
 mod docs;
 
+pub use blobs::{BlobFile, BlobWriter};
 pub use docs::{PodStored, StopPod};
 
 use std::collections::BTreeMap;
@@ -86,6 +95,12 @@ const GAP_EVENT_MAX: u64 = KEY_LEN as u64 + 64;
 /// sled's file lock (sled releases it asynchronously after the last handle is dropped).
 const LOCK_RETRY: Duration = Duration::from_secs(3);
 
+/// What sled's files take on disk per live byte of events, at most, as measured: sled is
+/// log-structured, keeps superseded page versions until it cleans a segment (at 50% live),
+/// and grows its file in 512 KiB segments. With 2 MiB of events in 256 KiB of logical
+/// bytes it measured 0.6-0.9 MiB on disk; see the README's figures.
+pub const SLED_SPACE_FACTOR: u64 = 4;
+
 /// sled's page cache: a gateway has little memory.
 const CACHE_BYTES: u64 = 1024 * 1024;
 
@@ -94,8 +109,12 @@ const CACHE_BYTES: u64 = 1024 * 1024;
 pub struct StoreConfig {
     /// The sled directory (created if missing).
     pub path: PathBuf,
-    /// Logical byte quota (keys + values of stored events).
+    /// The bound of the store directory's bytes on disk (see the module note).
     pub quota_bytes: u64,
+    /// How many times its logical bytes an event counts against `quota_bytes`: sled's
+    /// share of the disk per live byte. [`SLED_SPACE_FACTOR`] for a real store; 1 makes the
+    /// quota a bound of logical bytes alone (the model tests).
+    pub space_factor: u64,
     /// Group-commit window: how long a commit round waits for more writers to join.
     pub commit_interval: Duration,
 }
@@ -235,14 +254,15 @@ struct Core {
     db: sled::Db,
     critical: sled::Tree,
     telemetry: sled::Tree,
-    /// POD blobs awaiting a hub `BlobAck`: sha256 => bytes (counted in the quota).
-    blobs: sled::Tree,
+    /// POD blobs awaiting a hub `BlobAck`: sha256 => length; the bytes are files
+    /// ([`blobs`]).
+    blob_records: sled::Tree,
     /// Small documents: the assignment, POD idempotency keys, PODs per stop.
     docs: sled::Tree,
     epoch: u32,
     quota: u64,
-    /// Part of the quota only `Gap` events may use.
-    reserve: u64,
+    /// Events count this many times their bytes in the quota ([`SLED_SPACE_FACTOR`]).
+    space_factor: u64,
     state: Mutex<State>,
     commits: Commits,
 }
@@ -257,11 +277,13 @@ struct State {
     evicted: u64,
     /// Blobs awaiting upload.
     blobs: LaneStats,
+    /// Bytes of POD uploads in progress, reserved in the quota ([`BlobWriter`]).
+    inflight: u64,
 }
 
 impl State {
     fn used(&self) -> u64 {
-        self.critical.bytes + self.telemetry.bytes + self.blobs.bytes
+        self.critical.bytes + self.telemetry.bytes + self.blobs.bytes + self.inflight
     }
 
     fn lane_mut(&mut self, lane: Lane) -> &mut LaneStats {
@@ -427,15 +449,15 @@ impl Store {
         let meta = db.open_tree("meta")?;
         let critical = db.open_tree("critical")?;
         let telemetry = db.open_tree("telemetry")?;
-        let blobs = db.open_tree("blobs")?;
+        let blob_records = db.open_tree("pod_blobs")?;
         let docs = db.open_tree("docs")?;
 
         let mut state = State::default();
-        for item in blobs.iter() {
-            let (k, v) = item?;
-            state.blobs.events += 1;
-            state.blobs.bytes += (k.len() + v.len()) as u64;
-        }
+        let (count, bytes) = blobs::open(&cfg.path, &db, &blob_records)?;
+        state.blobs = LaneStats {
+            events: count,
+            bytes,
+        };
         let mut max_epoch = match meta.get(b"epoch")? {
             None => 0,
             Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| {
@@ -482,11 +504,11 @@ impl Store {
             db,
             critical,
             telemetry,
-            blobs,
+            blob_records,
             docs,
             epoch,
             quota: cfg.quota_bytes,
-            reserve: gap_reserve(cfg.quota_bytes),
+            space_factor: cfg.space_factor.max(1),
             state: Mutex::new(state),
             commits: Commits::new(),
         });
@@ -706,7 +728,7 @@ impl Core {
         let value = postcard::to_stdvec(&ev)?;
         let n = (KEY_LEN + value.len()) as u64;
         let mut st = self.state()?;
-        match self.plan_room(&st, n)? {
+        match self.plan_room(&st, n, 0)? {
             None => {
                 let seq = st.alloc_seq()?;
                 self.tree(lane).insert(self.key(seq), value)?;
@@ -773,18 +795,58 @@ impl Core {
         }
     }
 
+    /// Makes room for `n` more bytes that are not an event (an upload's reservation):
+    /// thins telemetry with its `Gap` events as an append would, in one transaction.
+    fn make_room(&self, st: &mut State, n: u64) -> Result<(), StoreError> {
+        let Some(plan) = self.plan_room(st, 0, n)? else {
+            return Ok(());
+        };
+        let mut gap_kvs = Vec::with_capacity(plan.gaps.len());
+        for g in &plan.gaps {
+            gap_kvs.push((self.key(st.alloc_seq()?), g.as_slice()));
+        }
+        (&self.critical, &self.telemetry)
+            .transaction(|(crit, tele)| {
+                for (k, v) in &gap_kvs {
+                    crit.insert(k, *v)?;
+                }
+                for k in &plan.victims {
+                    tele.remove(k)?;
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(map_tx)?;
+        let evicted = plan.victims.len() as u64;
+        st.telemetry.events -= evicted;
+        st.telemetry.bytes -= plan.freed;
+        st.critical.events += gap_kvs.len() as u64;
+        st.critical.bytes += plan.gap_bytes;
+        st.evicted += evicted;
+        st.gaps_declared += gap_kvs.len() as u64;
+        self.commits.register();
+        Ok(())
+    }
+
     /// Decides what, if anything, to evict so an event of `n` stored bytes fits.
-    fn plan_room(&self, st: &State, n: u64) -> Result<Option<Eviction>, StoreError> {
-        let used = st.used();
-        let limit = self.quota - self.reserve;
+    /// `files` more bytes of files (blobs, uploads) may come with it; files count as they
+    /// are, events at [`StoreConfig::space_factor`] times their bytes.
+    fn plan_room(&self, st: &State, n: u64, files: u64) -> Result<Option<Eviction>, StoreError> {
+        let file_bytes = st.blobs.bytes + st.inflight + files;
+        // What events may hold, and the part of it only `Gap` events may use.
+        let cap = self.quota.saturating_sub(file_bytes) / self.space_factor;
+        let limit = cap - gap_reserve(cap);
+        let used = st.critical.bytes + st.telemetry.bytes;
+        let full = || StoreError::QuotaFull {
+            used: st.used(),
+            quota: self.quota,
+            needed: n * self.space_factor + files,
+        };
+        if file_bytes > self.quota {
+            return Err(full());
+        }
         if used + n <= limit {
             return Ok(None);
         }
-        let full = || StoreError::QuotaFull {
-            used,
-            quota: self.quota,
-            needed: n,
-        };
         let need = used + n - limit;
         // Only thin if it can work: all telemetry must be able to make room.
         if st.telemetry.bytes < need {
@@ -801,7 +863,7 @@ impl Core {
             gaps.add(Lane::Telemetry, id, GapReason::Quota);
             victims.push(k);
             let gap_est = gaps.gaps.len() as u64 * GAP_EVENT_MAX;
-            if freed >= want && used - freed + n + gap_est <= self.quota {
+            if freed >= want && used - freed + n + gap_est <= cap {
                 break;
             }
         }
@@ -810,7 +872,7 @@ impl Core {
             .iter()
             .map(|g| (KEY_LEN + g.len()) as u64)
             .sum::<u64>();
-        if freed < need || used - freed + n + gap_bytes > self.quota {
+        if freed < need || used - freed + n + gap_bytes > cap {
             return Err(full());
         }
         Ok(Some(Eviction {

@@ -234,9 +234,11 @@ struct Sender {
     blob: Option<BlobUpload>,
 }
 
+/// A blob being uploaded: read from its file one chunk at a time, never whole.
 struct BlobUpload {
     sha256: Sha256,
-    bytes: Vec<u8>,
+    file: std::fs::File,
+    total: usize,
     next: usize,
     finished: Option<Instant>,
 }
@@ -492,28 +494,45 @@ impl Sender {
             let Some((sha, _)) = pending.first() else {
                 return;
             };
-            let Ok(Some(bytes)) = self.store.blob(sha) else {
+            let (file, len) = match self.store.open_blob(sha) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %e, sha256 = %hex::encode(sha), "cannot read a POD blob");
+                    return;
+                }
+            };
+            let Ok(total) = usize::try_from(len) else {
                 return;
             };
             self.blob = Some(BlobUpload {
                 sha256: *sha,
-                bytes,
+                file,
+                total,
                 next: 0,
                 finished: None,
             });
         }
         let Some(u) = self.blob.as_mut() else { return };
-        let total = u.bytes.len();
+        let total = u.total;
+        let mut buf = vec![0u8; MAX_CHUNK_BYTES];
         for _ in 0..CHUNKS_PER_ROUND {
             if u.finished.is_some() {
                 return;
             }
             let end = (u.next + MAX_CHUNK_BYTES).min(total);
+            let part = &mut buf[..end - u.next];
+            if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(&u.file, part, u.next as u64)
+            {
+                warn!(error = %e, sha256 = %hex::encode(u.sha256), "cannot read a POD blob");
+                self.blob = None;
+                return;
+            }
             let chunk = BlobChunk {
                 sha256: u.sha256,
                 offset: u.next as u32,
                 total_len: total as u32,
-                data: BoundedVec::try_from_slice(&u.bytes[u.next..end]).unwrap_or_default(),
+                data: BoundedVec::try_from_slice(part).unwrap_or_default(),
             };
             let Ok(frame) = frame::encode(&Uplink::BlobChunk(chunk)) else {
                 return;
