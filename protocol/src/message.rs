@@ -330,7 +330,9 @@ pub struct AssignmentAck {
     pub version: u32,
 }
 
-/// A chunk of a content-addressed blob.
+/// A chunk of a content-addressed blob. A blob travels in chunks of [`MAX_CHUNK_BYTES`]
+/// at offsets that are multiples of it, the last one shorter if the blob ends there; the
+/// hub refuses other chunks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobChunk {
     /// sha256 of the whole blob.

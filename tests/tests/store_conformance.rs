@@ -522,9 +522,9 @@ async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
 
     // Corrupt bytes: the digest does not match, nothing is stored, and a clean upload of
     // the same blob afterwards completes.
-    let sig: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let sig: Vec<u8> = (0..30_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let sha2_: [u8; 32] = sha2::Sha256::digest(&sig).into();
-    let mut bad = chunks(&sig, sha2_, 4096);
+    let mut bad = chunks(&sig, sha2_, 16 * 1024);
     let mut flipped = bad[0].data.to_vec();
     flipped[10] ^= 0xff;
     bad[0].data = BoundedVec::try_from_slice(&flipped).unwrap();
@@ -537,7 +537,7 @@ async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
         ChunkOutcome::DigestMismatch
     );
     assert!(store.blob(&sha2_).await.unwrap().is_none());
-    for c in chunks(&sig, sha2_, 4096) {
+    for c in chunks(&sig, sha2_, 16 * 1024) {
         put(&store, c).await;
     }
     assert_eq!(store.blob(&sha2_).await.unwrap().unwrap(), sig);
@@ -563,6 +563,20 @@ async fn blob_assembly_and_corrupt_chunks(store: Store, _f: Fresh) {
         put(&store, too_big).await,
         ChunkOutcome::Invalid(_)
     ));
+    // Chunks that would overlap others (misaligned, or short but not the last) are
+    // refused, so one upload never holds more than its blob.
+    for (offset, len) in [(1u32, 16 * 1024), (16 * 1024, 100)] {
+        let c = BlobChunk {
+            sha256: [7; 32],
+            offset,
+            total_len: 100_000,
+            data: BoundedVec::try_from_slice(&vec![0; len]).unwrap(),
+        };
+        assert!(
+            matches!(put(&store, c).await, ChunkOutcome::Invalid(_)),
+            "offset {offset}, {len} bytes"
+        );
+    }
 }
 
 async fn quarantine_is_bounded(store: Store, _f: Fresh) {

@@ -37,6 +37,7 @@ pub mod sled;
 
 use std::path::PathBuf;
 
+use fleetsync_protocol::limits::MAX_CHUNK_BYTES;
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Event, Health, Sha256};
 use serde::{Deserialize, Serialize};
 
@@ -375,7 +376,9 @@ pub enum Outcome {
 pub type EventRows = Vec<(u32, u64, StoredEvent)>;
 
 /// Checks a chunk against the blob it claims to belong to; `Some(why)` if it cannot be
-/// part of any valid blob. Both backends refuse the same chunks.
+/// part of any valid blob. Both backends refuse the same chunks. Chunks are
+/// [`MAX_CHUNK_BYTES`] long at multiples of it (the last may be shorter), as the agent
+/// sends them: so an upload's parts never overlap and never hold more than the blob.
 pub fn chunk_invalid(chunk: &BlobChunk) -> Option<String> {
     let end = u64::from(chunk.offset) + chunk.data.len() as u64;
     if chunk.total_len > MAX_BLOB_BYTES {
@@ -383,6 +386,18 @@ pub fn chunk_invalid(chunk: &BlobChunk) -> Option<String> {
     }
     if end > u64::from(chunk.total_len) || (chunk.data.is_empty() && chunk.total_len > 0) {
         return Some("chunk past the blob's end".into());
+    }
+    if !(chunk.offset as usize).is_multiple_of(MAX_CHUNK_BYTES) {
+        return Some(format!(
+            "chunk at offset {}, not a multiple of {MAX_CHUNK_BYTES}",
+            chunk.offset
+        ));
+    }
+    if chunk.data.len() != MAX_CHUNK_BYTES && end != u64::from(chunk.total_len) {
+        return Some(format!(
+            "chunk of {} bytes that is not the blob's last; chunks are {MAX_CHUNK_BYTES} bytes",
+            chunk.data.len()
+        ));
     }
     None
 }

@@ -30,8 +30,11 @@
 //! them, so they belong in the one store all processes share, in the same transaction as
 //! the round that completes them. A per-device advisory lock (taken in device order,
 //! before any row lock of the round's later statements) makes the device's upload budget
-//! and the "last chunk completes the blob" check exact across processes; two devices
-//! completing the same blob both insert it, `ON CONFLICT DO NOTHING`.
+//! and the "last chunk completes the blob" check exact across processes; the sweep of
+//! idle uploads takes the same lock. Two devices completing the same blob both insert it
+//! (`ON CONFLICT DO NOTHING`); when their rounds also hold each other's device locks
+//! the second insert's wait can close a cycle, which PostgreSQL reports as a deadlock
+//! and the round is retried.
 //!
 //! Sequence numbers above `i64::MAX` (no agent counts that far) cannot be stored and are
 //! counted as conflicts.
@@ -516,14 +519,37 @@ impl PgStore {
         row.map(|r| credential_row(&r)).transpose()
     }
 
-    /// See [`super::Store::sweep_partial_blobs`].
+    /// See [`super::Store::sweep_partial_blobs`]. Device by device, each under the
+    /// device's upload lock (as its chunks are), so a sweep never removes an upload
+    /// between a round's reading of it and its writing.
     pub async fn sweep_partial_blobs(&self, now_ms: u64) -> Result<SweepReport, StoreError> {
         let cutoff = to_i64(now_ms.saturating_sub(self.partial_limits.ttl_ms)).unwrap_or(i64::MAX);
-        let client = self.client().await?;
-        let expired = client
-            .execute("DELETE FROM blob_uploads WHERE updated_ms < $1", &[&cutoff])
+        let mut client = self.client().await?;
+        let devices: Vec<String> = client
+            .query(
+                "SELECT DISTINCT device FROM blob_uploads WHERE updated_ms < $1 ORDER BY device",
+                &[&cutoff],
+            )
             .await
-            .map_err(|e| self.pg(e))?;
+            .map_err(|e| self.pg(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut expired = 0;
+        for d in devices {
+            let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&uploads_lock(&d)])
+                .await
+                .map_err(|e| self.pg(e))?;
+            expired += tx
+                .execute(
+                    "DELETE FROM blob_uploads WHERE device = $1 AND updated_ms < $2",
+                    &[&d, &cutoff],
+                )
+                .await
+                .map_err(|e| self.pg(e))?;
+            tx.commit().await.map_err(|e| self.pg(e))?;
+        }
         let row = client
             .query_one(
                 "SELECT count(*), coalesce(sum(stored), 0)::int8 FROM blob_uploads",
