@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod pki;
 pub mod presence;
+pub mod shipments;
 pub mod store;
 pub mod tls;
 
@@ -213,6 +214,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         addr: cfg.http.listen,
         source,
     })?;
+    let shipments = shipments::service::Shipments::new(
+        store.clone(),
+        dispatch.clone(),
+        shipments::Mappings::default(),
+    );
+    // A crash between a shipment write and its dispatch left a stale assignment.
+    if let Err(e) = shipments.reconcile(ingest::now_ms()).await {
+        tracing::warn!(error = ?e, "could not bring every vehicle's assignment in line with its shipments at start");
+    }
     let app = api::app(api::AppState {
         store: store.clone(),
         registry,
@@ -220,6 +230,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         operator_token: cfg.auth.operator_token.as_str().into(),
         ready,
         dispatch,
+        shipments,
     });
     tasks.push(tokio::spawn(api::serve::serve(
         http,

@@ -205,6 +205,35 @@ impl Http {
             .await
     }
 
+    /// `PUT path` with a JSON body; the status and the JSON answer (null if none).
+    pub async fn put_json(&self, path: &str, body: &Value) -> (reqwest::StatusCode, Value) {
+        let r = self
+            .client
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST path` with a JSON body; the status and the JSON answer (null if none).
+    pub async fn post(&self, path: &str, body: &Value) -> (reqwest::StatusCode, Value) {
+        let r = self.post_json(path, body).await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The same client with another bearer token.
+    pub fn with_token(&self, token: &str) -> Http {
+        Http {
+            token: token.to_string(),
+            ..self.clone()
+        }
+    }
+
     /// `PUT /v1/ops/devices/{device}/assignment`; returns the status.
     pub async fn put_assignment(&self, device: &str, body: &Value) -> reqwest::StatusCode {
         let r = self

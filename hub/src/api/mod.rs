@@ -9,6 +9,7 @@
 //! and what was expected; 5xx is logged and answered with a generic message.
 
 pub mod credentials;
+pub mod erp;
 pub mod serve;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use fleetsync_protocol::json::{AssignmentJson, EventJson, Time, parse_sha256, sha256_hex};
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Assignments to devices.
     pub dispatch: Dispatch,
+    /// Shipment use cases.
+    pub shipments: crate::shipments::service::Shipments,
 }
 
 /// An API error.
@@ -240,6 +243,10 @@ async fn require_operator(State(st): State<AppState>, req: Request, next: Next) 
     require(st, Role::Operator, req, next).await
 }
 
+async fn require_erp(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    require(st, Role::Erp, req, next).await
+}
+
 /// The router.
 pub fn app(state: AppState) -> Router {
     let ops = Router::new()
@@ -257,12 +264,26 @@ pub fn app(state: AppState) -> Router {
             get(credentials::list).post(credentials::create),
         )
         .route("/credentials/{id}", delete(credentials::revoke))
+        .route("/shipments", get(erp::list))
+        .route("/shipments/{id}", get(erp::get_shipment))
+        .route("/shipments/{id}/assign", post(erp::assign))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,
         ));
+    let erp = Router::new()
+        .route("/shipments", get(erp::list))
+        .route(
+            "/shipments/{id}",
+            get(erp::get_shipment).put(erp::put_shipment),
+        )
+        .route("/shipments/{id}/cancel", post(erp::cancel))
+        .route("/shipments/{id}/close", post(erp::close))
+        .route("/mappings", get(erp::mappings))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_erp));
     Router::new()
         .nest("/v1/ops", ops)
+        .nest("/v1/erp", erp)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

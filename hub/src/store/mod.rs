@@ -38,11 +38,12 @@ pub mod sled;
 use std::path::PathBuf;
 
 use fleetsync_protocol::limits::MAX_CHUNK_BYTES;
-use fleetsync_protocol::{Assignment, Batch, BlobChunk, Event, Health, Sha256};
+use fleetsync_protocol::{Assignment, Batch, BlobChunk, Event, Fence, Health, Sha256};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Credential;
 use crate::config::StoreConfig;
+use crate::shipments::{Fact, ShipmentRecord, State};
 
 /// Largest blob the hub assembles.
 pub const MAX_BLOB_BYTES: u32 = 32 * 1024 * 1024;
@@ -74,6 +75,9 @@ pub enum StoreError {
     /// A stored row did not decode.
     #[error("corrupt row: {0}")]
     Codec(#[from] postcard::Error),
+    /// A stored JSON record does not decode.
+    #[error("stored record does not decode: {0}")]
+    Json(#[from] serde_json::Error),
     /// PostgreSQL answered with an error or the connection failed.
     #[error("postgres: {0}")]
     Postgres(String),
@@ -430,6 +434,51 @@ pub(crate) fn assemble<B: AsRef<[u8]>>(parts: &[(u64, B)], total_len: u32) -> Op
     Some(blob)
 }
 
+/// What a shipment write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutShipment {
+    /// Written with its facts and locations.
+    Written,
+    /// Another write came first (the stored rev is not the expected one); nothing written.
+    Stale,
+    /// A stop id is already the ERP location of another fence; nothing written.
+    LocationConflict {
+        /// The stop id.
+        stop_id: String,
+    },
+}
+
+/// A page of shipments: filters, cursor and size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShipmentQuery {
+    /// Only in this state.
+    pub state: Option<State>,
+    /// Only written after this time (ms).
+    pub updated_after: Option<u64>,
+    /// Only of this customer.
+    pub customer_id: Option<String>,
+    /// After this `(updated_ms, id)` (the previous page's last).
+    pub after: Option<(u64, String)>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl ShipmentQuery {
+    /// Whether `r` passes the filters and comes after the cursor.
+    pub fn admits(&self, r: &ShipmentRecord) -> bool {
+        self.state.is_none_or(|s| r.state == s)
+            && self.updated_after.is_none_or(|t| r.updated_ms > t)
+            && self
+                .customer_id
+                .as_deref()
+                .is_none_or(|c| r.spec.customer_id == c)
+            && self
+                .after
+                .as_ref()
+                .is_none_or(|(t, id)| (r.updated_ms, r.id.as_str()) > (*t, id.as_str()))
+    }
+}
+
 /// The hub's store.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -597,6 +646,45 @@ impl Store {
     /// Removes a credential (its token stops working at once); what was removed.
     pub async fn delete_credential(&self, id: &str) -> Result<Option<Credential>, StoreError> {
         both!(self, s => s.delete_credential(id).await)
+    }
+
+    /// Writes a shipment record (if the stored one still has `expected_rev`; `None`: if
+    /// there is none), its new facts (a fact id already there is kept as it is) and the
+    /// ERP location ids its stops name (refused if one names another fence), as one.
+    pub async fn put_shipment(
+        &self,
+        rec: &ShipmentRecord,
+        expected_rev: Option<u64>,
+        facts: &[Fact],
+        locations: &[(String, Fence)],
+    ) -> Result<PutShipment, StoreError> {
+        both!(self, s => s.put_shipment(rec, expected_rev, facts, locations).await)
+    }
+
+    /// A shipment and its facts.
+    pub async fn shipment(
+        &self,
+        id: &str,
+    ) -> Result<Option<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        both!(self, s => s.shipment(id).await)
+    }
+
+    /// Shipments by `(updated_ms, id)`, filtered.
+    pub async fn shipments(&self, q: &ShipmentQuery) -> Result<Vec<ShipmentRecord>, StoreError> {
+        both!(self, s => s.shipments(q).await)
+    }
+
+    /// The shipments on `vehicle` that are not finished, with their facts.
+    pub async fn vehicle_shipments(
+        &self,
+        vehicle: &str,
+    ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        both!(self, s => s.vehicle_shipments(vehicle).await)
+    }
+
+    /// Vehicles that have (or had) shipments.
+    pub async fn shipment_vehicles(&self) -> Result<Vec<String>, StoreError> {
+        both!(self, s => s.shipment_vehicles().await)
     }
 
     /// Whether the store answers now (readiness).

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_blob_uploads.sql")),
     (3, include_str!("migrations/0003_credentials.sql")),
+    (4, include_str!("migrations/0004_shipments.sql")),
 ];
 
 /// The schema version this hub writes.

@@ -9,6 +9,9 @@
 //! quarantine  id bigserial, device, topic, recorded_ms, error, raw
 //! assignments device PRIMARY KEY, record = postcard(AssignmentRecord)
 //! credentials id PRIMARY KEY, role, name, customer_id, token_sha256 UNIQUE, created_ms
+//! shipments   id PRIMARY KEY, rev, customer_id, vehicle, state, finished, updated_ms, record (JSON)
+//! shipment_facts (shipment_id, fact_id) PRIMARY KEY, fact (JSON)
+//! locations   id PRIMARY KEY, fence (JSON)   the ERP's location ids
 //! fleetsync_schema  version: the migrations applied (migrations/NNNN_*.sql)
 //! ```
 //!
@@ -56,12 +59,14 @@ pub use migrations::SCHEMA_VERSION;
 
 use super::{
     AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
-    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, PartialBlobLimits, QUARANTINE_HEAD,
-    QuarantineEntry, StoreError, StoredEvent, SweepReport, UploadRecord, assemble, chunk_invalid,
-    uploads_to_evict,
+    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, PartialBlobLimits, PutShipment,
+    QUARANTINE_HEAD, QuarantineEntry, ShipmentQuery, StoreError, StoredEvent, SweepReport,
+    UploadRecord, assemble, chunk_invalid, uploads_to_evict,
 };
 use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
+use crate::shipments::{Fact, ShipmentRecord};
+use fleetsync_protocol::Fence;
 
 /// Times a round is retried after a deadlock or serialization failure.
 const MAX_RETRIES: usize = 5;
@@ -517,6 +522,193 @@ impl PgStore {
             .await
             .map_err(|e| self.pg(e))?;
         row.map(|r| credential_row(&r)).transpose()
+    }
+
+    /// See [`super::Store::put_shipment`]: one transaction, the record's row locked (or
+    /// its absence asserted by the insert) before anything is written.
+    pub async fn put_shipment(
+        &self,
+        rec: &ShipmentRecord,
+        expected_rev: Option<u64>,
+        facts: &[Fact],
+        locations: &[(String, Fence)],
+    ) -> Result<PutShipment, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        let json = serde_json::to_string(rec)?;
+        let rev = to_i64(rec.rev).unwrap_or(i64::MAX);
+        let updated = to_i64(rec.updated_ms).unwrap_or(i64::MAX);
+        let (state, finished) = (rec.state.as_str(), rec.state.is_finished());
+        match expected_rev {
+            None => {
+                let n = tx
+                    .execute(
+                        "INSERT INTO shipments (id, rev, customer_id, vehicle, state, finished, updated_ms, record) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                        &[&rec.id, &rev, &rec.spec.customer_id, &rec.vehicle, &state, &finished, &updated, &json],
+                    )
+                    .await
+                    .map_err(|e| self.pg(e))?;
+                if n == 0 {
+                    return Ok(PutShipment::Stale);
+                }
+            }
+            Some(expected) => {
+                let n = tx
+                    .execute(
+                        "UPDATE shipments SET rev = $2, customer_id = $3, vehicle = $4, state = $5, \
+                         finished = $6, updated_ms = $7, record = $8 WHERE id = $1 AND rev = $9",
+                        &[
+                            &rec.id,
+                            &rev,
+                            &rec.spec.customer_id,
+                            &rec.vehicle,
+                            &state,
+                            &finished,
+                            &updated,
+                            &json,
+                            &to_i64(expected).unwrap_or(i64::MAX),
+                        ],
+                    )
+                    .await
+                    .map_err(|e| self.pg(e))?;
+                if n == 0 {
+                    return Ok(PutShipment::Stale);
+                }
+            }
+        }
+        let mut sorted: Vec<&(String, Fence)> = locations.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, fence) in sorted {
+            let text = serde_json::to_string(fence)?;
+            tx.execute(
+                "INSERT INTO locations (id, fence) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[id, &text],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+            let row = tx
+                .query_one("SELECT fence FROM locations WHERE id = $1", &[id])
+                .await
+                .map_err(|e| self.pg(e))?;
+            let known: Fence = serde_json::from_str(row.get::<_, &str>(0))?;
+            if known != *fence {
+                // Dropping the transaction rolls the record back too.
+                return Ok(PutShipment::LocationConflict {
+                    stop_id: id.clone(),
+                });
+            }
+        }
+        for f in facts {
+            tx.execute(
+                "INSERT INTO shipment_facts (shipment_id, fact_id, fact) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&rec.id, &f.id, &serde_json::to_string(f)?],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        }
+        tx.commit().await.map_err(|e| self.pg(e))?;
+        Ok(PutShipment::Written)
+    }
+
+    /// See [`super::Store::shipment`].
+    pub async fn shipment(
+        &self,
+        id: &str,
+    ) -> Result<Option<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        let client = self.client().await?;
+        let Some(row) = client
+            .query_opt("SELECT record FROM shipments WHERE id = $1", &[&id])
+            .await
+            .map_err(|e| self.pg(e))?
+        else {
+            return Ok(None);
+        };
+        let rec: ShipmentRecord = serde_json::from_str(row.get::<_, &str>(0))?;
+        let facts = client
+            .query(
+                "SELECT fact FROM shipment_facts WHERE shipment_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.pg(e))?
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
+            .collect::<Result<Vec<Fact>, _>>()?;
+        Ok(Some((rec, facts)))
+    }
+
+    /// See [`super::Store::shipments`].
+    pub async fn shipments(&self, q: &ShipmentQuery) -> Result<Vec<ShipmentRecord>, StoreError> {
+        let client = self.client().await?;
+        let (after_ms, after_id) = match &q.after {
+            Some((t, id)) => (to_i64(*t).unwrap_or(i64::MAX), id.clone()),
+            None => (-1, String::new()),
+        };
+        let rows = client
+            .query(
+                "SELECT record FROM shipments \
+                 WHERE ($1::text IS NULL OR state = $1) \
+                   AND ($2::int8 IS NULL OR updated_ms > $2) \
+                   AND ($3::text IS NULL OR customer_id = $3) \
+                   AND (updated_ms, id) > ($4, $5) \
+                 ORDER BY updated_ms, id LIMIT $6",
+                &[
+                    &q.state.map(|s| s.as_str()),
+                    &q.updated_after.and_then(to_i64),
+                    &q.customer_id,
+                    &after_ms,
+                    &after_id,
+                    &(q.limit as i64),
+                ],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
+            .collect::<Result<Vec<ShipmentRecord>, _>>()?)
+    }
+
+    /// See [`super::Store::vehicle_shipments`].
+    pub async fn vehicle_shipments(
+        &self,
+        vehicle: &str,
+    ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        let client = self.client().await?;
+        let ids: Vec<String> = client
+            .query(
+                "SELECT id FROM shipments WHERE vehicle = $1 AND NOT finished ORDER BY id",
+                &[&vehicle],
+            )
+            .await
+            .map_err(|e| self.pg(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(client);
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(s) = self.shipment(&id).await? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// See [`super::Store::shipment_vehicles`].
+    pub async fn shipment_vehicles(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT DISTINCT vehicle FROM shipments WHERE vehicle IS NOT NULL ORDER BY vehicle",
+                &[],
+            )
+            .await
+            .map_err(|e| self.pg(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     /// See [`super::Store::sweep_partial_blobs`]. Device by device, each under the

@@ -12,6 +12,10 @@
 //! tree quarantine_by_device: key device_id ++ 0x00 ++ id: u64 BE   val  empty
 //! tree assignments: key  device_id            val  postcard(AssignmentRecord)
 //! tree credentials:          key  id                val  postcard(Credential)
+//! tree shipments:            key  shipment id       val  JSON(ShipmentRecord)
+//! tree shipment_facts:       key  shipment id ++ 0x00 ++ fact id   val  JSON(Fact)
+//! tree shipments_by_vehicle: key  vehicle ++ 0x00 ++ shipment id   val  empty
+//! tree locations:            key  ERP location (stop) id           val  JSON(Fence)
 //! tree credentials_by_token: key  sha256(token)     val  id
 //! ```
 //!
@@ -49,13 +53,15 @@ use std::sync::{Arc, Mutex};
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
 
 use crate::auth::Credential;
+use crate::shipments::{Fact, ShipmentRecord};
+use fleetsync_protocol::Fence;
 use sha2::Digest as _;
 
 use super::{
     AssignmentRecord, ChunkOutcome, DeviceRecord, EventRows, Ingested, Item, MAX_QUARANTINE,
-    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, PartialBlobLimits, QuarantineEntry,
-    Quarantined, StoreError, StoredEvent, SweepReport, UploadRecord, assemble, chunk_invalid,
-    uploads_to_evict,
+    MAX_QUARANTINE_PER_DEVICE, MAX_QUARANTINE_RAW, Outcome, PartialBlobLimits, PutShipment,
+    QuarantineEntry, Quarantined, ShipmentQuery, StoreError, StoredEvent, SweepReport,
+    UploadRecord, assemble, chunk_invalid, uploads_to_evict,
 };
 
 /// The hub's sled store.
@@ -74,6 +80,10 @@ pub struct SledStore {
     assignments: ::sled::Tree,
     credentials: ::sled::Tree,
     credentials_by_token: ::sled::Tree,
+    shipments: ::sled::Tree,
+    shipment_facts: ::sled::Tree,
+    shipments_by_vehicle: ::sled::Tree,
+    locations: ::sled::Tree,
     quarantined_count: Arc<AtomicUsize>,
     /// What the last `make_durable` synced; held for a whole write call, so one call
     /// writes and syncs at a time (the order the module note relies on).
@@ -112,6 +122,26 @@ fn upload_key(device: &str, sha256: &Sha256) -> Vec<u8> {
 
 fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
     Ok(postcard::from_bytes(v)?)
+}
+
+/// Key of a pair of ids (`a ++ 0x00 ++ b`).
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+/// The JSON value under `key` in `tree`, if any.
+fn json_get<T: serde::de::DeserializeOwned>(
+    tree: &::sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    match tree.get(key)? {
+        Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+        None => Ok(None),
+    }
 }
 
 /// Drops the tree of ownerless parts an older hub kept (`sha256 ++ offset` keys).
@@ -168,6 +198,10 @@ impl SledStore {
             assignments: db.open_tree("assignments")?,
             credentials: db.open_tree("credentials")?,
             credentials_by_token: db.open_tree("credentials_by_token")?,
+            shipments: db.open_tree("shipments")?,
+            shipment_facts: db.open_tree("shipment_facts")?,
+            shipments_by_vehicle: db.open_tree("shipments_by_vehicle")?,
+            locations: db.open_tree("locations")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
             failed: Arc::new(AtomicBool::new(false)),
@@ -572,6 +606,145 @@ impl SledStore {
             s.credentials_by_token.remove(c.token_sha256)?;
             s.credentials.remove(id.as_bytes())?;
             Ok(Some(c))
+        })
+        .await
+    }
+
+    /// See [`super::Store::put_shipment`]. Checks first, then facts, the vehicle index
+    /// and the location ids (each idempotent), and the record last: the record is the
+    /// commit marker, and a crash before it leaves only what the retried call writes again.
+    pub async fn put_shipment(
+        &self,
+        rec: &ShipmentRecord,
+        expected_rev: Option<u64>,
+        facts: &[Fact],
+        locations: &[(String, Fence)],
+    ) -> Result<PutShipment, StoreError> {
+        let (rec, facts, locations) = (rec.clone(), facts.to_vec(), locations.to_vec());
+        self.write(move |s| {
+            let old: Option<ShipmentRecord> = json_get(&s.shipments, rec.id.as_bytes())?;
+            if old.as_ref().map(|o| o.rev) != expected_rev {
+                return Ok(PutShipment::Stale);
+            }
+            for (id, fence) in &locations {
+                if let Some(known) = json_get::<Fence>(&s.locations, id.as_bytes())?
+                    && known != *fence
+                {
+                    return Ok(PutShipment::LocationConflict {
+                        stop_id: id.clone(),
+                    });
+                }
+            }
+            for (id, fence) in &locations {
+                s.locations
+                    .insert(id.as_bytes(), serde_json::to_vec(fence)?)?;
+            }
+            for f in &facts {
+                let key = pair_key(&rec.id, &f.id);
+                if !s.shipment_facts.contains_key(&key)? {
+                    s.shipment_facts.insert(key, serde_json::to_vec(f)?)?;
+                }
+            }
+            if let Some(v) = &rec.vehicle {
+                s.shipments_by_vehicle.insert(pair_key(v, &rec.id), &[])?;
+            }
+            if let Some(o) = &old
+                && let Some(v) = &o.vehicle
+                && rec.vehicle.as_ref() != Some(v)
+            {
+                s.shipments_by_vehicle.remove(pair_key(v, &rec.id))?;
+            }
+            s.shipments
+                .insert(rec.id.as_bytes(), serde_json::to_vec(&rec)?)?;
+            Ok(PutShipment::Written)
+        })
+        .await
+    }
+
+    fn shipment_blocking(
+        &self,
+        id: &str,
+    ) -> Result<Option<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        let Some(rec) = json_get::<ShipmentRecord>(&self.shipments, id.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut prefix = id.as_bytes().to_vec();
+        prefix.push(0);
+        let facts = self
+            .shipment_facts
+            .scan_prefix(&prefix)
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect::<Result<Vec<Fact>, StoreError>>()?;
+        Ok(Some((rec, facts)))
+    }
+
+    /// See [`super::Store::shipment`].
+    pub async fn shipment(
+        &self,
+        id: &str,
+    ) -> Result<Option<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        let id = id.to_string();
+        self.blocking(move |s| s.shipment_blocking(&id)).await
+    }
+
+    /// See [`super::Store::shipments`]: a scan of every record (the embedded store
+    /// serves one depot's shipments; PostgreSQL pages by index).
+    pub async fn shipments(&self, q: &ShipmentQuery) -> Result<Vec<ShipmentRecord>, StoreError> {
+        let q = q.clone();
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            for v in s.shipments.iter().values() {
+                let r: ShipmentRecord = serde_json::from_slice(&v?)?;
+                if q.admits(&r) {
+                    out.push(r);
+                }
+            }
+            out.sort_by(|a, b| (a.updated_ms, &a.id).cmp(&(b.updated_ms, &b.id)));
+            out.truncate(q.limit);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::vehicle_shipments`].
+    pub async fn vehicle_shipments(
+        &self,
+        vehicle: &str,
+    ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        let vehicle = vehicle.to_string();
+        self.blocking(move |s| {
+            let mut prefix = vehicle.as_bytes().to_vec();
+            prefix.push(0);
+            let mut out = Vec::new();
+            for k in s.shipments_by_vehicle.scan_prefix(&prefix).keys() {
+                let k = k?;
+                let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some((r, f)) = s.shipment_blocking(&id)?
+                    && r.vehicle.as_deref() == Some(vehicle.as_str())
+                    && !r.state.is_finished()
+                {
+                    out.push((r, f));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::shipment_vehicles`].
+    pub async fn shipment_vehicles(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(|s| {
+            let mut out: Vec<String> = Vec::new();
+            for k in s.shipments_by_vehicle.iter().keys() {
+                let k = k?;
+                let v = k.split(|b| *b == 0).next().unwrap_or_default();
+                let v = String::from_utf8_lossy(v).into_owned();
+                if out.last() != Some(&v) {
+                    out.push(v);
+                }
+            }
+            Ok(out)
         })
         .await
     }

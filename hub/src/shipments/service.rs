@@ -1,0 +1,484 @@
+//! The shipment use cases over the store and dispatch: upsert, cancel, close, assign,
+//! and keeping each vehicle's assignment equal to its open shipments.
+//!
+//! Every write is a compare-and-swap on the record's `rev`, retried on a lost race with a
+//! fresh read, so two ERP calls (or two hubs) on one shipment never overwrite each other.
+//! After a write, the vehicles it touches are dispatched again: their assignment is
+//! rebuilt from the store and sent as a new version only if its stops changed. A crash
+//! between the two leaves a stale assignment that the next write for that vehicle, or
+//! [`Shipments::reconcile`] at start, repairs.
+
+use fleetsync_protocol::json::Time;
+
+use super::facts::{self, Classifier, Fact, FactType, Mappings, Source, State};
+use super::{
+    FieldError, Refusal, ShipmentRecord, ShipmentSpec, Upsert, build_assignment, plan_upsert,
+};
+use crate::dispatch::{AssignError, Dispatch};
+use crate::store::{PutShipment, Store, StoreError};
+
+/// Attempts of a compare-and-swap write before giving up.
+const CAS_ATTEMPTS: usize = 8;
+
+/// Why a shipment call failed.
+#[derive(Debug)]
+pub enum ShipmentError {
+    /// The request is wrong (400).
+    Invalid(FieldError),
+    /// It conflicts with what is stored (409).
+    Conflict(FieldError),
+    /// No such shipment (404).
+    NotFound,
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for ShipmentError {
+    fn from(e: StoreError) -> Self {
+        ShipmentError::Store(e)
+    }
+}
+
+impl From<Refusal> for ShipmentError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Invalid(e) => ShipmentError::Invalid(e),
+            Refusal::Conflict(e) => ShipmentError::Conflict(e),
+        }
+    }
+}
+
+fn field(f: &str, d: impl Into<String>) -> FieldError {
+    FieldError {
+        field: f.into(),
+        detail: d.into(),
+    }
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone)]
+pub struct Upserted {
+    /// The shipment as stored.
+    pub record: ShipmentRecord,
+    /// Made now.
+    pub created: bool,
+    /// Whether anything changed.
+    pub changed: bool,
+}
+
+/// The shipment use cases.
+#[derive(Debug, Clone)]
+pub struct Shipments {
+    store: Store,
+    dispatch: Dispatch,
+    mappings: Mappings,
+}
+
+impl Shipments {
+    /// Shipments over `store`, sending assignments through `dispatch`.
+    pub fn new(store: Store, dispatch: Dispatch, mappings: Mappings) -> Self {
+        Shipments {
+            store,
+            dispatch,
+            mappings,
+        }
+    }
+
+    /// The mapping tables in force.
+    pub fn mappings(&self) -> &Mappings {
+        &self.mappings
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn check_vehicle(&self, vehicle: &str) -> Result<(), ShipmentError> {
+        if self.store.device(vehicle).await?.is_none() {
+            return Err(ShipmentError::Invalid(field(
+                "vehicle",
+                format!(
+                    "no device {vehicle:?} has connected to this hub yet; check the id, or start its gateway first"
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// `PUT /v1/erp/shipments/{id}`.
+    pub async fn upsert(
+        &self,
+        id: &str,
+        spec: ShipmentSpec,
+        credential: &str,
+        now_ms: u64,
+    ) -> Result<Upserted, ShipmentError> {
+        if let Some(v) = &spec.vehicle {
+            spec.validate().map_err(ShipmentError::Invalid)?;
+            self.check_vehicle(v).await?;
+        }
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.store.shipment(id).await?;
+            let plan = plan_upsert(
+                id,
+                current.as_ref().map(|(r, f)| (r, f.as_slice())),
+                spec.clone(),
+                now_ms,
+            )?;
+            let (mut record, expected_rev, created) = match plan {
+                Upsert::Unchanged(record) => {
+                    return Ok(Upserted {
+                        record,
+                        created: false,
+                        changed: false,
+                    });
+                }
+                Upsert::Write {
+                    record,
+                    expected_rev,
+                    created,
+                } => (record, expected_rev, created),
+            };
+            let old_vehicle = current.as_ref().and_then(|(r, _)| r.vehicle.clone());
+            let facts = current.map(|(_, f)| f).unwrap_or_default();
+            record.state = facts::replay(&facts, &record.spec);
+            let locations: Vec<(String, fleetsync_protocol::Fence)> = record
+                .spec
+                .stops
+                .iter()
+                .map(|s| (s.id.clone(), s.fence()))
+                .collect();
+            match self
+                .store
+                .put_shipment(&record, expected_rev, &[], &locations)
+                .await?
+            {
+                PutShipment::Written => {}
+                PutShipment::Stale => continue,
+                PutShipment::LocationConflict { stop_id } => {
+                    let i = record
+                        .spec
+                        .stops
+                        .iter()
+                        .position(|s| s.id == stop_id)
+                        .unwrap_or(0);
+                    return Err(ShipmentError::Conflict(field(
+                        &format!("stops[{i}].id"),
+                        format!(
+                            "location {stop_id:?} is already known with another place (location, radius or polygon); the same ERP location id is the same place in every shipment"
+                        ),
+                    )));
+                }
+            }
+            let source = Source::Erp {
+                credential: credential.to_string(),
+                version: record.version,
+            };
+            self.redispatch(&record, old_vehicle.as_deref(), source, now_ms)
+                .await?;
+            let record = self
+                .store
+                .shipment(id)
+                .await?
+                .map(|(r, _)| r)
+                .unwrap_or(record);
+            return Ok(Upserted {
+                record,
+                created,
+                changed: true,
+            });
+        }
+        Err(ShipmentError::Conflict(field(
+            "body",
+            "the shipment is being changed by other calls at the same time; try again",
+        )))
+    }
+
+    /// Adds `fact` to shipment `id` if `allowed(state)`; `Ok(false)` if it was there.
+    async fn add_fact(
+        &self,
+        id: &str,
+        fact: Fact,
+        allowed: impl Fn(State) -> Result<(), FieldError>,
+        now_ms: u64,
+    ) -> Result<ShipmentRecord, ShipmentError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((cur, mut facts)) = self.store.shipment(id).await? else {
+                return Err(ShipmentError::NotFound);
+            };
+            if facts.iter().any(|f| f.id == fact.id) {
+                return Ok(cur);
+            }
+            allowed(cur.state).map_err(ShipmentError::Conflict)?;
+            facts.push(fact.clone());
+            let mut rec = cur.clone();
+            rec.rev += 1;
+            rec.updated_ms = now_ms;
+            rec.state = facts::replay(&facts, &rec.spec);
+            match self
+                .store
+                .put_shipment(&rec, Some(cur.rev), std::slice::from_ref(&fact), &[])
+                .await?
+            {
+                PutShipment::Written => return Ok(rec),
+                PutShipment::Stale => continue,
+                PutShipment::LocationConflict { .. } => {
+                    return Err(ShipmentError::Store(StoreError::Task(
+                        "a fact write named a location".into(),
+                    )));
+                }
+            }
+        }
+        Err(ShipmentError::Conflict(field(
+            "body",
+            "the shipment is being changed by other calls at the same time; try again",
+        )))
+    }
+
+    /// `POST /v1/erp/shipments/{id}/cancel`.
+    pub async fn cancel(
+        &self,
+        id: &str,
+        reason: String,
+        credential: &str,
+        now_ms: u64,
+    ) -> Result<ShipmentRecord, ShipmentError> {
+        let Some((cur, _)) = self.store.shipment(id).await? else {
+            return Err(ShipmentError::NotFound);
+        };
+        let fact = erp_fact(
+            "cancelled",
+            FactType::Cancelled,
+            &cur,
+            credential,
+            now_ms,
+            Some(reason),
+        );
+        let rec = self
+            .add_fact(
+                id,
+                fact,
+                |s| match s {
+                    State::Created | State::Planned | State::InTransit | State::AtDestination => Ok(()),
+                    s => Err(field("body", format!("the shipment is {}; only a shipment not yet delivered can be cancelled", s.as_str()))),
+                },
+                now_ms,
+            )
+            .await?;
+        self.redispatch(
+            &rec,
+            None,
+            Source::Erp {
+                credential: credential.into(),
+                version: rec.version,
+            },
+            now_ms,
+        )
+        .await?;
+        Ok(rec)
+    }
+
+    /// `POST /v1/erp/shipments/{id}/close`.
+    pub async fn close(
+        &self,
+        id: &str,
+        credential: &str,
+        now_ms: u64,
+    ) -> Result<ShipmentRecord, ShipmentError> {
+        let Some((cur, _)) = self.store.shipment(id).await? else {
+            return Err(ShipmentError::NotFound);
+        };
+        let fact = erp_fact("closed", FactType::Closed, &cur, credential, now_ms, None);
+        let rec = self.add_fact(id, fact, |_| Ok(()), now_ms).await?;
+        self.redispatch(
+            &rec,
+            None,
+            Source::Erp {
+                credential: credential.into(),
+                version: rec.version,
+            },
+            now_ms,
+        )
+        .await?;
+        Ok(rec)
+    }
+
+    /// `POST /v1/ops/shipments/{id}/assign`.
+    pub async fn assign(
+        &self,
+        id: &str,
+        vehicle: &str,
+        credential: &str,
+        now_ms: u64,
+    ) -> Result<ShipmentRecord, ShipmentError> {
+        fleetsync_protocol::topic::validate_device_id(vehicle)
+            .map_err(|e| ShipmentError::Invalid(field("vehicle", format!("{vehicle:?}: {e}"))))?;
+        self.check_vehicle(vehicle).await?;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((cur, facts)) = self.store.shipment(id).await? else {
+                return Err(ShipmentError::NotFound);
+            };
+            if cur.state.is_finished() {
+                return Err(ShipmentError::Conflict(field(
+                    "vehicle",
+                    format!(
+                        "the shipment is {}; it has no vehicle work left",
+                        cur.state.as_str()
+                    ),
+                )));
+            }
+            if cur.vehicle.as_deref() == Some(vehicle) {
+                return Ok(cur);
+            }
+            let mut rec = cur.clone();
+            rec.vehicle = Some(vehicle.to_string());
+            rec.rev += 1;
+            rec.updated_ms = now_ms;
+            rec.state = facts::replay(&facts, &rec.spec);
+            match self
+                .store
+                .put_shipment(&rec, Some(cur.rev), &[], &[])
+                .await?
+            {
+                PutShipment::Written => {
+                    self.redispatch(
+                        &rec,
+                        cur.vehicle.as_deref(),
+                        Source::Operator {
+                            credential: credential.into(),
+                        },
+                        now_ms,
+                    )
+                    .await?;
+                    return Ok(self
+                        .store
+                        .shipment(id)
+                        .await?
+                        .map(|(r, _)| r)
+                        .unwrap_or(rec));
+                }
+                PutShipment::Stale => continue,
+                PutShipment::LocationConflict { .. } => {
+                    return Err(ShipmentError::Store(StoreError::Task(
+                        "an assignment write named a location".into(),
+                    )));
+                }
+            }
+        }
+        Err(ShipmentError::Conflict(field(
+            "vehicle",
+            "the shipment is being changed by other calls at the same time; try again",
+        )))
+    }
+
+    /// Dispatches the shipment's vehicle and, if it moved, the one it left.
+    async fn redispatch(
+        &self,
+        rec: &ShipmentRecord,
+        old_vehicle: Option<&str>,
+        source: Source,
+        now_ms: u64,
+    ) -> Result<(), ShipmentError> {
+        if let Some(old) = old_vehicle
+            && rec.vehicle.as_deref() != Some(old)
+        {
+            self.dispatch_vehicle(old, &source, now_ms).await?;
+        }
+        if let Some(v) = &rec.vehicle {
+            self.dispatch_vehicle(v, &source, now_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `vehicle`'s assignment its open shipments' stops (a new version only if they
+    /// changed) and records DISPATCHED for each shipment newly on it.
+    pub async fn dispatch_vehicle(
+        &self,
+        vehicle: &str,
+        source: &Source,
+        now_ms: u64,
+    ) -> Result<(), ShipmentError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let open = self.store.vehicle_shipments(vehicle).await?;
+            let current = self.store.assignment(vehicle).await?;
+            let next_version = current.as_ref().map_or(1, |c| c.assignment.version + 1);
+            let built = build_assignment(&open, next_version)
+                .map_err(|e| ShipmentError::Conflict(field("stops", e)))?;
+            let same = current
+                .as_ref()
+                .is_some_and(|c| c.assignment.id == built.id && c.assignment.stops == built.stops)
+                || (current.is_none() && built.stops.is_empty());
+            if !same {
+                match self.dispatch.assign(vehicle, &built, now_ms).await {
+                    Ok(()) => {}
+                    Err(AssignError::Stale { .. }) => continue,
+                    Err(AssignError::Invalid(m)) => {
+                        return Err(ShipmentError::Conflict(field("stops", m)));
+                    }
+                    Err(AssignError::Store(e)) => return Err(e.into()),
+                }
+                tracing::info!(%vehicle, version = built.version, stops = built.stops.len(), "assignment rebuilt from shipments");
+            }
+            for (rec, facts) in &open {
+                let fid = format!("dispatched:{vehicle}");
+                if facts.iter().any(|f| f.id == fid) {
+                    continue;
+                }
+                let fact = Fact {
+                    id: fid,
+                    kind: FactType::Dispatched,
+                    classifier: Classifier::Actual,
+                    stop_id: None,
+                    event_time: Time(now_ms),
+                    recorded_time: Time(now_ms),
+                    source: source.clone(),
+                    retracts: None,
+                    note: Some(format!("on {vehicle}'s assignment")),
+                };
+                self.add_fact(&rec.id, fact, |_| Ok(()), now_ms).await?;
+            }
+            return Ok(());
+        }
+        Err(ShipmentError::Conflict(field(
+            "vehicle",
+            "the vehicle's assignment is being changed by other calls at the same time; try again",
+        )))
+    }
+
+    /// Brings every vehicle's assignment in line with its shipments (at start: repairs
+    /// a crash between a shipment write and its dispatch).
+    pub async fn reconcile(&self, now_ms: u64) -> Result<(), ShipmentError> {
+        for v in self.store.shipment_vehicles().await? {
+            let source = Source::Operator {
+                credential: "hub start".into(),
+            };
+            self.dispatch_vehicle(&v, &source, now_ms).await?;
+        }
+        Ok(())
+    }
+}
+
+fn erp_fact(
+    kind: &str,
+    t: FactType,
+    cur: &ShipmentRecord,
+    credential: &str,
+    now_ms: u64,
+    note: Option<String>,
+) -> Fact {
+    Fact {
+        id: kind.to_string(),
+        kind: t,
+        classifier: Classifier::Actual,
+        stop_id: None,
+        event_time: Time(now_ms),
+        recorded_time: Time(now_ms),
+        source: Source::Erp {
+            credential: credential.to_string(),
+            version: cur.version,
+        },
+        retracts: None,
+        note,
+    }
+}
