@@ -223,6 +223,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     if let Err(e) = shipments.reconcile(ingest::now_ms()).await {
         tracing::warn!(error = ?e, "could not bring every vehicle's assignment in line with its shipments at start");
     }
+    tasks.push(tokio::spawn(confirm_pods(
+        shipments.clone(),
+        shutdown.clone(),
+    )));
     let app = api::app(api::AppState {
         store: store.clone(),
         registry,
@@ -245,6 +249,21 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         store,
         tasks,
     })
+}
+
+/// Judges delivered PODs every 2 s ([`shipments::service::Shipments::confirm_pods`]).
+async fn confirm_pods(shipments: shipments::service::Shipments, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = shipments.confirm_pods(ingest::now_ms()).await {
+            tracing::warn!(error = ?e, "POD confirmation round failed; trying again");
+        }
+    }
 }
 
 /// Runs the hub until `shutdown` is cancelled.

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, MAX_PAGE, json_body};
 use crate::auth::Principal;
-use crate::shipments::facts::{self, Fact, Mapping};
+use crate::shipments::correlate::{ReviewItem, ReviewStatus};
+use crate::shipments::facts::{self, Fact, Mapping, Source};
 use crate::shipments::service::ShipmentError;
 use crate::shipments::spec::{FieldError, Line, PodPolicy, StopSpec};
 use crate::shipments::{
@@ -71,6 +72,22 @@ struct ShipmentOut<'a> {
     lines: &'a [Line],
     /// Planned (PLN), estimated (EST) and actual (ACT) milestones by event time.
     milestones: Vec<Fact>,
+}
+
+/// The shipment's review status: open if any item is open, else the latest decision.
+async fn review_of(st: &AppState, id: &str) -> Result<&'static str, ApiError> {
+    let items = st.store.reviews(None, 10_000).await?;
+    let mine: Vec<&ReviewItem> = items
+        .iter()
+        .filter(|i| i.shipment_id.as_deref() == Some(id))
+        .collect();
+    Ok(if mine.iter().any(|i| i.status == ReviewStatus::Open) {
+        "open"
+    } else if let Some(last) = mine.iter().max_by_key(|i| i.decided_time) {
+        last.status.as_str()
+    } else {
+        "none"
+    })
 }
 
 fn shipment_out<'a>(st: &'a AppState, r: &'a ShipmentRecord, facts: &[Fact]) -> ShipmentOut<'a> {
@@ -147,7 +164,10 @@ pub(super) async fn get_shipment(
         .shipment(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no shipment {id:?}")))?;
-    Ok(Json(shipment_out(&st, &r, &facts)).into_response())
+    let review = review_of(&st, &id).await?;
+    let mut out = shipment_out(&st, &r, &facts);
+    out.review = review;
+    Ok(Json(out).into_response())
 }
 
 #[derive(Deserialize)]
@@ -315,4 +335,174 @@ pub(super) async fn list(
 /// `GET /v1/erp/mappings`
 pub(super) async fn mappings(State(st): State<AppState>) -> Response {
     Json(st.shipments.mappings()).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReviewQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+fn parse_status(s: &str) -> Result<ReviewStatus, ApiError> {
+    match s {
+        "open" => Ok(ReviewStatus::Open),
+        "accepted" => Ok(ReviewStatus::Accepted),
+        "rejected" => Ok(ReviewStatus::Rejected),
+        other => Err(ApiError::field(
+            "status",
+            format!("{other:?}: one of open, accepted, rejected"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct ReviewOut<'a> {
+    #[serde(flatten)]
+    item: &'a ReviewItem,
+    rule: &'static str,
+}
+
+/// `GET /v1/ops/review?status=`
+pub(super) async fn reviews(
+    State(st): State<AppState>,
+    Query(q): Query<ReviewQuery>,
+) -> Result<Response, ApiError> {
+    let status = q.status.as_deref().map(parse_status).transpose()?;
+    let items = st
+        .store
+        .reviews(status, q.limit.unwrap_or(100).clamp(1, MAX_PAGE))
+        .await?;
+    let out: Vec<ReviewOut<'_>> = items
+        .iter()
+        .map(|item| ReviewOut {
+            rule: item.kind.rule(),
+            item,
+        })
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+/// Evidence of a review item: the event, its blobs, the vehicle's positions around it.
+#[derive(Serialize)]
+struct Evidence {
+    event: Option<fleetsync_protocol::json::EventJson>,
+    blob_urls: Vec<String>,
+    /// The vehicle's positions from 10 minutes before to 10 minutes after the event.
+    positions: Vec<fleetsync_protocol::json::EventJson>,
+}
+
+/// `GET /v1/ops/review/{id}`
+pub(super) async fn review(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let item = st
+        .store
+        .review(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no review item {id:?}")))?;
+    let mut evidence = Evidence {
+        event: None,
+        blob_urls: Vec::new(),
+        positions: Vec::new(),
+    };
+    if let Source::Device { device, epoch, seq } = &item.source {
+        let rows = st
+            .store
+            .events(device, seq.checked_sub(1).map(|s| (*epoch, s)), 1, None)
+            .await?;
+        if let Some((_, _, stored)) = rows.first() {
+            if let fleetsync_protocol::Body::Pod(p) = &stored.event.body {
+                evidence.blob_urls = p
+                    .signature
+                    .iter()
+                    .chain(p.photos.iter())
+                    .map(|b| super::blob_path(&b.sha256))
+                    .collect();
+            }
+            evidence.event = Some(fleetsync_protocol::json::EventJson::from_event(
+                &stored.event,
+            ));
+        }
+        let (from, to) = (
+            item.event_time.0.saturating_sub(600_000),
+            item.event_time.0 + 600_000,
+        );
+        let mut after = None;
+        'pages: loop {
+            let page = st
+                .store
+                .events(device, after, MAX_PAGE, Some("position"))
+                .await?;
+            let full = page.len() == MAX_PAGE;
+            for (e, s, ev) in &page {
+                after = Some((*e, *s));
+                if (from..=to).contains(&ev.event.time_ms) {
+                    evidence
+                        .positions
+                        .push(fleetsync_protocol::json::EventJson::from_event(&ev.event));
+                    if evidence.positions.len() >= 1200 {
+                        break 'pages;
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(Json(serde_json::json!({
+        "item": ReviewOut { rule: item.kind.rule(), item: &item },
+        "evidence": evidence,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DecisionIn {
+    note: String,
+}
+
+async fn decide(
+    st: AppState,
+    who: Principal,
+    id: String,
+    body: Bytes,
+    accept: bool,
+) -> Result<Response, ApiError> {
+    let req: DecisionIn = json_body(&body, 4096)?;
+    if req.note.trim().is_empty() || req.note.chars().count() > 1000 {
+        return Err(ApiError::field("note", "1 to 1000 characters: why"));
+    }
+    let item = st
+        .shipments
+        .decide_review(&id, accept, req.note, &who.name(), crate::ingest::now_ms())
+        .await?;
+    Ok(Json(ReviewOut {
+        rule: item.kind.rule(),
+        item: &item,
+    })
+    .into_response())
+}
+
+/// `POST /v1/ops/review/{id}/accept`
+pub(super) async fn accept(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    decide(st, who, id, body, true).await
+}
+
+/// `POST /v1/ops/review/{id}/reject`
+pub(super) async fn reject(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    decide(st, who, id, body, false).await
 }

@@ -117,12 +117,18 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], max: usize) -> Res
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." {
-            "body".to_string()
-        } else {
-            path
+        let inner = e.into_inner().to_string();
+        // A missing field is reported at its parent: name the field itself.
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next());
+        let field = match (path.as_str(), missing) {
+            (".", Some(m)) => m.to_string(),
+            (p, Some(m)) => format!("{p}.{m}"),
+            (".", None) => "body".to_string(),
+            (p, None) => p.to_string(),
         };
-        ApiError::field(field, e.into_inner().to_string())
+        ApiError::field(field, inner)
     })
 }
 
@@ -267,6 +273,10 @@ pub fn app(state: AppState) -> Router {
         .route("/shipments", get(erp::list))
         .route("/shipments/{id}", get(erp::get_shipment))
         .route("/shipments/{id}/assign", post(erp::assign))
+        .route("/review", get(erp::reviews))
+        .route("/review/{id}", get(erp::review))
+        .route("/review/{id}/accept", post(erp::accept))
+        .route("/review/{id}/reject", post(erp::reject))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,

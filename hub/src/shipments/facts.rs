@@ -1,7 +1,7 @@
 //! Milestone facts and the state they imply.
 //!
 //! A fact is immutable: `{id, type, classifier, stop_id, event_time, recorded_time,
-//! source}`. Its id is derived from its source (a device event's `device/epoch/seq`, an
+//! source}`. Its id is derived from its source (a device event's `device:epoch:seq`, an
 //! ERP call's shipment version, an operator decision's review id), so recording the same
 //! source twice records one fact. Corrections are `RETRACTED` facts naming the fact they
 //! withdraw, never edits.

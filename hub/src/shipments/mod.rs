@@ -20,6 +20,7 @@
 //! of two shipments with the same id become one stop of the vehicle's assignment
 //! carrying both shipments.
 
+pub mod correlate;
 pub mod facts;
 pub mod service;
 pub mod spec;

@@ -10,12 +10,13 @@
 
 use fleetsync_protocol::json::Time;
 
+use super::correlate::{PodVerdict, ReviewItem, ReviewKind, ReviewStatus, judge_pod};
 use super::facts::{self, Classifier, Fact, FactType, Mappings, Source, State};
 use super::{
     FieldError, Refusal, ShipmentRecord, ShipmentSpec, Upsert, build_assignment, plan_upsert,
 };
 use crate::dispatch::{AssignError, Dispatch};
-use crate::store::{PutShipment, Store, StoreError};
+use crate::store::{PutShipment, ShipmentQuery, Store, StoreError};
 
 /// Attempts of a compare-and-swap write before giving up.
 const CAS_ATTEMPTS: usize = 8;
@@ -444,6 +445,225 @@ impl Shipments {
             "vehicle",
             "the vehicle's assignment is being changed by other calls at the same time; try again",
         )))
+    }
+
+    /// Judges every DELIVERED shipment's POD that is not confirmed or in review yet
+    /// ([`judge_pod`]): POD_CONFIRMED when its evidence is all at the hub and every rule
+    /// holds, a review item when a rule fails, nothing while photos are still on their
+    /// way. Idempotent (facts and items keyed by the POD event), so every hub process
+    /// may run it.
+    pub async fn confirm_pods(&self, now_ms: u64) -> Result<u64, ShipmentError> {
+        let mut confirmed = 0;
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .shipments(&ShipmentQuery {
+                    state: Some(State::Delivered),
+                    after: after.clone(),
+                    limit: 200,
+                    ..Default::default()
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.updated_ms, last.id.clone()));
+            for rec in &page {
+                confirmed += self.confirm_one(&rec.id, now_ms).await?;
+            }
+            if page.len() < 200 {
+                break;
+            }
+        }
+        Ok(confirmed)
+    }
+
+    async fn confirm_one(&self, id: &str, now_ms: u64) -> Result<u64, ShipmentError> {
+        let Some((rec, facts)) = self.store.shipment(id).await? else {
+            return Ok(0);
+        };
+        let retracted: std::collections::HashSet<&str> =
+            facts.iter().filter_map(|f| f.retracts.as_deref()).collect();
+        let mut n = 0;
+        for f in facts.iter().filter(|f| {
+            f.kind == FactType::Delivered
+                && f.classifier == Classifier::Actual
+                && !retracted.contains(f.id.as_str())
+        }) {
+            let Source::Device { device, epoch, seq } = &f.source else {
+                continue;
+            };
+            let confirmed_id = format!("{}:confirmed", f.id);
+            if facts.iter().any(|x| x.id == confirmed_id)
+                || self.store.review(&f.id).await?.is_some()
+            {
+                continue;
+            }
+            let after = seq.checked_sub(1).map(|s| (*epoch, s));
+            let rows = self.store.events(device, after, 1, Some("pod")).await?;
+            let Some((e, s, stored)) = rows.into_iter().next() else {
+                continue;
+            };
+            let fleetsync_protocol::Body::Pod(pod) = &stored.event.body else {
+                continue;
+            };
+            if (e, s) != (*epoch, *seq) {
+                continue;
+            }
+            let mut have = std::collections::HashMap::new();
+            for b in pod.signature.iter().chain(pod.photos.iter()) {
+                have.insert(b.sha256, self.store.blob_exists(&b.sha256).await?);
+            }
+            match judge_pod(&rec, &facts, pod, stored.event.time_ms, &|sha| {
+                have.get(sha).copied().unwrap_or(false)
+            }) {
+                PodVerdict::Waiting => {}
+                PodVerdict::Confirmed => {
+                    let fact = Fact {
+                        id: confirmed_id,
+                        kind: FactType::PodConfirmed,
+                        classifier: Classifier::Actual,
+                        stop_id: f.stop_id.clone(),
+                        event_time: f.event_time,
+                        recorded_time: Time(now_ms),
+                        source: f.source.clone(),
+                        retracts: None,
+                        note: Some(
+                            "evidence meets the POD policy, inside the fence, after arrival".into(),
+                        ),
+                    };
+                    self.add_fact(id, fact, |_| Ok(()), now_ms).await?;
+                    tracing::info!(shipment = %id, "POD confirmed: billing released");
+                    n += 1;
+                }
+                PodVerdict::Review(kind, detail) => {
+                    let item = ReviewItem {
+                        id: f.id.clone(),
+                        kind,
+                        shipment_id: Some(id.to_string()),
+                        stop_id: f.stop_id.clone(),
+                        source: f.source.clone(),
+                        event_time: f.event_time,
+                        created_time: Time(now_ms),
+                        status: ReviewStatus::Open,
+                        decided_by: None,
+                        note: None,
+                        decided_time: None,
+                        detail,
+                    };
+                    if self.store.put_review(&item, None).await? {
+                        tracing::warn!(shipment = %id, rule = kind.rule(), "POD waits for review");
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// `POST /v1/ops/review/{id}/accept|reject`: records the decision and the fact it
+    /// implies, under the operator's credential name.
+    pub async fn decide_review(
+        &self,
+        id: &str,
+        accept: bool,
+        note: String,
+        who: &str,
+        now_ms: u64,
+    ) -> Result<ReviewItem, ShipmentError> {
+        let Some(item) = self.store.review(id).await? else {
+            return Err(ShipmentError::NotFound);
+        };
+        if item.status != ReviewStatus::Open {
+            return Err(ShipmentError::Conflict(field(
+                "id",
+                format!(
+                    "already {} by {}",
+                    item.status.as_str(),
+                    item.decided_by.as_deref().unwrap_or("?")
+                ),
+            )));
+        }
+        let source = Source::Operator {
+            credential: who.to_string(),
+        };
+        let pod_rule = matches!(
+            item.kind,
+            ReviewKind::PodOutsideFence
+                | ReviewKind::PodMissingEvidence
+                | ReviewKind::PodBeforeArrival
+        );
+        if let Some(sid) = &item.shipment_id {
+            let fact = match (pod_rule, accept) {
+                (true, true) => Some(Fact {
+                    id: format!("{}:accepted", item.id),
+                    kind: FactType::PodConfirmed,
+                    classifier: Classifier::Actual,
+                    stop_id: item.stop_id.clone(),
+                    event_time: item.event_time,
+                    recorded_time: Time(now_ms),
+                    source: source.clone(),
+                    retracts: None,
+                    note: Some(note.clone()),
+                }),
+                (true, false) => Some(Fact {
+                    id: format!("{}:rejected", item.id),
+                    kind: FactType::Retracted,
+                    classifier: Classifier::Actual,
+                    stop_id: item.stop_id.clone(),
+                    event_time: item.event_time,
+                    recorded_time: Time(now_ms),
+                    source: source.clone(),
+                    retracts: Some(item.id.clone()),
+                    note: Some(note.clone()),
+                }),
+                (false, true) => {
+                    // A POD from another vehicle or for a shipment then unknown: the
+                    // operator says it counts for the named shipment.
+                    if self.store.shipment(sid).await?.is_none() {
+                        return Err(ShipmentError::Conflict(field(
+                            "id",
+                            format!(
+                                "shipment {sid:?} does not exist; the ERP must release it before this POD can count"
+                            ),
+                        )));
+                    }
+                    Some(Fact {
+                        id: format!("{}:accepted", item.id),
+                        kind: FactType::Delivered,
+                        classifier: Classifier::Actual,
+                        stop_id: item.stop_id.clone(),
+                        event_time: item.event_time,
+                        recorded_time: Time(now_ms),
+                        source: source.clone(),
+                        retracts: None,
+                        note: Some(note.clone()),
+                    })
+                }
+                (false, false) => None,
+            };
+            if let Some(fact) = fact {
+                self.add_fact(sid, fact, |_| Ok(()), now_ms).await?;
+            }
+        }
+        let mut decided = item.clone();
+        decided.status = if accept {
+            ReviewStatus::Accepted
+        } else {
+            ReviewStatus::Rejected
+        };
+        decided.decided_by = Some(who.to_string());
+        decided.note = Some(note);
+        decided.decided_time = Some(Time(now_ms));
+        if !self
+            .store
+            .put_review(&decided, Some(ReviewStatus::Open))
+            .await?
+        {
+            return Err(ShipmentError::Conflict(field(
+                "id",
+                "decided by someone else just now",
+            )));
+        }
+        Ok(decided)
     }
 
     /// Brings every vehicle's assignment in line with its shipments (at start: repairs

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Credential;
 use crate::config::StoreConfig;
+use crate::shipments::correlate::{ReviewItem, ReviewStatus};
 use crate::shipments::{Fact, ShipmentRecord, State};
 
 /// Largest blob the hub assembles.
@@ -685,6 +686,35 @@ impl Store {
     /// Vehicles that have (or had) shipments.
     pub async fn shipment_vehicles(&self) -> Result<Vec<String>, StoreError> {
         both!(self, s => s.shipment_vehicles().await)
+    }
+
+    /// Review items, oldest first, optionally of one status.
+    pub async fn reviews(
+        &self,
+        status: Option<ReviewStatus>,
+        limit: usize,
+    ) -> Result<Vec<ReviewItem>, StoreError> {
+        both!(self, s => s.reviews(status, limit).await)
+    }
+
+    /// One review item.
+    pub async fn review(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
+        both!(self, s => s.review(id).await)
+    }
+
+    /// Writes a review item if the stored one has status `expected` (`None`: if there is
+    /// none); whether it was written.
+    pub async fn put_review(
+        &self,
+        item: &ReviewItem,
+        expected: Option<ReviewStatus>,
+    ) -> Result<bool, StoreError> {
+        both!(self, s => s.put_review(item, expected).await)
+    }
+
+    /// Whether a verified blob is stored (without reading it).
+    pub async fn blob_exists(&self, sha256: &Sha256) -> Result<bool, StoreError> {
+        both!(self, s => s.blob_exists(sha256).await)
     }
 
     /// Whether the store answers now (readiness).

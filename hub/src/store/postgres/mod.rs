@@ -65,6 +65,7 @@ use super::{
 };
 use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
+use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::{Fact, ShipmentRecord};
 use fleetsync_protocol::Fence;
 
@@ -711,6 +712,76 @@ impl PgStore {
             .collect())
     }
 
+    /// See [`super::Store::reviews`].
+    pub async fn reviews(
+        &self,
+        status: Option<ReviewStatus>,
+        limit: usize,
+    ) -> Result<Vec<ReviewItem>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT record FROM reviews WHERE ($1::text IS NULL OR status = $1) \
+                 ORDER BY created_ms, id LIMIT $2",
+                &[&status.map(|s| s.as_str()), &(limit as i64)],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
+            .collect::<Result<Vec<ReviewItem>, _>>()?)
+    }
+
+    /// See [`super::Store::review`].
+    pub async fn review(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT record FROM reviews WHERE id = $1", &[&id])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(row
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
+            .transpose()?)
+    }
+
+    /// See [`super::Store::put_review`].
+    pub async fn put_review(
+        &self,
+        item: &ReviewItem,
+        expected: Option<ReviewStatus>,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let text = serde_json::to_string(item)?;
+        let created = to_i64(item.created_time.0).unwrap_or(i64::MAX);
+        let n = match expected {
+            None => client
+                .execute(
+                    "INSERT INTO reviews (id, status, created_ms, record) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[&item.id, &item.status.as_str(), &created, &text],
+                )
+                .await,
+            Some(old) => client
+                .execute(
+                    "UPDATE reviews SET status = $2, record = $3 WHERE id = $1 AND status = $4",
+                    &[&item.id, &item.status.as_str(), &text, &old.as_str()],
+                )
+                .await,
+        }
+        .map_err(|e| self.pg(e))?;
+        Ok(n == 1)
+    }
+
+    /// See [`super::Store::blob_exists`].
+    pub async fn blob_exists(&self, sha256: &Sha256) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT 1 FROM blobs WHERE sha256 = $1", &[&&sha256[..]])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(row.is_some())
+    }
+
     /// See [`super::Store::sweep_partial_blobs`]. Device by device, each under the
     /// device's upload lock (as its chunks are), so a sweep never removes an upload
     /// between a round's reading of it and its writing.
@@ -1004,6 +1075,7 @@ async fn ingest_round(
     let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
     let mut devices: BTreeMap<&str, DeviceMerge> = BTreeMap::new();
     let mut acks: BTreeMap<&str, Vec<(&str, u32, u64)>> = BTreeMap::new();
+    let mut corr: BTreeMap<&str, Vec<(u32, u64, &Event)>> = BTreeMap::new();
     let mut claimed = vec![false; rows.device.len()];
     for (idx, item) in items.iter().enumerate() {
         match item {
@@ -1025,6 +1097,13 @@ async fn ingest_round(
                                 a.assignment_id.as_str(),
                                 a.version,
                                 ev.time_ms,
+                            ));
+                        }
+                        if correlate::correlates(&ev.body) {
+                            corr.entry(device.as_str()).or_default().push((
+                                batch.epoch,
+                                batch.first_seq + i as u64,
+                                ev,
                             ));
                         }
                         if let Body::Health(h) = &ev.body
@@ -1081,6 +1160,14 @@ async fn ingest_round(
                 &[device, &bytes],
             )
             .await?;
+        }
+    }
+
+    // What new trip and POD events mean for the vehicles' shipments (rows locked by
+    // device, then shipment id).
+    for (device, events) in &corr {
+        if let Err(e) = correlate_device(&tx, device, events, recorded).await? {
+            return Ok(Err(e));
         }
     }
 
@@ -1178,6 +1265,120 @@ async fn ingest_round(
         .into_iter()
         .map(|o| o.ok_or_else(|| StoreError::Task("an item had no outcome".into())))
         .collect())
+}
+
+/// Writes the facts and review items `events` of `device` imply, inside the round.
+async fn correlate_device(
+    tx: &Transaction<'_>,
+    device: &str,
+    events: &[(u32, u64, &Event)],
+    recorded: i64,
+) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
+    let mut open: Vec<(ShipmentRecord, Vec<Fact>)> = Vec::new();
+    for r in tx
+        .query(
+            "SELECT record FROM shipments WHERE vehicle = $1 AND NOT finished ORDER BY id FOR UPDATE",
+            &[&device],
+        )
+        .await?
+    {
+        match serde_json::from_str::<ShipmentRecord>(r.get::<_, &str>(0)) {
+            Ok(rec) => open.push((rec, Vec::new())),
+            Err(e) => return Ok(Err(e.into())),
+        }
+    }
+    for (rec, facts) in &mut open {
+        for r in tx
+            .query(
+                "SELECT fact FROM shipment_facts WHERE shipment_id = $1",
+                &[&rec.id],
+            )
+            .await?
+        {
+            match serde_json::from_str::<Fact>(r.get::<_, &str>(0)) {
+                Ok(f) => facts.push(f),
+                Err(e) => return Ok(Err(e.into())),
+            }
+        }
+    }
+    // Shipments the POD events name that are not on this vehicle: known or not.
+    let mut named: Vec<String> = Vec::new();
+    for (_, _, ev) in events {
+        if let Body::Pod(p) = &ev.body
+            && !open.iter().any(|(r, _)| r.id == p.shipment_id.as_str())
+        {
+            named.push(p.shipment_id.to_string());
+        }
+    }
+    let known: std::collections::HashSet<String> = if named.is_empty() {
+        Default::default()
+    } else {
+        tx.query("SELECT id FROM shipments WHERE id = ANY($1)", &[&named])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let recorded_ms = to_u64(recorded);
+    let mut touched = std::collections::BTreeSet::new();
+    for (epoch, seq, ev) in events {
+        let c = correlate::correlate(device, *epoch, *seq, ev, recorded_ms, &open, &|id| {
+            known.contains(id)
+        });
+        for (sid, fact) in c.facts {
+            let text = match serde_json::to_string(&fact) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            tx.execute(
+                "INSERT INTO shipment_facts (shipment_id, fact_id, fact) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&sid, &fact.id, &text],
+            )
+            .await?;
+            if let Some((_, facts)) = open.iter_mut().find(|(r, _)| r.id == sid)
+                && !facts.iter().any(|f| f.id == fact.id)
+            {
+                facts.push(fact);
+                touched.insert(sid);
+            }
+        }
+        for item in c.reviews {
+            let text = match serde_json::to_string(&item) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            tx.execute(
+                "INSERT INTO reviews (id, status, created_ms, record) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&item.id, &item.status.as_str(), &recorded, &text],
+            )
+            .await?;
+        }
+    }
+    for (rec, facts) in &mut open {
+        if !touched.contains(&rec.id) {
+            continue;
+        }
+        rec.rev += 1;
+        rec.updated_ms = recorded_ms;
+        rec.state = crate::shipments::facts::replay(facts, &rec.spec);
+        let text = match serde_json::to_string(&*rec) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        tx.execute(
+            "UPDATE shipments SET rev = $2, state = $3, finished = $4, updated_ms = $5, record = $6 WHERE id = $1",
+            &[
+                &rec.id,
+                &to_i64(rec.rev).unwrap_or(i64::MAX),
+                &rec.state.as_str(),
+                &rec.state.is_finished(),
+                &recorded,
+                &text,
+            ],
+        )
+        .await?;
+    }
+    Ok(Ok(()))
 }
 
 /// One chunk of `device`'s upload inside the round's transaction, under the device's

@@ -16,6 +16,7 @@
 //! tree shipment_facts:       key  shipment id ++ 0x00 ++ fact id   val  JSON(Fact)
 //! tree shipments_by_vehicle: key  vehicle ++ 0x00 ++ shipment id   val  empty
 //! tree locations:            key  ERP location (stop) id           val  JSON(Fence)
+//! tree reviews:              key  review id (the source event's)   val  JSON(ReviewItem)
 //! tree credentials_by_token: key  sha256(token)     val  id
 //! ```
 //!
@@ -53,6 +54,7 @@ use std::sync::{Arc, Mutex};
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
 
 use crate::auth::Credential;
+use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::{Fact, ShipmentRecord};
 use fleetsync_protocol::Fence;
 use sha2::Digest as _;
@@ -84,6 +86,7 @@ pub struct SledStore {
     shipment_facts: ::sled::Tree,
     shipments_by_vehicle: ::sled::Tree,
     locations: ::sled::Tree,
+    reviews: ::sled::Tree,
     quarantined_count: Arc<AtomicUsize>,
     /// What the last `make_durable` synced; held for a whole write call, so one call
     /// writes and syncs at a time (the order the module note relies on).
@@ -202,6 +205,7 @@ impl SledStore {
             shipment_facts: db.open_tree("shipment_facts")?,
             shipments_by_vehicle: db.open_tree("shipments_by_vehicle")?,
             locations: db.open_tree("locations")?,
+            reviews: db.open_tree("reviews")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
             failed: Arc::new(AtomicBool::new(false)),
@@ -320,7 +324,8 @@ impl SledStore {
             // An event with effects (an ack, a newer health) is new only if its row is
             // absent: its effects are written first (idempotent), its row (the marker)
             // last. A position has none: its row is the whole of it.
-            let has_effects = matches!(event.body, Body::AssignmentAck(_) | Body::Health(_));
+            let has_effects = matches!(event.body, Body::AssignmentAck(_) | Body::Health(_))
+                || correlate::correlates(&event.body);
             if has_effects && !self.events.contains_key(&key)? {
                 match &event.body {
                     Body::AssignmentAck(a) => {
@@ -332,7 +337,7 @@ impl SledStore {
                         Some(batch.epoch),
                         Some(&(event.time_ms, h.clone())),
                     )?,
-                    _ => {}
+                    _ => self.correlate_event(device, batch.epoch, seq, event, recorded_ms)?,
                 }
             }
             let row = postcard::to_stdvec(&StoredEvent {
@@ -363,6 +368,52 @@ impl SledStore {
         // line is repaired by the redelivery.
         self.merge_device(device, recorded_ms, Some(batch.epoch), None)?;
         Ok(out)
+    }
+
+    /// Writes the facts and review items a new trip or POD event implies (before the
+    /// event's row: facts and items are keyed by the event, records only gain a rev).
+    fn correlate_event(
+        &self,
+        device: &str,
+        epoch: u32,
+        seq: u64,
+        event: &fleetsync_protocol::Event,
+        recorded_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut open = self.open_shipments_blocking(device)?;
+        let c = correlate::correlate(device, epoch, seq, event, recorded_ms, &open, &|id| {
+            self.shipments.contains_key(id.as_bytes()).unwrap_or(false)
+        });
+        let mut touched = std::collections::BTreeSet::new();
+        for (sid, fact) in c.facts {
+            let key = pair_key(&sid, &fact.id);
+            if !self.shipment_facts.contains_key(&key)? {
+                self.shipment_facts
+                    .insert(key, serde_json::to_vec(&fact)?)?;
+            }
+            if let Some((_, facts)) = open.iter_mut().find(|(r, _)| r.id == sid)
+                && !facts.iter().any(|f| f.id == fact.id)
+            {
+                facts.push(fact);
+                touched.insert(sid);
+            }
+        }
+        for item in c.reviews {
+            if !self.reviews.contains_key(item.id.as_bytes())? {
+                self.reviews
+                    .insert(item.id.as_bytes(), serde_json::to_vec(&item)?)?;
+            }
+        }
+        for (rec, facts) in &mut open {
+            if touched.contains(&rec.id) {
+                rec.rev += 1;
+                rec.updated_ms = recorded_ms;
+                rec.state = crate::shipments::facts::replay(facts, &rec.spec);
+                self.shipments
+                    .insert(rec.id.as_bytes(), serde_json::to_vec(&*rec)?)?;
+            }
+        }
+        Ok(())
     }
 
     fn merge_device(
@@ -707,29 +758,34 @@ impl SledStore {
         .await
     }
 
+    fn open_shipments_blocking(
+        &self,
+        vehicle: &str,
+    ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        let mut prefix = vehicle.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for k in self.shipments_by_vehicle.scan_prefix(&prefix).keys() {
+            let k = k?;
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let Some((r, f)) = self.shipment_blocking(&id)?
+                && r.vehicle.as_deref() == Some(vehicle)
+                && !r.state.is_finished()
+            {
+                out.push((r, f));
+            }
+        }
+        Ok(out)
+    }
+
     /// See [`super::Store::vehicle_shipments`].
     pub async fn vehicle_shipments(
         &self,
         vehicle: &str,
     ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
         let vehicle = vehicle.to_string();
-        self.blocking(move |s| {
-            let mut prefix = vehicle.as_bytes().to_vec();
-            prefix.push(0);
-            let mut out = Vec::new();
-            for k in s.shipments_by_vehicle.scan_prefix(&prefix).keys() {
-                let k = k?;
-                let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                if let Some((r, f)) = s.shipment_blocking(&id)?
-                    && r.vehicle.as_deref() == Some(vehicle.as_str())
-                    && !r.state.is_finished()
-                {
-                    out.push((r, f));
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.blocking(move |s| s.open_shipments_blocking(&vehicle))
+            .await
     }
 
     /// See [`super::Store::shipment_vehicles`].
@@ -747,6 +803,59 @@ impl SledStore {
             Ok(out)
         })
         .await
+    }
+
+    /// See [`super::Store::reviews`].
+    pub async fn reviews(
+        &self,
+        status: Option<ReviewStatus>,
+        limit: usize,
+    ) -> Result<Vec<ReviewItem>, StoreError> {
+        self.blocking(move |s| {
+            let mut out: Vec<ReviewItem> = Vec::new();
+            for v in s.reviews.iter().values() {
+                let r: ReviewItem = serde_json::from_slice(&v?)?;
+                if status.is_none_or(|st| r.status == st) {
+                    out.push(r);
+                }
+            }
+            out.sort_by(|a, b| (a.created_time, &a.id).cmp(&(b.created_time, &b.id)));
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::review`].
+    pub async fn review(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
+        let id = id.to_string();
+        self.blocking(move |s| json_get(&s.reviews, id.as_bytes()))
+            .await
+    }
+
+    /// See [`super::Store::put_review`].
+    pub async fn put_review(
+        &self,
+        item: &ReviewItem,
+        expected: Option<ReviewStatus>,
+    ) -> Result<bool, StoreError> {
+        let item = item.clone();
+        self.write(move |s| {
+            let old: Option<ReviewItem> = json_get(&s.reviews, item.id.as_bytes())?;
+            if old.map(|o| o.status) != expected {
+                return Ok(false);
+            }
+            s.reviews
+                .insert(item.id.as_bytes(), serde_json::to_vec(&item)?)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// See [`super::Store::blob_exists`].
+    pub async fn blob_exists(&self, sha256: &Sha256) -> Result<bool, StoreError> {
+        let sha = *sha256;
+        self.blocking(move |s| Ok(s.blobs.contains_key(sha)?)).await
     }
 
     /// See [`super::Store::sweep_partial_blobs`].

@@ -27,3 +27,12 @@ CREATE TABLE locations (
     id    text COLLATE "C" PRIMARY KEY,
     fence text NOT NULL
 );
+
+CREATE TABLE reviews (
+    id         text COLLATE "C" PRIMARY KEY,
+    status     text   NOT NULL,
+    created_ms bigint NOT NULL,
+    record     text   NOT NULL
+);
+
+CREATE INDEX reviews_by_status ON reviews (status, created_ms, id);
