@@ -84,6 +84,34 @@ pub struct Config {
     pub store: StoreConfig,
     /// Credentials.
     pub auth: AuthConfig,
+    /// Shipments: when one counts as stuck, and the mapping tables.
+    #[serde(default)]
+    pub shipments: ShipmentsConfig,
+}
+
+/// `[shipments]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipmentsConfig {
+    /// A shipment waiting this long in one of the stuck conditions is listed as stuck.
+    #[serde(default = "default_stuck_after_s")]
+    pub stuck_after_s: u64,
+    /// Mapping tables replacing the built-in ones (`[shipments.mappings]`).
+    #[serde(default)]
+    pub mappings: Option<crate::shipments::Mappings>,
+}
+
+impl Default for ShipmentsConfig {
+    fn default() -> Self {
+        ShipmentsConfig {
+            stuck_after_s: default_stuck_after_s(),
+            mappings: None,
+        }
+    }
+}
+
+fn default_stuck_after_s() -> u64 {
+    900
 }
 
 /// `[mqtt]`
@@ -444,6 +472,17 @@ impl Config {
             30 * 86_400,
             " (s)",
         )?;
+        range(
+            "shipments.stuck_after_s",
+            self.shipments.stuck_after_s,
+            60,
+            7 * 86_400,
+            " (s)",
+        )?;
+        if let Some(m) = &self.shipments.mappings {
+            m.validate()
+                .map_err(|e| ConfigError::Invalid(format!("shipments.mappings: {e}")))?;
+        }
         match (&self.store.path, &self.store.url) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -512,6 +551,44 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapping_tables_from_the_config_must_cover_every_state() {
+        let mut rows = String::new();
+        for m in crate::shipments::Mappings::default().states {
+            rows.push_str(&format!(
+                "[[shipments.mappings.states]]\nstate = \"{}\"\nerp_status = \"X_{}\"\nportal_status = \"p\"\nwebhook_type = \"w.v1\"\nreleases_billing = {}\n",
+                m.state.as_str(),
+                m.state.as_str(),
+                m.releases_billing
+            ));
+        }
+        let text = format!(
+            "{EXAMPLE}\n[shipments]\nstuck_after_s = 600\n[shipments.mappings]\nversion = \"sap-2\"\n{rows}"
+        );
+        let cfg = Config::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        let m = cfg.shipments.mappings.as_ref().unwrap();
+        assert_eq!(m.version, "sap-2");
+        assert_eq!(
+            m.of(crate::shipments::State::PodConfirmed)
+                .unwrap()
+                .erp_status,
+            "X_POD_CONFIRMED"
+        );
+        // One state short: refused, naming it.
+        let cut = rows.rfind("[[shipments.mappings.states]]").unwrap();
+        let text = format!(
+            "{EXAMPLE}\n[shipments.mappings]\nversion = \"sap-2\"\n{}",
+            &rows[..cut]
+        );
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CANCELLED"), "{err}");
+    }
 
     #[test]
     fn store_is_path_or_url_and_env_overrides_replace_the_choice() {

@@ -217,7 +217,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     let shipments = shipments::service::Shipments::new(
         store.clone(),
         dispatch.clone(),
-        shipments::Mappings::default(),
+        cfg.shipments.mappings.clone().unwrap_or_default(),
     );
     // A crash between a shipment write and its dispatch left a stale assignment.
     if let Err(e) = shipments.reconcile(ingest::now_ms()).await {
@@ -225,9 +225,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     }
     tasks.push(tokio::spawn(confirm_pods(
         shipments.clone(),
+        metrics.clone(),
+        cfg.shipments.stuck_after_s * 1000,
         shutdown.clone(),
     )));
+    let stuck_after_ms = cfg.shipments.stuck_after_s * 1000;
     let app = api::app(api::AppState {
+        stuck_after_ms,
         store: store.clone(),
         registry,
         metrics,
@@ -251,10 +255,17 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     })
 }
 
-/// Judges delivered PODs every 2 s ([`shipments::service::Shipments::confirm_pods`]).
-async fn confirm_pods(shipments: shipments::service::Shipments, shutdown: CancellationToken) {
+/// Judges delivered PODs every 2 s ([`shipments::service::Shipments::confirm_pods`])
+/// and counts stuck shipments every 30 s for `/metrics`.
+async fn confirm_pods(
+    shipments: shipments::service::Shipments,
+    metrics: Arc<metrics::Metrics>,
+    stuck_after_ms: u64,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -262,6 +273,31 @@ async fn confirm_pods(shipments: shipments::service::Shipments, shutdown: Cancel
         }
         if let Err(e) = shipments.confirm_pods(ingest::now_ms()).await {
             tracing::warn!(error = ?e, "POD confirmation round failed; trying again");
+        }
+        n += 1;
+        if n % 15 != 1 {
+            continue;
+        }
+        match shipments.stuck(ingest::now_ms(), stuck_after_ms).await {
+            Ok(list) => {
+                for (reason, gauge) in shipments::service::STUCK_REASONS
+                    .iter()
+                    .zip(&metrics.shipments_stuck)
+                {
+                    let c = list.iter().filter(|s| s.reason == *reason).count() as u64;
+                    gauge.store(c, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = ?e, "could not count stuck shipments"),
+        }
+        if let Ok(open) = shipments
+            .store()
+            .reviews(Some(shipments::correlate::ReviewStatus::Open), 100_000)
+            .await
+        {
+            metrics
+                .review_open
+                .store(open.len() as u64, Ordering::Relaxed);
         }
     }
 }

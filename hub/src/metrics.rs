@@ -55,6 +55,11 @@ pub struct Metrics {
     pub blob_uploads_in_progress: AtomicU64,
     /// Gauge (at the last sweep): bytes of their parts.
     pub blob_upload_bytes: AtomicU64,
+    /// Gauges: stuck shipments by reason (released_not_dispatched,
+    /// dispatched_not_acknowledged, delivered_without_pod, waiting_in_review).
+    pub shipments_stuck: [AtomicU64; 4],
+    /// Gauge: open review items.
+    pub review_open: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
     lag_count: AtomicU64,
     lag_sum_ms: AtomicU64,
@@ -199,6 +204,22 @@ impl Metrics {
                 g(c)
             );
         }
+        let name = "fleetsync_hub_shipments_stuck";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Shipments waiting past shipments.stuck_after_s, by reason (at the last check).\n# TYPE {name} gauge"
+        );
+        for (reason, c) in crate::shipments::service::STUCK_REASONS
+            .iter()
+            .zip(&self.shipments_stuck)
+        {
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", reason.as_str(), g(c));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetsync_hub_review_open Open items in the review queue.\n# TYPE fleetsync_hub_review_open gauge\nfleetsync_hub_review_open {}",
+            g(&self.review_open)
+        );
         let name = "fleetsync_hub_ingest_lag_seconds";
         let _ = writeln!(
             out,

@@ -287,6 +287,20 @@ async fn erp_to_vehicle(stack: Stack) {
         .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(body["state"], "CREATED", "no vehicle yet: {body}");
+    let stuck = ops.get_json("/v1/ops/shipments/stuck?older_than_s=0").await;
+    assert!(
+        stuck["shipments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["shipment_id"] == "S4" && s["reason"] == "released_not_dispatched"),
+        "{stuck}"
+    );
+    let stuck = ops.get_json("/v1/ops/shipments/stuck").await;
+    assert!(
+        stuck["shipments"].as_array().unwrap().is_empty(),
+        "nothing waits 15 minutes yet: {stuck}"
+    );
     let (s, body) = ops
         .post("/v1/ops/shipments/S4/assign", &json!({"vehicle": "V1"}))
         .await;

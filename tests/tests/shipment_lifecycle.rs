@@ -273,6 +273,18 @@ async fn lifecycle(stack: Stack) {
         "{item}"
     );
     assert_eq!(erp.get_json("/v1/erp/shipments/S2").await["review"], "open");
+    let stuck = ops.get_json("/v1/ops/shipments/stuck?older_than_s=0").await;
+    let reasons: Vec<&str> = stuck["shipments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["shipment_id"] == "S2")
+        .map(|s| s["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.contains(&"waiting_in_review") && reasons.contains(&"delivered_without_pod"),
+        "{stuck}"
+    );
     let id = item["id"].as_str().unwrap();
     let full = ops.get_json(&format!("/v1/ops/review/{id}")).await;
     assert_eq!(full["evidence"]["event"]["kind"], "pod", "{full}");

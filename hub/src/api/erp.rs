@@ -506,3 +506,25 @@ pub(super) async fn reject(
 ) -> Result<Response, ApiError> {
     decide(st, who, id, body, false).await
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StuckQuery {
+    older_than_s: Option<u64>,
+}
+
+/// `GET /v1/ops/shipments/stuck?older_than_s=`
+pub(super) async fn stuck(
+    State(st): State<AppState>,
+    Query(q): Query<StuckQuery>,
+) -> Result<Response, ApiError> {
+    let age = q
+        .older_than_s
+        .map_or(st.stuck_after_ms, |s| s.saturating_mul(1000));
+    let list = st.shipments.stuck(crate::ingest::now_ms(), age).await?;
+    Ok(Json(serde_json::json!({
+        "older_than_s": age / 1000,
+        "shipments": list,
+    }))
+    .into_response())
+}

@@ -51,6 +51,8 @@ pub struct AppState {
     pub dispatch: Dispatch,
     /// Shipment use cases.
     pub shipments: crate::shipments::service::Shipments,
+    /// Age after which a waiting shipment counts as stuck.
+    pub stuck_after_ms: u64,
 }
 
 /// An API error.
@@ -271,6 +273,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/credentials/{id}", delete(credentials::revoke))
         .route("/shipments", get(erp::list))
+        .route("/shipments/stuck", get(erp::stuck))
         .route("/shipments/{id}", get(erp::get_shipment))
         .route("/shipments/{id}/assign", post(erp::assign))
         .route("/review", get(erp::reviews))

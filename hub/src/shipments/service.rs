@@ -666,6 +666,79 @@ impl Shipments {
         Ok(decided)
     }
 
+    /// Shipments waiting longer than `age_ms` where they should not wait: released but
+    /// not dispatched (CREATED), dispatched but the vehicle has not acknowledged its
+    /// assignment (PLANNED), delivered without a confirmed POD (DELIVERED), and waiting
+    /// in the review queue.
+    pub async fn stuck(&self, now_ms: u64, age_ms: u64) -> Result<Vec<Stuck>, ShipmentError> {
+        let cutoff = now_ms.saturating_sub(age_ms);
+        let mut out = Vec::new();
+        for state in [State::Created, State::Planned, State::Delivered] {
+            let mut after = None;
+            loop {
+                let page = self
+                    .store
+                    .shipments(&ShipmentQuery {
+                        state: Some(state),
+                        after: after.clone(),
+                        limit: 500,
+                        ..Default::default()
+                    })
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = Some((last.updated_ms, last.id.clone()));
+                for r in &page {
+                    let since = match state {
+                        State::Created => Some((StuckReason::ReleasedNotDispatched, r.created_ms)),
+                        State::Planned => match &r.vehicle {
+                            Some(v) => match self.store.assignment(v).await? {
+                                Some(a) if !a.acknowledged() => {
+                                    Some((StuckReason::DispatchedNotAcknowledged, a.sent_ms))
+                                }
+                                _ => None,
+                            },
+                            None => None,
+                        },
+                        _ => Some((StuckReason::DeliveredWithoutPod, r.updated_ms)),
+                    };
+                    if let Some((reason, since)) = since
+                        && since <= cutoff
+                    {
+                        out.push(Stuck {
+                            reason,
+                            shipment_id: r.id.clone(),
+                            vehicle: r.vehicle.clone(),
+                            state: r.state,
+                            since: Time(since),
+                        });
+                    }
+                }
+                if page.len() < 500 {
+                    break;
+                }
+            }
+        }
+        for item in self.store.reviews(Some(ReviewStatus::Open), 10_000).await? {
+            if item.created_time.0 <= cutoff
+                && let Some(sid) = &item.shipment_id
+            {
+                let state = self
+                    .store
+                    .shipment(sid)
+                    .await?
+                    .map_or(State::Created, |(r, _)| r.state);
+                out.push(Stuck {
+                    reason: StuckReason::WaitingInReview,
+                    shipment_id: sid.clone(),
+                    vehicle: None,
+                    state,
+                    since: item.created_time,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Brings every vehicle's assignment in line with its shipments (at start: repairs
     /// a crash between a shipment write and its dispatch).
     pub async fn reconcile(&self, now_ms: u64) -> Result<(), ShipmentError> {
@@ -677,6 +750,55 @@ impl Shipments {
         }
         Ok(())
     }
+}
+
+/// Why a shipment is stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StuckReason {
+    /// Released by the ERP, on no vehicle.
+    ReleasedNotDispatched,
+    /// On a vehicle's assignment that the vehicle has not acknowledged.
+    DispatchedNotAcknowledged,
+    /// Delivered, the POD not confirmed.
+    DeliveredWithoutPod,
+    /// A review item waits for an operator.
+    WaitingInReview,
+}
+
+/// Every reason, in the metric's order.
+pub const STUCK_REASONS: [StuckReason; 4] = [
+    StuckReason::ReleasedNotDispatched,
+    StuckReason::DispatchedNotAcknowledged,
+    StuckReason::DeliveredWithoutPod,
+    StuckReason::WaitingInReview,
+];
+
+impl StuckReason {
+    /// The reason's name (JSON and the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StuckReason::ReleasedNotDispatched => "released_not_dispatched",
+            StuckReason::DispatchedNotAcknowledged => "dispatched_not_acknowledged",
+            StuckReason::DeliveredWithoutPod => "delivered_without_pod",
+            StuckReason::WaitingInReview => "waiting_in_review",
+        }
+    }
+}
+
+/// A stuck shipment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stuck {
+    /// Why.
+    pub reason: StuckReason,
+    /// The shipment.
+    pub shipment_id: String,
+    /// Its vehicle.
+    pub vehicle: Option<String>,
+    /// Its state.
+    pub state: State,
+    /// Waiting since.
+    pub since: Time,
 }
 
 fn erp_fact(
