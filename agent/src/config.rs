@@ -46,6 +46,9 @@ token = "change-me-driver-token"
 # send a request's headers (a stalled or idle client is closed after it).
 max_connections = 64
 header_timeout_ms = 10000
+# A POD upload that sends no byte for this long (a tablet gone off the Wi-Fi mid-upload)
+# is answered 408 and its upload place, quota reservation and partial file are freed.
+body_timeout_ms = 30000
 
 [gps]
 # Where fixes come from (leave out for no GPS):
@@ -152,6 +155,9 @@ pub struct ApiConfig {
     /// Time a client has to send a request's headers.
     #[serde(default = "default_header_timeout_ms")]
     pub header_timeout_ms: u64,
+    /// Longest wait for the next bytes of a POD upload's body.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
 }
 
 fn default_api_max_connections() -> usize {
@@ -162,6 +168,10 @@ fn default_header_timeout_ms() -> u64 {
     10_000
 }
 
+fn default_body_timeout_ms() -> u64 {
+    30_000
+}
+
 impl ApiConfig {
     /// The server loop's limits.
     pub fn limits(&self) -> crate::api::serve::ServeLimits {
@@ -169,6 +179,11 @@ impl ApiConfig {
             max_connections: self.max_connections,
             header_timeout: std::time::Duration::from_millis(self.header_timeout_ms),
         }
+    }
+
+    /// Longest wait for the next bytes of a POD upload's body.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
     }
 }
 
@@ -179,6 +194,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("token", &"<redacted>")
             .field("max_connections", &self.max_connections)
             .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("body_timeout_ms", &self.body_timeout_ms)
             .finish()
     }
 }
@@ -335,6 +351,12 @@ impl Config {
                 self.api.header_timeout_ms
             )));
         }
+        if !(100..=600_000).contains(&self.api.body_timeout_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "api.body_timeout_ms = {}: must be from 100 to 600000 (ms)",
+                self.api.body_timeout_ms
+            )));
+        }
         if self.store.quota_bytes < 64 * 1024 {
             return Err(ConfigError::Invalid(
                 "store.quota_bytes must be at least 65536".into(),
@@ -427,6 +449,20 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.uplink.batch_max_events, 60);
         assert_eq!(cfg.health.interval_s, 60);
+        assert_eq!(cfg.api.body_timeout(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn body_timeout_out_of_range_is_named() {
+        for bad in ["99", "600001"] {
+            let text = EXAMPLE.replace(
+                "body_timeout_ms = 30000",
+                &format!("body_timeout_ms = {bad}"),
+            );
+            let cfg: Config = toml::from_str(&text).unwrap();
+            let e = cfg.validate().unwrap_err();
+            assert!(e.to_string().contains("api.body_timeout_ms"), "{e}");
+        }
     }
 }
 

@@ -286,6 +286,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         gps: gps_stats,
         pod_lock: Arc::new(tokio::sync::Mutex::new(())),
         pod_uploads: Arc::new(tokio::sync::Semaphore::new(api::MAX_POD_UPLOADS)),
+        body_timeout: cfg.api.body_timeout(),
     });
     tasks.push(tokio::spawn(api::serve::serve(
         listener,

@@ -9,10 +9,15 @@
 //!   and its event goes in one durable transaction with their records, and only then 201.
 //!   At most [`MAX_POD_UPLOADS`] uploads at once: another is answered 503 with
 //!   `Retry-After`. A repeated `Idempotency-Key` returns the first answer (its files are
-//!   only hashed, not stored again).
+//!   only hashed, not stored again). A body that stalls (no byte within the config's
+//!   `api.body_timeout_ms`) or is not complete within [`MAX_UPLOAD_TIME`] is answered
+//!   408, and its upload place, quota reservation and partial files are given back at
+//!   once. Any other refusal once the body is being read reads the rest of it first
+//!   (within the same deadlines), so the client gets the answer, not a reset connection.
 //! - `POST /v1/exceptions`: `{code, text, stop_id?}` with `code` from [`EXCEPTION_CODES`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::multipart::Field;
@@ -43,6 +48,10 @@ const MAX_TEXT_FIELD: usize = 64 * 1024;
 pub const MAX_POD_UPLOADS: usize = 2;
 /// Seconds a refused upload is told to wait.
 pub const UPLOAD_RETRY_AFTER_S: u32 = 2;
+/// Longest a POD request's body may take in all, however steadily it trickles in (a full
+/// [`MAX_POD_BYTES`] at about 40 KiB/s); past it the request is answered 408 like a
+/// stalled one, so an upload place is never held for longer.
+pub const MAX_UPLOAD_TIME: Duration = Duration::from_secs(600);
 /// Bytes of a file part gathered before they are written out: an upload holds this much
 /// memory, not its file.
 const UPLOAD_BLOCK: usize = 256 * 1024;
@@ -260,6 +269,43 @@ fn chunk_err(name: &str, e: axum::extract::multipart::MultipartError) -> ApiErro
     }
 }
 
+/// The deadlines of reading one request's body: each read within `per_read` (the config's
+/// `api.body_timeout_ms`), the whole body by `deadline` ([`MAX_UPLOAD_TIME`] after the
+/// request was taken up).
+#[derive(Debug, Clone, Copy)]
+struct BodyClock {
+    per_read: Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl BodyClock {
+    fn start(per_read: Duration) -> Self {
+        BodyClock {
+            per_read,
+            deadline: tokio::time::Instant::now() + MAX_UPLOAD_TIME,
+        }
+    }
+
+    /// Awaits one read of the body; 408 when it takes longer than either deadline allows.
+    async fn read<T>(&self, f: impl Future<Output = T>) -> Result<T, ApiError> {
+        let now = tokio::time::Instant::now();
+        let until = (now + self.per_read).min(self.deadline);
+        tokio::time::timeout_at(until, f).await.map_err(|_| {
+            ApiError::Timeout(if until == self.deadline {
+                format!(
+                    "body: not complete within {} s; send the POD again",
+                    MAX_UPLOAD_TIME.as_secs()
+                )
+            } else {
+                format!(
+                    "body: no bytes for {} ms; send the POD again",
+                    self.per_read.as_millis()
+                )
+            })
+        })
+    }
+}
+
 /// Where a file part's bytes go.
 enum Sink {
     /// A temporary file in the store (quota reserved as it grows).
@@ -309,6 +355,7 @@ impl Sink {
 /// limits. `total` counts the request's bytes so far.
 async fn stream_file(
     field: &mut Field<'_>,
+    clock: &BodyClock,
     name: &str,
     mut sink: Sink,
     total: &mut usize,
@@ -319,7 +366,10 @@ async fn stream_file(
     let mut media = None;
     let mut len = 0usize;
     loop {
-        let chunk = field.chunk().await.map_err(|e| chunk_err(name, e))?;
+        let chunk = clock
+            .read(field.chunk())
+            .await?
+            .map_err(|e| chunk_err(name, e))?;
         let end = chunk.is_none();
         if let Some(c) = chunk {
             len += c.len();
@@ -358,8 +408,13 @@ async fn stream_file(
     })
 }
 
-/// Reads the form, streaming files into the store (`store`) or only hashing them (`None`).
-async fn read_form(mut mp: Multipart, store: Option<&Store>) -> Result<PodForm, ApiError> {
+/// Reads the form, streaming files into the store (`store`) or only hashing them (`None`),
+/// each read of the body within `clock`'s deadlines.
+async fn read_form(
+    mp: &mut Multipart,
+    clock: &BodyClock,
+    store: Option<&Store>,
+) -> Result<PodForm, ApiError> {
     let mut f = PodForm {
         outcome: None,
         reason_code: None,
@@ -376,9 +431,9 @@ async fn read_form(mut mp: Multipart, store: Option<&Store>) -> Result<PodForm, 
             None => Sink::Hash(sha2::Sha256::new()),
         })
     };
-    while let Some(mut field) = mp
-        .next_field()
-        .await
+    while let Some(mut field) = clock
+        .read(mp.next_field())
+        .await?
         .map_err(|e| bad("body", format!("not valid multipart ({e})")))?
     {
         let name = field.name().unwrap_or_default().to_string();
@@ -390,6 +445,7 @@ async fn read_form(mut mp: Multipart, store: Option<&Store>) -> Result<PodForm, 
                 let accept = |m| matches!(m, MediaType::Png | MediaType::Svg);
                 let u = stream_file(
                     &mut field,
+                    clock,
                     &name,
                     sink()?,
                     &mut total,
@@ -407,6 +463,7 @@ async fn read_form(mut mp: Multipart, store: Option<&Store>) -> Result<PodForm, 
                 let accept = |m| matches!(m, MediaType::Jpeg | MediaType::Png | MediaType::Heic);
                 let u = stream_file(
                     &mut field,
+                    clock,
                     &name,
                     sink()?,
                     &mut total,
@@ -426,7 +483,11 @@ async fn read_form(mut mp: Multipart, store: Option<&Store>) -> Result<PodForm, 
             }
         }
         let mut data = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(|e| chunk_err(&name, e))? {
+        while let Some(chunk) = clock
+            .read(field.chunk())
+            .await?
+            .map_err(|e| chunk_err(&name, e))?
+        {
             data.extend_from_slice(&chunk);
             total += chunk.len();
             if data.len() > MAX_TEXT_FIELD {
@@ -445,11 +506,12 @@ async fn read_form(mut mp: Multipart, store: Option<&Store>) -> Result<PodForm, 
     Ok(f)
 }
 
-/// Reads and discards a request's body, so a client that sent it without waiting for
-/// `100 Continue` reads the answer instead of a reset connection.
-async fn drain(mut mp: Multipart) {
-    while let Ok(Some(mut field)) = mp.next_field().await {
-        while let Ok(Some(_)) = field.chunk().await {}
+/// Reads and discards the rest of a request's body (within `clock`'s deadlines), so a
+/// client that sent it without waiting for `100 Continue` reads the answer instead of a
+/// reset connection. Stops at the first error: what is left then is hyper's to close.
+async fn drain(mp: &mut Multipart, clock: &BodyClock) {
+    while let Ok(Ok(Some(mut field))) = clock.read(mp.next_field()).await {
+        while let Ok(Ok(Some(_))) = clock.read(field.chunk()).await {}
     }
 }
 
@@ -465,7 +527,7 @@ pub(super) async fn pod(
     State(st): State<ApiState>,
     Path(stop_id): Path<String>,
     headers: HeaderMap,
-    mp: Multipart,
+    mut mp: Multipart,
 ) -> Result<Response, ApiError> {
     let idem = match headers.get("idempotency-key") {
         Some(v) => {
@@ -486,12 +548,13 @@ pub(super) async fn pod(
         .find(|s| s.id.as_str() == stop_id)
         .ok_or_else(|| ApiError::NotFound(format!("stop {stop_id:?} is not in job {}", a.id)))?
         .clone();
+    let clock = BodyClock::start(st.body_timeout);
     let Ok(_permit) = Arc::clone(&st.pod_uploads).try_acquire_owned() else {
         let waiting = headers
             .get(axum::http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if !waiting {
-            drain(mp).await;
+            drain(&mut mp, &clock).await;
         }
         return Err(ApiError::Busy {
             message: format!(
@@ -501,12 +564,34 @@ pub(super) async fn pod(
             retry_after_s: UPLOAD_RETRY_AFTER_S,
         });
     };
+    let r = take_pod(&st, &stop_id, &stop, idem, &mut mp, &clock).await;
+    if let Err(e) = &r
+        && !matches!(e, ApiError::Timeout(_))
+    {
+        // Refused part-way (a bad part, the quota): the rest of the body is read, with
+        // the upload place still held, so the client reads this answer. Its files are
+        // already deleted and their reservations given back. A stalled client is not
+        // waited for again.
+        drain(&mut mp, &clock).await;
+    }
+    r
+}
+
+/// The POD of `pod` once its upload place is held: reads the form, checks it and stores it.
+async fn take_pod(
+    st: &ApiState,
+    stop_id: &str,
+    stop: &Stop,
+    idem: Option<String>,
+    mp: &mut Multipart,
+    clock: &BodyClock,
+) -> Result<Response, ApiError> {
     // A key already answered: its files are only hashed, to check the replay matches.
     let replay = match &idem {
         Some(k) => st.store.pod_by_key(k)?.is_some(),
         None => false,
     };
-    let form = read_form(mp, (!replay).then_some(&st.store)).await?;
+    let form = read_form(mp, clock, (!replay).then_some(&st.store)).await?;
 
     let outcome = match form.outcome.as_deref() {
         Some("delivered") => Outcome::Delivered,
@@ -566,7 +651,7 @@ pub(super) async fn pod(
     // The request's fingerprint: what a replay with the same key must match.
     let mut fp = sha2::Sha256::new();
     for part in [
-        stop_id.as_str(),
+        stop_id,
         form.outcome.as_deref().unwrap_or(""),
         reason.as_deref().unwrap_or(""),
         &recipient,

@@ -17,7 +17,8 @@ mod driver;
 pub mod serve;
 
 pub use driver::{
-    EXCEPTION_CODES, MAX_FILE_BYTES, MAX_POD_BYTES, MAX_POD_UPLOADS, UPLOAD_RETRY_AFTER_S, sniff,
+    EXCEPTION_CODES, MAX_FILE_BYTES, MAX_POD_BYTES, MAX_POD_UPLOADS, MAX_UPLOAD_TIME,
+    UPLOAD_RETRY_AFTER_S, sniff,
 };
 
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub struct ApiState {
     pub pod_lock: Arc<tokio::sync::Mutex<()>>,
     /// POD uploads in progress ([`MAX_POD_UPLOADS`] permits).
     pub pod_uploads: Arc<tokio::sync::Semaphore>,
+    /// Longest wait for the next bytes of a POD upload's body (then 408).
+    pub body_timeout: std::time::Duration,
 }
 
 /// An API error.
@@ -81,6 +84,8 @@ pub enum ApiError {
     NotFound(String),
     /// 422.
     Unprocessable(String),
+    /// 408: the request's body stalled; the connection is closed after the answer.
+    Timeout(String),
     /// 507: the store is full.
     Full(String),
     /// 503 with `Retry-After`: a bounded resource is busy; the client sends it again.
@@ -118,6 +123,16 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m.as_str()),
             ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.as_str()),
             ApiError::Full(m) => (StatusCode::INSUFFICIENT_STORAGE, m.as_str()),
+            ApiError::Timeout(m) => {
+                let mut r =
+                    (StatusCode::REQUEST_TIMEOUT, Json(ErrorBody { error: m })).into_response();
+                // The rest of the body is not read: the connection cannot be reused.
+                r.headers_mut().insert(
+                    header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                return r;
+            }
             ApiError::Busy {
                 message,
                 retry_after_s,

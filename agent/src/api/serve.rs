@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! accept (only with a free connection place, else the client waits in the kernel's
-//!         backlog and costs this process no file descriptor)
+//!         backlog and costs this process no file descriptor); TCP keepalive on, so a
+//!         peer gone without a word (a tablet off the Wi-Fi) errors the connection
+//!         within about KEEPALIVE_IDLE + KEEPALIVE_RETRIES x KEEPALIVE_INTERVAL
 //!   -> HTTP/1.1 connection: headers within HEADER_TIMEOUT of the connection's start or
 //!      of the previous response (an idle keep-alive client is closed the same way)
 //!   -> the router; on shutdown: graceful close, GRACE at most
@@ -30,6 +32,22 @@ use tokio_util::task::TaskTracker;
 const GRACE: Duration = Duration::from_secs(5);
 /// Largest request head (request line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Idle time of a connection before the kernel probes its peer.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between unanswered probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the connection is reset.
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Turns on TCP keepalive with this module's timings: a request (or a POD body) from a
+/// peer that vanished then fails instead of waiting forever on a half-open connection.
+fn keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&ka)
+}
 
 /// Limits of the server loop.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +87,9 @@ pub async fn serve(
                 }
             },
         };
+        if let Err(e) = keepalive(&tcp) {
+            tracing::debug!(%peer, error = %e, "TCP keepalive not set");
+        }
         let (app, sd) = (app.clone(), shutdown.clone());
         tasks.spawn(async move {
             let _place = place;
@@ -168,5 +189,21 @@ mod tests {
             t.elapsed()
         );
         sd.cancel();
+    }
+
+    #[tokio::test]
+    async fn keepalive_is_set_with_its_timings() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        keepalive(&tcp).unwrap();
+        let s = socket2::SockRef::from(&tcp);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+        drop(c);
     }
 }

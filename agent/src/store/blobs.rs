@@ -11,7 +11,10 @@
 //! - A record in tree `pod_blobs` means its file is durable (renamed and the directory
 //!   fsynced before the record's transaction).
 //! - A file is deleted only after its record is removed (the hub's `BlobAck`), so on open
-//!   a record without a file is a blob the hub already has: the record is dropped.
+//!   a record without a file is a blob the hub already has: the record is dropped. While
+//!   the store is open, a record whose file is gone or has the wrong length is damage
+//!   from outside: [`Store::open_blob`] logs an error and drops it, so the blobs after it
+//!   are still sent.
 //! - A final file without a record (a crash between rename and commit, or a POD whose
 //!   commit failed) and every temporary file are deleted on open; until then they are on
 //!   disk and in the directory's size, but not in the logical figures.
@@ -276,7 +279,10 @@ impl Store {
         Ok(out)
     }
 
-    /// A pending blob's file and length, to be read chunk by chunk.
+    /// A pending blob's file and length, to be read chunk by chunk. `None` when it is not
+    /// pending, and when its file is gone or not of its recorded length: the bytes are lost
+    /// (a record is written only once its file is durable), so the blob is dropped
+    /// ([`Self::drop_lost_blob`]) rather than tried again forever.
     pub fn open_blob(&self, sha: &Sha256) -> Result<Option<(File, u64)>, StoreError> {
         let core = &self.inner.core;
         let Some(v) = core.blob_records.get(sha)? else {
@@ -284,11 +290,30 @@ impl Store {
         };
         let len = decode_len(&v)?;
         let p = file_path(&core.path.join(DIR), sha);
-        match File::open(&p) {
-            Ok(f) => Ok(Some((f, len))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&p)(e)),
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.drop_lost_blob(sha, "its file is gone")?;
+                return Ok(None);
+            }
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        let found = f.metadata().map_err(io_err(&p))?.len();
+        if found != len {
+            let why = format!("its file has {found} bytes, its record {len}");
+            self.drop_lost_blob(sha, &why)?;
+            return Ok(None);
         }
+        Ok(Some((f, len)))
+    }
+
+    /// Drops a pending blob whose bytes are lost (its file gone, or short when read):
+    /// logs an error naming it and `why`, then removes its record and file like
+    /// [`Self::remove_blob`]. Its POD event stays; the hub never gets this picture.
+    pub fn drop_lost_blob(&self, sha: &Sha256, why: &str) -> Result<bool, StoreError> {
+        tracing::error!(sha256 = %hex::encode(sha), why,
+            "store: POD blob lost from the store's folder; dropping it and sending the others");
+        self.remove_blob(sha)
     }
 
     /// Deletes a blob the hub has stored: its record (durable at the next commit round),

@@ -15,7 +15,7 @@ use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
 use super::blobs::{self, BlobFile};
-use super::{KEY_LEN, Store, StoreError, commit, map_tx};
+use super::{KEY_LEN, State, Store, StoreError, commit, map_tx};
 
 const ASSIGNMENT: &[u8] = b"assignment";
 const IDEM: &[u8] = b"idem/";
@@ -67,33 +67,57 @@ impl Store {
     /// making room by thinning telemetry like any append. Returns the seq once the
     /// transaction is durable. `docs` runs under the state lock, before any seq is taken,
     /// so what it reads holds until the transaction and its error leaves no trace.
+    ///
+    /// The commit (renames and fsyncs under the state lock) runs on a blocking thread, not
+    /// on a runtime worker; only the wait for its group commit is async.
     async fn append_critical_with(
         &self,
         value: Vec<u8>,
-        mut files: Vec<BlobFile>,
-        docs: impl FnOnce(&Self, u64) -> Result<Beside, StoreError>,
+        files: Vec<BlobFile>,
+        docs: impl FnOnce(&Self, u64) -> Result<Beside, StoreError> + Send + 'static,
     ) -> Result<u64, StoreError> {
-        let core = &self.inner.core;
-        // Declared before the lock: on an early return the guard is dropped first, and
-        // only then the files (whose drop takes the lock to give their reservation back).
+        let store = self.clone();
+        let (seq, ticket) = tokio::task::spawn_blocking(move || {
+            let mut files = files;
+            let res = store.commit_locked(&value, &mut files, docs);
+            // Only once the lock is released: an upload's drop takes it to give its
+            // reservation back.
+            drop(files);
+            res
+        })
+        .await
+        .map_err(|e| StoreError::Commit(format!("commit task: {e}")))??;
+        self.inner.core.commits.wait(ticket).await?;
+        Ok(seq)
+    }
+
+    /// The part of [`Self::append_critical_with`] under the state lock; returns the seq and
+    /// the commit ticket. On an error, files it renamed to their digests are deleted
+    /// before the lock is released: a POD committing the same digest next renames its own
+    /// file there and records it, and must not find it deleted after.
+    fn commit_locked(
+        &self,
+        value: &[u8],
+        files: &mut [BlobFile],
+        docs: impl FnOnce(&Self, u64) -> Result<Beside, StoreError>,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut st = self.inner.core.state()?;
         let mut renamed: Vec<PathBuf> = Vec::new();
-        let res = self.commit_locked(&value, &mut files, &mut renamed, docs);
+        let res = self.commit_under(&mut st, value, files, &mut renamed, docs);
         if res.is_err() {
             // Renamed but not recorded: not a pending blob. (Open deletes any left over.)
             for p in renamed {
                 let _ = std::fs::remove_file(p);
             }
         }
-        drop(files);
-        let (seq, ticket) = res?;
-        core.commits.wait(ticket).await?;
-        Ok(seq)
+        res
     }
 
-    /// The part of [`Self::append_critical_with`] under the state lock; returns the seq and
-    /// the commit ticket.
-    fn commit_locked(
+    /// [`Self::commit_locked`] with the state lock held (`st`); every file it renames is
+    /// pushed to `renamed` until the transaction has recorded it.
+    fn commit_under(
         &self,
+        st: &mut State,
         value: &[u8],
         files: &mut [BlobFile],
         renamed: &mut Vec<PathBuf>,
@@ -101,7 +125,6 @@ impl Store {
     ) -> Result<(u64, u64), StoreError> {
         let core = &self.inner.core;
         let dir = core.path.join(blobs::DIR);
-        let mut st = core.state()?;
         // Blob writers hold the state lock, so this stays true until the transaction.
         let mut fresh = Vec::with_capacity(files.len());
         let mut reserved = 0u64;
@@ -118,7 +141,7 @@ impl Store {
             .sum::<u64>();
         // The uploads' reserved bytes become the blobs': plan without them.
         st.inflight -= reserved;
-        let plan = core.plan_room(&st, n, file_bytes);
+        let plan = core.plan_room(st, n, file_bytes);
         st.inflight += reserved;
         let plan = plan?;
         // Nothing may fail between taking seqs and the transaction (a seq taken and not
@@ -232,16 +255,18 @@ impl Store {
         let value = postcard::to_stdvec(&ev)?;
         let epoch = self.inner.core.epoch;
         let stop_bytes = postcard::to_stdvec(&stop)?;
+        let idempotency_key = idempotency_key.map(str::to_owned);
+        let closure_pod_id = pod_id.clone();
         let seq = self
-            .append_critical_with(value, files, |_, seq| {
+            .append_critical_with(value, files, move |_, seq| {
                 let stored = PodStored {
-                    pod_id: pod_id.clone(),
+                    pod_id: closure_pod_id,
                     epoch,
                     seq,
                     fingerprint,
                 };
                 let mut put = vec![(doc_key(STOP, &stop_id), stop_bytes)];
-                if let Some(k) = idempotency_key {
+                if let Some(k) = &idempotency_key {
                     put.push((doc_key(IDEM, k), postcard::to_stdvec(&stored)?));
                 }
                 Ok(Beside {
@@ -295,14 +320,15 @@ impl Store {
         }
         let value = postcard::to_stdvec(&ack)?;
         let doc = postcard::to_stdvec(a)?;
+        let (version, id) = (a.version, a.id.clone());
         let r = self
-            .append_critical_with(value, Vec::new(), |store, _| {
+            .append_critical_with(value, Vec::new(), move |store, _| {
                 let cur = store.assignment()?;
-                if cur.as_ref().is_some_and(|cur| cur.version >= a.version) {
+                if cur.as_ref().is_some_and(|cur| cur.version >= version) {
                     return Err(StoreError::NotNewer);
                 }
                 let mut remove = Vec::new();
-                if cur.is_none_or(|cur| cur.id != a.id) {
+                if cur.is_none_or(|cur| cur.id != id) {
                     remove = store
                         .inner
                         .core

@@ -15,7 +15,7 @@
 //! critical events go at once. Publishing never blocks the sender (`try_publish`, with the
 //! client queue larger than the in-flight window), so pump and sender cannot deadlock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -232,6 +232,10 @@ struct Sender {
     blob_topic: String,
     /// The blob being uploaded: digest, next offset, when its last chunk went out.
     blob: Option<BlobUpload>,
+    /// Blobs whose file could not be read (an I/O error, not a lost file): passed over
+    /// until every other pending blob was tried, or the next (re)connect. At most the
+    /// pending blobs.
+    blob_failed: BTreeSet<Sha256>,
 }
 
 /// A blob being uploaded: read from its file one chunk at a time, never whole.
@@ -264,6 +268,7 @@ async fn sender(
     let mut s = Sender {
         blob_topic,
         blob: None,
+        blob_failed: BTreeSet::new(),
         cfg,
         client,
         store,
@@ -313,6 +318,7 @@ impl Sender {
         self.cursor_critical = None;
         self.cursor_telemetry = None;
         self.blob = None;
+        self.blob_failed.clear();
         self.sent_first = None;
     }
 
@@ -491,27 +497,7 @@ impl Sender {
             let Ok(pending) = self.store.pending_blobs() else {
                 return;
             };
-            let Some((sha, _)) = pending.first() else {
-                return;
-            };
-            let (file, len) = match self.store.open_blob(sha) {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
-                Err(e) => {
-                    warn!(error = %e, sha256 = %hex::encode(sha), "cannot read a POD blob");
-                    return;
-                }
-            };
-            let Ok(total) = usize::try_from(len) else {
-                return;
-            };
-            self.blob = Some(BlobUpload {
-                sha256: *sha,
-                file,
-                total,
-                next: 0,
-                finished: None,
-            });
+            self.blob = self.open_next_blob(&pending);
         }
         let Some(u) = self.blob.as_mut() else { return };
         let total = u.total;
@@ -524,8 +510,19 @@ impl Sender {
             let part = &mut buf[..end - u.next];
             if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(&u.file, part, u.next as u64)
             {
-                warn!(error = %e, sha256 = %hex::encode(u.sha256), "cannot read a POD blob");
+                let sha = u.sha256;
                 self.blob = None;
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    // Shorter than its record: bytes lost, no retry brings them back.
+                    let why = format!("its file ends before byte {end} of {total}");
+                    if let Err(e) = self.store.drop_lost_blob(&sha, &why) {
+                        warn!(error = %e, sha256 = %hex::encode(sha), "could not drop a lost blob");
+                    }
+                } else {
+                    warn!(error = %e, sha256 = %hex::encode(sha),
+                        "cannot read a POD blob; sending the others first");
+                    self.blob_failed.insert(sha);
+                }
                 return;
             }
             let chunk = BlobChunk {
@@ -549,6 +546,46 @@ impl Sender {
                 u.finished = Some(Instant::now());
             }
         }
+    }
+
+    /// Opens the first of `pending` that can be read, in digest order: one the store finds
+    /// lost is dropped there (an ERROR) and one that fails to open is passed over
+    /// (`blob_failed`), so neither holds up the blobs after it.
+    fn open_next_blob(&mut self, pending: &[(Sha256, u64)]) -> Option<BlobUpload> {
+        if pending
+            .iter()
+            .all(|(sha, _)| self.blob_failed.contains(sha))
+        {
+            // Everything left has failed: try them all again.
+            self.blob_failed.clear();
+        }
+        for (sha, _) in pending {
+            if self.blob_failed.contains(sha) {
+                continue;
+            }
+            match self.store.open_blob(sha) {
+                Ok(Some((file, len))) => {
+                    if let Ok(total) = usize::try_from(len) {
+                        return Some(BlobUpload {
+                            sha256: *sha,
+                            file,
+                            total,
+                            next: 0,
+                            finished: None,
+                        });
+                    }
+                    self.blob_failed.insert(*sha);
+                }
+                // Acknowledged meanwhile, or lost and dropped by the store.
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, sha256 = %hex::encode(sha),
+                        "cannot open a POD blob; sending the others first");
+                    self.blob_failed.insert(*sha);
+                }
+            }
+        }
+        None
     }
 
     fn publish(&mut self, batch: &Batch) -> bool {
