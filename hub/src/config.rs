@@ -66,6 +66,23 @@ path = "data/hub"
 # partial_blob_budget_bytes = 67108864
 # partial_blob_ttl_s = 3600
 
+[shipments]
+# A shipment waiting this long (released but on no vehicle, dispatched but not
+# acknowledged by the vehicle, delivered without a confirmed POD, in review) is listed at
+# GET /v1/ops/shipments/stuck and counted in fleetsync_hub_shipments_stuck.
+# stuck_after_s = 900
+# The mapping tables (canonical state -> ERP status, portal status, webhook type) are
+# built in (GET /v1/erp/mappings); to replace them, give every state a row:
+# [shipments.mappings]
+# version = "sap-2"
+# [[shipments.mappings.states]]
+# state = "POD_CONFIRMED"
+# erp_status = "INVOICE_READY"
+# portal_status = "Delivered"
+# webhook_type = "shipment.pod_confirmed.v1"
+# releases_billing = true
+# (... one [[shipments.mappings.states]] per state)
+
 [auth]
 # Bearer token of the operator API. Set it from a secret store via
 # FLEETSYNC_HUB_OPERATOR_TOKEN rather than writing it here in production.
@@ -563,8 +580,9 @@ mod tests {
                 m.releases_billing
             ));
         }
+        let base = EXAMPLE.replace("[shipments]\n", "");
         let text = format!(
-            "{EXAMPLE}\n[shipments]\nstuck_after_s = 600\n[shipments.mappings]\nversion = \"sap-2\"\n{rows}"
+            "{base}\n[shipments]\nstuck_after_s = 600\n[shipments.mappings]\nversion = \"sap-2\"\n{rows}"
         );
         let cfg = Config::parse(&text).unwrap();
         cfg.validate().unwrap();
@@ -579,7 +597,7 @@ mod tests {
         // One state short: refused, naming it.
         let cut = rows.rfind("[[shipments.mappings.states]]").unwrap();
         let text = format!(
-            "{EXAMPLE}\n[shipments.mappings]\nversion = \"sap-2\"\n{}",
+            "{base}\n[shipments.mappings]\nversion = \"sap-2\"\n{}",
             &rows[..cut]
         );
         let err = Config::parse(&text)
