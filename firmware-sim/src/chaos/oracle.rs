@@ -6,8 +6,9 @@
 //! - every GPS fix written to an agent is at the hub (matched by GPS time), except fixes
 //!   written in the moments around a kill -9 of that agent (not yet durable: the contract
 //!   allows GPS group commit) and fixes a quota `Gap` accounts for: one whose dropped seq
-//!   range reaches between the seqs of the positions stored just before and after the
-//!   missing fix, and in all no more missing fixes than the gaps declare;
+//!   range reaches into the seqs of the positions stored within 2 s of the missing fix
+//!   (and the nearest one each side; an API burst's positions take their seqs in store
+//!   order, not time order), and in all no more missing fixes than the gaps declare;
 //! - no content is stored twice; every POD's blobs are at the hub byte-identical; every
 //!   assignment is acknowledged; every backlog drained.
 
@@ -416,20 +417,24 @@ pub async fn check(
         positions.sort_unstable();
         // A missing fix's seq lies between those of the positions stored before and after
         // it (by GPS time); a quota gap must declare a range reaching into that interval.
+        // Positions posted through the API in a burst get their time when posted but
+        // their seq when stored, so near a burst seq order and time order differ by the
+        // burst's spread: the interval is that of the positions stored within
+        // `BURST_SPREAD_MS` of the fix, plus the nearest one on each side.
+        const BURST_SPREAD_MS: u64 = 2_000;
         let gap_covers = |t: u64| {
-            let i = positions.partition_point(|p| p.0 < t);
-            let (prev, next) = (i.checked_sub(1).map(|j| positions[j]), positions.get(i));
-            quota_gaps
-                .iter()
-                .any(|&(e, first, last)| match (prev, next) {
-                    (Some((_, pe, ps)), Some(&(_, ne, ns))) if pe == ne => {
-                        e == pe && last > ps && first < ns
-                    }
-                    _ => {
-                        prev.is_some_and(|(_, pe, ps)| e == pe && last > ps)
-                            || next.is_some_and(|&(_, ne, ns)| e == ne && first < ns)
-                    }
-                })
+            let lo = positions.partition_point(|p| p.0 < t.saturating_sub(BURST_SPREAD_MS));
+            let hi = positions.partition_point(|p| p.0 <= t + BURST_SPREAD_MS);
+            let from = lo.saturating_sub(1);
+            let to = (hi + 1).min(positions.len());
+            let window = &positions[from..to];
+            quota_gaps.iter().any(|&(e, first, last)| {
+                let seqs = window.iter().filter(|p| p.1 == e).map(|p| p.2);
+                match (seqs.clone().min(), seqs.max()) {
+                    (Some(min), Some(max)) => last >= min && first <= max,
+                    _ => false,
+                }
+            })
         };
         let mut uncovered = Vec::new();
         let mut missing = 0u64;
