@@ -253,13 +253,27 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
         .map_err(|e| SimError::Options(format!("HTTP client: {e}")))?;
     let ops = Http::new(&client, hub.http_addr, &operator_token);
     let run_nonce = hex::encode(rand::random::<[u8; 4]>());
+    // The ERP's credential: shipments are released through the ERP API.
+    let erp_token = client
+        .post(format!("{}/v1/ops/credentials", ops.base))
+        .bearer_auth(&ops.token)
+        .json(&serde_json::json!({"role": "erp", "name": "demo ERP"}))
+        .send()
+        .await
+        .map_err(|e| SimError::Options(format!("making the ERP credential: {e}")))?
+        .json::<serde_json::Value>()
+        .await
+        .ok()
+        .and_then(|v| v["token"].as_str().map(str::to_string))
+        .ok_or_else(|| SimError::Options("the hub made no ERP credential".into()))?;
+    let erp = Http::new(&client, hub.http_addr, &erp_token);
 
     // The vehicles' agents.
     let agent_sd = CancellationToken::new();
     let mut vehicles = Vec::with_capacity(ids.len());
     for (index, id) in ids.iter().enumerate() {
         let v = start_vehicle(
-            &opts, &root, &pki, &hub, &client, &ops, &run_nonce, index, id, &agent_sd,
+            &opts, &root, &pki, &hub, &client, &ops, &erp, &run_nonce, index, id, &agent_sd,
         )
         .await;
         match v {
@@ -348,8 +362,17 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
         all_lat.extend(lat);
         reports.push(r);
     }
-    let report = Report::build(opts.seed, opts.speedup, driven_s, drained, reports, all_lat);
+    let mut report = Report::build(opts.seed, opts.speedup, driven_s, drained, reports, all_lat);
     println!("\n{}", report.summary());
+    let (by_state, open) = shipments_at_hub(&ops).await;
+    let total: u64 = by_state.values().sum();
+    let states: Vec<String> = by_state.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "shipments released through the ERP API: {total} ({})\nreview queue: {open} open (GET /v1/ops/review?status=open)",
+        states.join(", ")
+    );
+    report.shipments = by_state;
+    report.review_open = open;
     if let Some(path) = &opts.report {
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| SimError::Options(format!("report: {e}")))?;
@@ -384,6 +407,7 @@ async fn start_vehicle(
     hub: &fleetsync_hub::Running,
     client: &reqwest::Client,
     ops: &Http,
+    erp: &Http,
     run_nonce: &str,
     index: usize,
     id: &str,
@@ -436,6 +460,7 @@ async fn start_vehicle(
         speedup: opts.speedup,
         run_nonce: run_nonce.to_string(),
         ops: ops.clone(),
+        erp: erp.clone(),
         driver: Http::new(client, agent.api_addr, &token),
         ignition,
         state: Arc::new(VehicleState::default()),
@@ -450,6 +475,46 @@ async fn start_vehicle(
         agent,
         gps: Some(gps),
     })
+}
+
+/// Shipments by state as the hub has them (after PODs had a moment to be judged), and
+/// the open items of the review queue.
+async fn shipments_at_hub(ops: &Http) -> (std::collections::BTreeMap<String, u64>, u64) {
+    let mut by_state: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut last = String::new();
+    for _ in 0..10 {
+        by_state.clear();
+        let mut cursor = String::new();
+        loop {
+            let path = format!("/v1/ops/shipments?limit=1000{cursor}");
+            let Ok(page) = ops.get_json(&path).await else {
+                break;
+            };
+            for s in page["shipments"].as_array().into_iter().flatten() {
+                *by_state
+                    .entry(s["state"].as_str().unwrap_or("?").to_string())
+                    .or_default() += 1;
+            }
+            match page["next"].as_str() {
+                Some(n) => cursor = format!("&cursor={n}"),
+                None => break,
+            }
+        }
+        let now = format!("{by_state:?}");
+        // Settled once two looks a second apart agree and nothing waits for its photos.
+        if now == last && !by_state.contains_key("DELIVERED") {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let open = ops
+        .get_json("/v1/ops/review?status=open")
+        .await
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0) as u64;
+    (by_state, open)
 }
 
 fn print_intro(

@@ -181,7 +181,7 @@ pub fn round(seed: u64, vehicle: &str, vehicle_index: usize, round: u32) -> Roun
                 STREETS[rng.random_range(0..STREETS.len())],
                 rng.random_range(1..400)
             ),
-            shipment_id: format!("SHP-{:06}", rng.random_range(0..1_000_000)),
+            shipment_id: format!("SHP-{vehicle}-r{round}-{}", k + 1),
             lat,
             lon,
             dwell_s: rng.random_range(40..=60),
@@ -223,6 +223,28 @@ pub fn round_on_track(
 }
 
 impl Round {
+    /// The ERP's shipment body for stop `k` of this round, on `vehicle`: one delivery at
+    /// the stop's fence, a POD with a signature and a photo.
+    pub fn shipment(&self, k: usize, vehicle: &str) -> Value {
+        let s = &self.stops[k];
+        json!({
+            "reference": format!("SO-{}", s.shipment_id.trim_start_matches("SHP-")),
+            // The business at the stop is the customer: "Bakkerij Jordaan" -> BAKKERIJ-JORDAAN.
+            "customer_id": s
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '-' })
+                .collect::<String>(),
+            "vehicle": vehicle,
+            "stops": [{
+                "id": s.id, "kind": "delivery", "name": s.name, "address": s.address,
+                "location": {"lat": s.lat, "lon": s.lon}, "radius_m": FENCE_RADIUS_M,
+            }],
+            "pod_policy": {"signature": true, "min_photos": 1},
+            "lines": [{"sku": "BOX-1", "description": "Parcel", "quantity": 1}],
+        })
+    }
+
     /// The operator API's assignment body for this round.
     pub fn assignment(&self, version: u32) -> Value {
         let stops: Vec<Value> = self

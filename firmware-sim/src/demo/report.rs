@@ -147,6 +147,10 @@ pub struct Report {
     pub oracle_ok: bool,
     /// Why the oracle failed (empty when it passed).
     pub oracle_failures: Vec<String>,
+    /// Shipments the demo released through the ERP API, by state at the end.
+    pub shipments: std::collections::BTreeMap<String, u64>,
+    /// Open items in the hub's review queue at the end.
+    pub review_open: u64,
 }
 
 /// What the hub holds for one device and epoch, and the checks against what was accepted.
@@ -290,6 +294,8 @@ impl Report {
             latency: Latency::of(all_latencies),
             oracle_ok: failures.is_empty(),
             oracle_failures: failures,
+            shipments: Default::default(),
+            review_open: 0,
         }
     }
 

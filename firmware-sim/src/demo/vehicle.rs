@@ -174,6 +174,8 @@ pub struct VehicleCtx {
     pub run_nonce: String,
     /// The hub's operator API.
     pub ops: Http,
+    /// The hub's ERP API (an ERP credential).
+    pub erp: Http,
     /// The agent's local API with the driver's token.
     pub driver: Http,
     /// The ignition file the agent polls.
@@ -360,73 +362,84 @@ async fn set_ignition(ctx: &VehicleCtx, on: bool) {
     }
 }
 
-/// Sends the round's assignment through the hub and waits until the agent acknowledged it
-/// and its driver API shows it.
+/// Releases the round's shipments through the hub's ERP API (one per stop, on this
+/// vehicle), and waits until the hub's assignment for the vehicle carries every stop, the
+/// agent acknowledged it, and its driver API shows them.
 async fn assign(ctx: &VehicleCtx, plan: &Round, stop: &CancellationToken) -> Result<(), Halt> {
-    let path = format!("/v1/ops/devices/{}/assignment", ctx.id);
-    let current = match ctx.ops.get(&path).await {
-        Ok(r) if r.status() == 200 => r
-            .json::<Value>()
-            .await
-            .ok()
-            .and_then(|v| v["assignment"]["version"].as_u64())
-            .unwrap_or(0),
-        _ => 0,
-    };
-    let version =
-        u32::try_from(current + 1).map_err(|_| Halt::Api("assignment version overflow".into()))?;
-    let r = ctx
-        .ops
-        .client
-        .put(format!("{}{path}", ctx.ops.base))
-        .bearer_auth(&ctx.ops.token)
-        .json(&plan.assignment(version))
-        .send()
-        .await
-        .map_err(|e| Halt::Api(format!("PUT {path}: {e}")))?;
-    if r.status() != 202 {
-        let status = r.status();
-        return Err(Halt::Api(format!(
-            "PUT {path}: {status}: {}",
-            r.text().await.unwrap_or_default()
-        )));
-    }
     let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+    let pause = |ms| async move {
+        tokio::select! {
+            _ = stop.cancelled() => Err(Halt::Stopped),
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(()),
+        }
+    };
+    for (k, s) in plan.stops.iter().enumerate() {
+        let id = format!("{}-{}", s.shipment_id, ctx.run_nonce);
+        let path = format!("/v1/erp/shipments/{id}");
+        loop {
+            let r = ctx
+                .erp
+                .client
+                .put(format!("{}{path}", ctx.erp.base))
+                .bearer_auth(&ctx.erp.token)
+                .json(&plan.shipment(k, &ctx.id))
+                .send()
+                .await
+                .map_err(|e| Halt::Api(format!("PUT {path}: {e}")))?;
+            let status = r.status();
+            if status.is_success() {
+                break;
+            }
+            let body = r.text().await.unwrap_or_default();
+            // The hub knows a vehicle once its gateway has been heard from.
+            if status == 400
+                && body.contains("\"vehicle\"")
+                && tokio::time::Instant::now() < deadline
+            {
+                pause(200).await?;
+                continue;
+            }
+            return Err(Halt::Api(format!("PUT {path}: {status}: {body}")));
+        }
+    }
+    let path = format!("/v1/ops/devices/{}/assignment", ctx.id);
     loop {
         if let Ok(v) = ctx.ops.get_json(&path).await
             && v["acknowledged"] == true
-            && v["acked_version"].as_u64() == Some(u64::from(version))
+            && v["acked_version"] == v["assignment"]["version"]
+            && plan.stops.iter().all(|s| {
+                v["assignment"]["stops"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["id"] == s.id.as_str()))
+            })
         {
             break;
         }
         if tokio::time::Instant::now() > deadline {
             return Err(Halt::Api(format!(
-                "assignment {} v{version} not acknowledged within {ACK_TIMEOUT:?}",
-                plan.job_id
+                "the assignment of {} with round {} was not acknowledged within {ACK_TIMEOUT:?}",
+                ctx.id, plan.job_id
             )));
         }
-        tokio::select! {
-            _ = stop.cancelled() => return Err(Halt::Stopped),
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
+        pause(100).await?;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(v) = ctx.driver.get_json("/v1/jobs").await
-            && v["id"] == plan.job_id.as_str()
-        {
+        let mut all = true;
+        for s in &plan.stops {
+            let ok = matches!(ctx.driver.get(&format!("/v1/jobs/{}", s.id)).await, Ok(r) if r.status() == 200);
+            all &= ok;
+        }
+        if all {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
             return Err(Halt::Api(format!(
-                "the driver API does not show job {}",
+                "the driver API does not show the stops of {}",
                 plan.job_id
             )));
         }
-        tokio::select! {
-            _ = stop.cancelled() => return Err(Halt::Stopped),
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
+        pause(50).await?;
     }
 }
 
@@ -542,12 +555,19 @@ async fn driver_round(
     let mut rng = rand::rngs::StdRng::seed_from_u64(plan.drive_seed ^ 0x00D5_1DE5);
     for (k, s) in plan.stops.iter().enumerate() {
         let path = format!("/v1/jobs/{}", s.id);
+        // Once in the demo a driver takes the POD while the van is still on its way: the
+        // agent takes it, the hub finds the geo-stamp outside the stop's fence and puts it
+        // in the review queue.
+        let too_early = ctx.index == 0 && round == 1 && k + 1 == plan.stops.len();
         let arrived = loop {
             if stop.is_cancelled() {
                 return;
             }
             if *leg.borrow() > k {
                 break false;
+            }
+            if too_early && *leg.borrow() == k {
+                break true;
             }
             if let Ok(v) = ctx.driver.get_json(&path).await
                 && v["state"] == "arrived"
@@ -568,7 +588,7 @@ async fn driver_round(
             _ = tokio::time::sleep(Duration::from_secs_f64(walk)) => {}
         }
         let seed = rng.random();
-        match post_pod(ctx, round, s, seed).await {
+        match post_pod(ctx, round, s, seed, too_early).await {
             Ok(rec) => {
                 lock(&ctx.state.pods).push(rec);
                 ctx.state.update(|p| p.pods_posted += 1);
@@ -589,9 +609,10 @@ async fn post_pod(
     round: u32,
     s: &PlannedStop,
     seed: u64,
+    delivered: bool,
 ) -> Result<PodRecord, String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let roll: f64 = rng.random();
+    let roll: f64 = if delivered { 0.0 } else { rng.random() };
     let (outcome, reason) = if roll < 0.8 {
         ("delivered", None)
     } else if roll < 0.9 {
@@ -624,7 +645,12 @@ async fn post_pod(
                 .mime_str(mime)
                 .map_err(|e| e.to_string())
         };
-        let mut form = reqwest::multipart::Form::new().text("outcome", outcome);
+        let mut form = reqwest::multipart::Form::new()
+            .text("outcome", outcome)
+            .text(
+                "shipment_id",
+                format!("{}-{}", s.shipment_id, ctx.run_nonce),
+            );
         if let Some(r) = reason {
             form = form.text("reason_code", r);
         }

@@ -251,13 +251,16 @@ pub enum PodVerdict {
 }
 
 /// Judges a POD against its shipment: the policy's evidence (declared in the POD and
-/// present at the hub: `have_blob`), its geo-stamp against the stop's fence, and its time
-/// against the vehicle's arrival at the stop (`facts`).
+/// present at the hub: `have_blob`), its geo-stamp against the stop's fence, and that it
+/// came after the vehicle's arrival at the stop (`facts`; by the device's own event order
+/// when the POD's `pod_source` and the arrival are the same device and epoch, else by
+/// capture time).
 pub fn judge_pod(
     rec: &ShipmentRecord,
     facts: &[Fact],
     pod: &Pod,
     pod_time_ms: u64,
+    pod_source: Option<&Source>,
     have_blob: &dyn Fn(&[u8; 32]) -> bool,
 ) -> PodVerdict {
     let policy = rec.spec.pod_policy;
@@ -300,11 +303,24 @@ pub fn judge_pod(
             }
         }
     }
+    // "After the arrival" in the device's own order where it can tell (the same device
+    // and epoch: its store numbers events as they happen, whatever its clocks say),
+    // else by capture time.
     let arrived = facts.iter().any(|f| {
         f.classifier == Classifier::Actual
             && f.kind == FactType::Arrived
             && f.stop_id.as_deref() == Some(pod.stop_id.as_str())
-            && f.event_time.0 <= pod_time_ms
+            && match (&f.source, pod_source) {
+                (
+                    Source::Device { device, epoch, seq },
+                    Some(Source::Device {
+                        device: d,
+                        epoch: e,
+                        seq: s,
+                    }),
+                ) if device == d && epoch == e => seq < s,
+                _ => f.event_time.0 <= pod_time_ms,
+            }
     });
     if !arrived {
         return PodVerdict::Review(

@@ -513,9 +513,14 @@ impl Shipments {
             for b in pod.signature.iter().chain(pod.photos.iter()) {
                 have.insert(b.sha256, self.store.blob_exists(&b.sha256).await?);
             }
-            match judge_pod(&rec, &facts, pod, stored.event.time_ms, &|sha| {
-                have.get(sha).copied().unwrap_or(false)
-            }) {
+            match judge_pod(
+                &rec,
+                &facts,
+                pod,
+                stored.event.time_ms,
+                Some(&f.source),
+                &|sha| have.get(sha).copied().unwrap_or(false),
+            ) {
                 PodVerdict::Waiting => {}
                 PodVerdict::Confirmed => {
                     let fact = Fact {
