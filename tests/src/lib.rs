@@ -226,6 +226,35 @@ impl Http {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Waits (30 s at most) until the hub knows `device`: it has been heard from.
+    pub async fn wait_device_known(&self, device: &str) {
+        wait_for(Duration::from_secs(30), || {
+            let ops = self.clone();
+            async move {
+                let d: Value = ops.get("/v1/ops/devices").await.ok()?.json().await.ok()?;
+                d.as_array()?
+                    .iter()
+                    .any(|d| d["id"] == device)
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("{device} never reached the hub"));
+    }
+
+    /// Makes a credential of `role` named `name` (as this operator) and returns a client
+    /// that uses its token.
+    pub async fn credential(&self, role: &str, name: &str) -> Http {
+        let (status, c) = self
+            .post(
+                "/v1/ops/credentials",
+                &serde_json::json!({"role": role, "name": name}),
+            )
+            .await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{c}");
+        self.with_token(c["token"].as_str().unwrap())
+    }
+
     /// The same client with another bearer token.
     pub fn with_token(&self, token: &str) -> Http {
         Http {

@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
-use fleetsync_tests::{Http, Stack, wait_for};
+use fleetsync_tests::{Http, Stack};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -96,23 +94,8 @@ async fn erp_to_vehicle(stack: Stack) {
     let ops = stack.ops();
     let driver = stack.driver();
     // The vehicle is known once its gateway has been heard from.
-    wait_for(Duration::from_secs(30), || {
-        let ops = ops.clone();
-        async move {
-            let d: Value = ops.get("/v1/ops/devices").await.ok()?.json().await.ok()?;
-            d.as_array()?.iter().any(|d| d["id"] == "V1").then_some(())
-        }
-    })
-    .await
-    .expect("V1 reached the hub");
-    let (s, cred) = ops
-        .post(
-            "/v1/ops/credentials",
-            &json!({"role": "erp", "name": "SAP prod"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
-    let erp = ops.with_token(cred["token"].as_str().unwrap());
+    ops.wait_device_known("V1").await;
+    let erp = ops.credential("erp", "SAP prod").await;
 
     // Released with a vehicle: 201, planned, the vehicle's assignment has its stops.
     let s1 = shipment("ACME", Some("V1"), vec![p1(), d1()]);

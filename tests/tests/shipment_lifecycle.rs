@@ -99,29 +99,9 @@ async fn lifecycle(stack: Stack) {
     let _hub = stack.start_hub().await;
     let _agent = stack.start_agent().await;
     let (ops, driver) = (stack.ops(), stack.driver());
-    wait_for(Duration::from_secs(30), || {
-        let ops = ops.clone();
-        async move {
-            let d: Value = ops.get("/v1/ops/devices").await.ok()?.json().await.ok()?;
-            d.as_array()?.iter().any(|d| d["id"] == "V1").then_some(())
-        }
-    })
-    .await
-    .expect("V1 reached the hub");
-    let (_, cred) = ops
-        .post(
-            "/v1/ops/credentials",
-            &json!({"role": "erp", "name": "SAP prod"}),
-        )
-        .await;
-    let erp = ops.with_token(cred["token"].as_str().unwrap());
-    let (_, op) = ops
-        .post(
-            "/v1/ops/credentials",
-            &json!({"role": "operator", "name": "Anna (dispatch)"}),
-        )
-        .await;
-    let operator = ops.with_token(op["token"].as_str().unwrap());
+    ops.wait_device_known("V1").await;
+    let erp = ops.credential("erp", "SAP prod").await;
+    let operator = ops.credential("operator", "Anna (dispatch)").await;
 
     let s1 = json!({"reference": "SO-1", "customer_id": "ACME", "vehicle": "V1",
         "stops": [stop("DEPOT", "pickup", DEPOT), stop("C1", "delivery", CUSTOMER)],

@@ -56,6 +56,14 @@ fn field(f: &str, d: impl Into<String>) -> FieldError {
     }
 }
 
+/// A compare-and-swap that kept losing to other writers.
+fn busy(f: &str) -> ShipmentError {
+    ShipmentError::Conflict(field(
+        f,
+        "the shipment is being changed by other calls at the same time; try again",
+    ))
+}
+
 /// What an upsert did.
 #[derive(Debug, Clone)]
 pub struct Upserted {
@@ -76,6 +84,26 @@ pub struct Shipments {
 }
 
 impl Shipments {
+    /// Writes `rec` (and `facts`) if the stored rev is still `expected`; whether it was.
+    async fn swap(
+        &self,
+        rec: &ShipmentRecord,
+        expected: u64,
+        facts: &[Fact],
+    ) -> Result<bool, ShipmentError> {
+        match self
+            .store
+            .put_shipment(rec, Some(expected), facts, &[])
+            .await?
+        {
+            PutShipment::Written => Ok(true),
+            PutShipment::Stale => Ok(false),
+            PutShipment::LocationConflict { .. } => Err(ShipmentError::Store(StoreError::Task(
+                "a write without locations reported a location conflict".into(),
+            ))),
+        }
+    }
+
     /// Shipments over `store`, sending assignments through `dispatch`.
     pub fn new(store: Store, dispatch: Dispatch, mappings: Mappings) -> Self {
         Shipments {
@@ -190,10 +218,7 @@ impl Shipments {
                 changed: true,
             });
         }
-        Err(ShipmentError::Conflict(field(
-            "body",
-            "the shipment is being changed by other calls at the same time; try again",
-        )))
+        Err(busy("body"))
     }
 
     /// Adds `fact` to shipment `id` if `allowed(state)`; `Ok(false)` if it was there.
@@ -217,24 +242,14 @@ impl Shipments {
             rec.rev += 1;
             rec.updated_ms = now_ms;
             rec.state = facts::replay(&facts, &rec.spec);
-            match self
-                .store
-                .put_shipment(&rec, Some(cur.rev), std::slice::from_ref(&fact), &[])
+            if self
+                .swap(&rec, cur.rev, std::slice::from_ref(&fact))
                 .await?
             {
-                PutShipment::Written => return Ok(rec),
-                PutShipment::Stale => continue,
-                PutShipment::LocationConflict { .. } => {
-                    return Err(ShipmentError::Store(StoreError::Task(
-                        "a fact write named a location".into(),
-                    )));
-                }
+                return Ok(rec);
             }
         }
-        Err(ShipmentError::Conflict(field(
-            "body",
-            "the shipment is being changed by other calls at the same time; try again",
-        )))
+        Err(busy("body"))
     }
 
     /// `POST /v1/erp/shipments/{id}/cancel`.
@@ -337,40 +352,25 @@ impl Shipments {
             rec.rev += 1;
             rec.updated_ms = now_ms;
             rec.state = facts::replay(&facts, &rec.spec);
-            match self
-                .store
-                .put_shipment(&rec, Some(cur.rev), &[], &[])
-                .await?
-            {
-                PutShipment::Written => {
-                    self.redispatch(
-                        &rec,
-                        cur.vehicle.as_deref(),
-                        Source::Operator {
-                            credential: credential.into(),
-                        },
-                        now_ms,
-                    )
-                    .await?;
-                    return Ok(self
-                        .store
-                        .shipment(id)
-                        .await?
-                        .map(|(r, _)| r)
-                        .unwrap_or(rec));
-                }
-                PutShipment::Stale => continue,
-                PutShipment::LocationConflict { .. } => {
-                    return Err(ShipmentError::Store(StoreError::Task(
-                        "an assignment write named a location".into(),
-                    )));
-                }
+            if self.swap(&rec, cur.rev, &[]).await? {
+                self.redispatch(
+                    &rec,
+                    cur.vehicle.as_deref(),
+                    Source::Operator {
+                        credential: credential.into(),
+                    },
+                    now_ms,
+                )
+                .await?;
+                return Ok(self
+                    .store
+                    .shipment(id)
+                    .await?
+                    .map(|(r, _)| r)
+                    .unwrap_or(rec));
             }
         }
-        Err(ShipmentError::Conflict(field(
-            "vehicle",
-            "the shipment is being changed by other calls at the same time; try again",
-        )))
+        Err(busy("vehicle"))
     }
 
     /// Dispatches the shipment's vehicle and, if it moved, the one it left.
