@@ -29,8 +29,8 @@ ack_timeout_ms = 10000
 [store]
 # Events stay here until the hub acks them.
 path = "data/agent"
-# The most the store's directory may take on the gateway's flash, plus up to 2 MiB of
-# sled's working segments. POD photos count at their size, events at 4x theirs (what
+# What the store's directory may take of the gateway's flash, which sled's working
+# segments pass by about 2 MiB (more under heavy load; see the README). POD photos count at their size, events at 4x theirs (what
 # sled's files take per live byte). Past it, old GPS fixes are dropped (declared as a
 # Gap event); POD, geofence, trip and exception events are never dropped: new ones are
 # refused with 507 instead.

@@ -20,9 +20,9 @@
 //!   most one window (plus that wait, at most 2 ms) later.
 //!   An `Err` from `append` does not prove the event absent: a failed fsync leaves it
 //!   stored, and it may still be delivered (with its identity, so the hub dedups).
-//! - **Quota.** `quota_bytes` bounds the store's directory on disk (every file under
-//!   [`StoreConfig::path`]), with a slack of sled's working segments (measured at most
-//!   2 MiB; README). Files (pending POD blobs, uploads in progress) count at their length;
+//! - **Quota.** `quota_bytes` is the target for the store's directory on disk (every file
+//!   under [`StoreConfig::path`]), which sled's working segments pass (about 2 MiB
+//!   measured, more when sled cleans late under load; a target, not a hard bound; README). Files (pending POD blobs, uploads in progress) count at their length;
 //!   events at [`StoreConfig::space_factor`] times their logical bytes (key + value
 //!   length, kept in memory and rebuilt by a scan on open), because sled's log-structured
 //!   files hold that much per live byte. So events may hold
