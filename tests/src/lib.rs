@@ -51,6 +51,13 @@ pub fn bin(name: &str) -> PathBuf {
     built_bin(&BUILD, &[], name)
 }
 
+/// A picture-looking file: `magic` (a PNG or JPEG header), then `n` bytes from `seed`.
+pub fn image(magic: &[u8], n: usize, seed: u8) -> Vec<u8> {
+    let mut v = magic.to_vec();
+    v.extend((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+    v
+}
+
 /// A fresh PKI with a CA, hub certificate, and the given devices.
 pub fn pki(dir: &Path, devices: &[&str]) -> PathBuf {
     let p = dir.join("pki");
@@ -261,6 +268,18 @@ impl Http {
             token: token.to_string(),
             ..self.clone()
         }
+    }
+
+    /// Sends `V1` a job `job_id` of one stop (`s1`, shipment `shp-1`) through the
+    /// operator API and waits until the agent acknowledged it.
+    pub async fn one_stop_job(&self, job_id: &str) {
+        let job = serde_json::json!({
+            "id": job_id, "version": 1,
+            "stops": [{"id": "s1", "name": "Bakery", "shipment_ids": ["shp-1"],
+                       "fence": {"type": "circle", "center": [4.8897, 52.3731], "radius_m": 80}}]
+        });
+        assert_eq!(self.put_assignment("V1", &job).await, 202);
+        self.wait_assignment_acked("V1", 1).await;
     }
 
     /// `PUT /v1/ops/devices/{device}/assignment`; returns the status.

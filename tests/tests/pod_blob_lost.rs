@@ -9,15 +9,9 @@
 
 use std::time::Duration;
 
-use fleetsync_tests::{Stack, wait_for};
-use serde_json::{Value, json};
+use fleetsync_tests::{Stack, image, wait_for};
+use serde_json::Value;
 use sha2::Digest as _;
-
-fn image(magic: &[u8], n: usize, seed: u8) -> Vec<u8> {
-    let mut v = magic.to_vec();
-    v.extend((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
-    v
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_blob_files_are_dropped_and_the_other_blobs_still_reach_the_hub() {
@@ -26,13 +20,7 @@ async fn lost_blob_files_are_dropped_and_the_other_blobs_still_reach_the_hub() {
     let _agent = stack.start_agent().await;
     let ops = stack.ops();
     let driver = stack.driver();
-    let job = json!({
-        "id": "job-lost", "version": 1,
-        "stops": [{"id": "s1", "name": "Bakery", "shipment_ids": ["shp-1"],
-                   "fence": {"type": "circle", "center": [4.8897, 52.3731], "radius_m": 80}}]
-    });
-    assert_eq!(ops.put_assignment("V1", &job).await, 202);
-    ops.wait_assignment_acked("V1", 1).await;
+    ops.one_stop_job("job-lost").await;
     hub.kill9();
 
     let files = [

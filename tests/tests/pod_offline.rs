@@ -8,14 +8,8 @@
 
 use std::time::Duration;
 
-use fleetsync_tests::{Http, Stack, wait_for};
+use fleetsync_tests::{Http, Stack, image, wait_for};
 use serde_json::{Value, json};
-
-fn image(magic: &[u8], n: usize, seed: u8) -> Vec<u8> {
-    let mut v = magic.to_vec();
-    v.extend((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
-    v
-}
 
 fn assignment(version: u32) -> Value {
     json!({

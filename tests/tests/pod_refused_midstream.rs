@@ -5,14 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use fleetsync_tests::{Http, Stack};
-use serde_json::{Value, json};
-
-fn image(magic: &[u8], n: usize, seed: u8) -> Vec<u8> {
-    let mut v = magic.to_vec();
-    v.extend((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
-    v
-}
+use fleetsync_tests::{Http, Stack, image};
+use serde_json::Value;
 
 /// Posts a POD with `photos`; the status and body, or the transport error as text.
 async fn post(driver: &Http, photos: &[Vec<u8>]) -> Result<(u16, Value), String> {
@@ -45,13 +39,7 @@ async fn pods_refused_part_way_are_answered_and_free_their_place() {
     let _agent = stack.start_agent().await;
     let ops = stack.ops();
     let driver = stack.driver();
-    let job = json!({
-        "id": "job-refused", "version": 1,
-        "stops": [{"id": "s1", "name": "Bakery", "shipment_ids": ["shp-1"],
-                   "fence": {"type": "circle", "center": [4.8897, 52.3731], "radius_m": 80}}]
-    });
-    assert_eq!(ops.put_assignment("V1", &job).await, 202);
-    ops.wait_assignment_acked("V1", 1).await;
+    ops.one_stop_job("job-refused").await;
     hub.kill9();
 
     let gif = b"GIF89a-not-a-photo".to_vec();

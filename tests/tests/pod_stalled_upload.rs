@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use fleetsync_tests::{Http, Stack, wait_for};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -102,13 +102,7 @@ async fn stalled_uploads_are_answered_408_and_give_back_their_place_quota_and_fi
     let _agent = stack.start_agent().await;
     let ops = stack.ops();
     let driver = stack.driver();
-    let job = json!({
-        "id": "job-stall", "version": 1,
-        "stops": [{"id": "s1", "name": "Bakery", "shipment_ids": ["shp-1"],
-                   "fence": {"type": "circle", "center": [4.8897, 52.3731], "radius_m": 80}}]
-    });
-    assert_eq!(ops.put_assignment("V1", &job).await, 202);
-    ops.wait_assignment_acked("V1", 1).await;
+    ops.one_stop_job("job-stall").await;
     // Offline: nothing is acked (or deleted) while the figures are compared.
     hub.kill9();
     tokio::time::sleep(Duration::from_millis(300)).await;
