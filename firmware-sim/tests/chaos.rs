@@ -31,6 +31,11 @@ fn chaos_short_run_passes_the_oracle() {
     assert_eq!(o["ok"], true);
     assert_eq!(o["lost"], 0);
     assert_eq!(o["duplicated"], 0);
+    assert_eq!(
+        o["pod_facts"], o["pods"],
+        "every accepted POD is one DELIVERED fact of its shipment: {o}"
+    );
+    assert!(o["pods"].as_u64().unwrap() > 0, "no POD accepted: {o}");
     assert!(
         o["accepted"].as_u64().unwrap() > 100,
         "too little traffic to mean anything: {o}"

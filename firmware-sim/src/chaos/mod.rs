@@ -364,6 +364,7 @@ pub async fn chaos(
         clock_skews: u32::from(opts.vehicles > SKEW_VEHICLE),
         ..Faults::default()
     };
+    let erp_token = make_erp_credential(&client, &hub_http).await?;
     for v in &vehicles {
         if !wait_ok(
             &client,
@@ -374,23 +375,38 @@ pub async fn chaos(
         {
             return Err(ChaosError::Setup(format!("agent {} did not start", v.id)));
         }
+        // The vehicle's shipment, released through the ERP API: one delivery at the
+        // middle of its route; the hub builds the vehicle's assignment from it. The hub
+        // knows a vehicle once its gateway has been heard from: retried until then.
         let stop = &v.fixes[v.fixes.len() / 2];
-        let body = json!({"id": format!("job-{}", v.id), "version": 1, "stops": [
-            {"id": "s1", "name": "Customer", "shipment_ids": ["shp-1"],
-             "fence": {"type": "circle", "center": [stop.lon, stop.lat], "radius_m": 50}}]});
-        let r = client
-            .put(format!("{hub_http}/v1/ops/devices/{}/assignment", v.id))
-            .bearer_auth(OPERATOR_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .map_err(setup)?;
-        if r.status() != 202 {
-            return Err(ChaosError::Setup(format!(
-                "assignment for {}: {}",
-                v.id,
-                r.status()
-            )));
+        let body = json!({
+            "reference": format!("SO-{}", v.id), "customer_id": "CHAOS", "vehicle": v.id,
+            "stops": [{"id": stop_id(&v.id), "kind": "delivery", "name": "Customer",
+                       "location": {"lat": stop.lat, "lon": stop.lon}, "radius_m": 50}],
+            "pod_policy": {"signature": true, "min_photos": 1}});
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = client
+                .put(format!(
+                    "{hub_http}/v1/erp/shipments/{}",
+                    shipment_id(&v.id)
+                ))
+                .bearer_auth(&erp_token)
+                .json(&body)
+                .send()
+                .await
+                .map_err(setup)?;
+            if r.status().is_success() {
+                break;
+            }
+            let (status, text) = (r.status(), r.text().await.unwrap_or_default());
+            if status != 400 || Instant::now() > deadline {
+                return Err(ChaosError::Setup(format!(
+                    "shipment for {}: {status}: {text}",
+                    v.id
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -565,6 +581,32 @@ async fn feed_gps(v: Arc<Vehicle>, listener: tokio::net::TcpListener, stop: Canc
     }
 }
 
+/// The shipment the ERP releases for vehicle `id`.
+pub fn shipment_id(id: &str) -> String {
+    format!("SHP-{id}")
+}
+
+/// Its delivery stop (an ERP location id, one per vehicle).
+fn stop_id(id: &str) -> String {
+    format!("{id}-customer")
+}
+
+/// An ERP credential made with the operator token.
+async fn make_erp_credential(client: &reqwest::Client, hub: &str) -> Result<String, ChaosError> {
+    let r = client
+        .post(format!("{hub}/v1/ops/credentials"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&json!({"role": "erp", "name": "chaos ERP"}))
+        .send()
+        .await
+        .map_err(setup)?;
+    let v: Value = r.json().await.map_err(setup)?;
+    v["token"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| ChaosError::Setup(format!("no ERP credential: {v}")))
+}
+
 /// Posts exceptions and PODs like a driver; records what the agent accepted (201).
 async fn driver(v: Arc<Vehicle>, client: reqwest::Client, stop: CancellationToken, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed ^ v.id.len() as u64);
@@ -584,6 +626,7 @@ async fn driver(v: Arc<Vehicle>, client: reqwest::Client, stop: CancellationToke
             for _ in 0..5 {
                 let form = reqwest::multipart::Form::new()
                     .text("outcome", "delivered")
+                    .text("shipment_id", shipment_id(&v.id))
                     .text("recipient_name", "Chaos Monkey")
                     .part(
                         "signature",
@@ -594,7 +637,7 @@ async fn driver(v: Arc<Vehicle>, client: reqwest::Client, stop: CancellationToke
                         reqwest::multipart::Part::bytes(photo.clone()).file_name("p.jpg"),
                     );
                 match client
-                    .post(format!("{base}/v1/stops/s1/pod"))
+                    .post(format!("{base}/v1/stops/{}/pod", stop_id(&v.id)))
                     .bearer_auth(DRIVER_TOKEN)
                     .header("Idempotency-Key", &key)
                     .multipart(form)
@@ -696,8 +739,8 @@ pub fn print_summary(r: &ChaosReport) {
         o.accepted, o.stored, o.lost, o.duplicated, o.gap_events, o.gapped, o.fixes_in_kill_windows
     );
     println!(
-        "PODs {} with {} blobs byte-identical; assignments acknowledged {}; drained {}",
-        o.pods, o.blobs_verified, o.assignments_acked, o.drained
+        "PODs {} with {} blobs byte-identical, {} of them one DELIVERED fact each of their shipment; assignments acknowledged {}; drained {}",
+        o.pods, o.blobs_verified, o.pod_facts, o.assignments_acked, o.drained
     );
     println!(
         "latency capture -> hub (critical events): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",

@@ -10,7 +10,10 @@
 //!   (and the nearest one each side; an API burst's positions take their seqs in store
 //!   order, not time order), and in all no more missing fixes than the gaps declare;
 //! - no content is stored twice; every POD's blobs are at the hub byte-identical; every
-//!   assignment is acknowledged; every backlog drained.
+//!   assignment is acknowledged; every backlog drained;
+//! - the shipment the ERP released for each vehicle holds every accepted POD as exactly
+//!   one DELIVERED fact keyed by its event, no fact twice, its timeline in event-time
+//!   order, and a delivered state once a POD was accepted.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -109,6 +112,8 @@ pub struct Verdict {
     pub blobs_verified: u64,
     /// Assignments acknowledged / sent.
     pub assignments_acked: u64,
+    /// Accepted PODs found as exactly one DELIVERED fact of their shipment.
+    pub pod_facts: u64,
     /// Capture to hub record time of critical events (skewed clocks left out).
     pub latency_ms: Latency,
     /// What failed (first 20).
@@ -246,6 +251,8 @@ pub async fn check(
         };
         v.stored += events.len() as u64;
         let mut by_id: HashMap<(u64, u64), &Value> = HashMap::new();
+        // (epoch, seq) of the hub's event of every POD the agent accepted.
+        let mut pod_events: Vec<(u64, u64)> = Vec::new();
         let mut seen_content: HashSet<String> = HashSet::new();
         let mut position_times: HashSet<u64> = HashSet::new();
         // (GPS time, epoch, seq) of every position at the hub.
@@ -373,6 +380,10 @@ pub async fn check(
                         continue;
                     };
                     v.pods += 1;
+                    pod_events.push((
+                        pod["epoch"].as_u64().unwrap_or_default(),
+                        pod["seq"].as_u64().unwrap_or_default(),
+                    ));
                     let mut refs = vec![&pod["signature"]];
                     refs.extend(pod["photos"].as_array().into_iter().flatten());
                     if refs.len() != blobs.len() {
@@ -482,6 +493,55 @@ pub async fn check(
                     rec.id
                 ),
             );
+        }
+        // The shipment the ERP released for this vehicle: every accepted POD is exactly
+        // one DELIVERED fact of it, keyed by its event; every fact once; the timeline in
+        // event-time order; the state one a delivered shipment may be in.
+        let sid = super::shipment_id(&rec.id);
+        match client
+            .get(format!("{hub}/v1/ops/shipments/{sid}"))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => {
+                let sh: Value = r.json().await.unwrap_or_default();
+                let facts = sh["milestones"].as_array().cloned().unwrap_or_default();
+                let ids: Vec<&str> = facts.iter().filter_map(|m| m["id"].as_str()).collect();
+                let unique: HashSet<&&str> = ids.iter().collect();
+                if unique.len() != ids.len() {
+                    v.duplicated += (ids.len() - unique.len()) as u64;
+                    fail(&mut v, format!("{sid}: a fact recorded twice"));
+                }
+                let times: Vec<u64> = facts.iter().filter_map(|m| ms(&m["event_time"])).collect();
+                if times.windows(2).any(|w| w[0] > w[1]) {
+                    fail(&mut v, format!("{sid}: timeline not in event-time order"));
+                }
+                for (epoch, seq) in &pod_events {
+                    let fid = format!("{}:{epoch}:{seq}", rec.id);
+                    let n = facts
+                        .iter()
+                        .filter(|m| m["id"] == fid.as_str() && m["type"] == "DELIVERED")
+                        .count();
+                    if n == 1 {
+                        v.pod_facts += 1;
+                    } else {
+                        v.lost += u64::from(n == 0);
+                        fail(
+                            &mut v,
+                            format!("{sid}: {n} DELIVERED facts for POD event {fid}"),
+                        );
+                    }
+                }
+                let state = sh["state"].as_str().unwrap_or_default();
+                if !pod_events.is_empty() && !matches!(state, "DELIVERED" | "POD_CONFIRMED") {
+                    fail(
+                        &mut v,
+                        format!("{sid}: state {state} after {} PODs", pod_events.len()),
+                    );
+                }
+            }
+            _ => fail(&mut v, format!("{sid}: shipment not readable")),
         }
         // The assignment.
         match client

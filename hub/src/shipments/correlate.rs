@@ -134,8 +134,9 @@ pub fn source_id(device: &str, epoch: u32, seq: u64) -> String {
     format!("{device}:{epoch}:{seq}")
 }
 
-/// The facts and review items a device's event implies, given the vehicle's open
-/// shipments; `known(shipment_id)` says whether the hub knows a shipment at all.
+/// The facts and review items a device's event implies, given the vehicle's shipments
+/// (those not finished, and those its POD events name that are on it in any state);
+/// `known(shipment_id)` says whether the hub knows a shipment at all.
 pub fn correlate(
     device: &str,
     epoch: u32,
@@ -174,7 +175,7 @@ pub fn correlate(
                 return out;
             };
             for (rec, _) in open {
-                if rec.spec.stops.iter().any(|s| s.id == stop) {
+                if !rec.state.is_finished() && rec.spec.stops.iter().any(|s| s.id == stop) {
                     out.facts.push((rec.id.clone(), fact(kind, stop)));
                 }
             }
@@ -184,9 +185,12 @@ pub fn correlate(
                 Outcome::Refused => FactType::DeliveryFailed,
                 Outcome::Delivered | Outcome::Damaged | Outcome::Partial => FactType::Delivered,
             };
+            // The vehicle's shipment, also when it is delivered already (a second POD for
+            // it is a fact of it too, not a stranger's).
             let mine = open
                 .iter()
                 .find(|(r, _)| r.id == p.shipment_id.as_str())
+                .filter(|(r, _)| r.vehicle.as_deref() == Some(device))
                 .filter(|(r, _)| r.spec.stops.iter().any(|s| s.id == p.stop_id.as_str()));
             match mine {
                 Some((rec, _)) => {

@@ -1301,13 +1301,41 @@ async fn correlate_device(
             }
         }
     }
-    // Shipments the POD events name that are not on this vehicle: known or not.
+    // Shipments the POD events name that are not open on this vehicle: on it in another
+    // state (a second POD after delivery), another vehicle's, or unknown.
     let mut named: Vec<String> = Vec::new();
     for (_, _, ev) in events {
         if let Body::Pod(p) = &ev.body
             && !open.iter().any(|(r, _)| r.id == p.shipment_id.as_str())
         {
             named.push(p.shipment_id.to_string());
+        }
+    }
+    named.sort();
+    named.dedup();
+    if !named.is_empty() {
+        for r in tx
+            .query(
+                "SELECT record FROM shipments WHERE id = ANY($1) AND vehicle = $2 ORDER BY id FOR UPDATE",
+                &[&named, &device],
+            )
+            .await?
+        {
+            let rec = match serde_json::from_str::<ShipmentRecord>(r.get::<_, &str>(0)) {
+                Ok(rec) => rec,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            let mut facts = Vec::new();
+            for f in tx
+                .query("SELECT fact FROM shipment_facts WHERE shipment_id = $1", &[&rec.id])
+                .await?
+            {
+                match serde_json::from_str::<Fact>(f.get::<_, &str>(0)) {
+                    Ok(f) => facts.push(f),
+                    Err(e) => return Ok(Err(e.into())),
+                }
+            }
+            open.push((rec, facts));
         }
     }
     let known: std::collections::HashSet<String> = if named.is_empty() {

@@ -381,6 +381,13 @@ impl SledStore {
         recorded_ms: u64,
     ) -> Result<(), StoreError> {
         let mut open = self.open_shipments_blocking(device)?;
+        if let Body::Pod(p) = &event.body
+            && !open.iter().any(|(r, _)| r.id == p.shipment_id.as_str())
+            && let Some((r, f)) = self.shipment_blocking(&p.shipment_id)?
+            && r.vehicle.as_deref() == Some(device)
+        {
+            open.push((r, f));
+        }
         let c = correlate::correlate(device, epoch, seq, event, recorded_ms, &open, &|id| {
             self.shipments.contains_key(id.as_bytes()).unwrap_or(false)
         });
