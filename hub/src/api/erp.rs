@@ -124,10 +124,6 @@ fn shipment_out<'a>(st: &'a AppState, r: &'a ShipmentRecord, facts: &[Fact]) -> 
     }
 }
 
-fn caller(who: &Principal) -> String {
-    who.name()
-}
-
 /// `PUT /v1/erp/shipments/{id}`
 pub(super) async fn put_shipment(
     State(st): State<AppState>,
@@ -138,7 +134,7 @@ pub(super) async fn put_shipment(
     let spec: ShipmentSpec = json_body(&body, MAX_SHIPMENT_BODY)?;
     let done = st
         .shipments
-        .upsert(&id, spec, &caller(&who), crate::ingest::now_ms())
+        .upsert(&id, spec, &who.name(), crate::ingest::now_ms())
         .await?;
     let facts = st
         .store
@@ -188,7 +184,7 @@ pub(super) async fn cancel(
         return Err(ApiError::field("reason", "1 to 500 characters"));
     }
     st.shipments
-        .cancel(&id, req.reason, &caller(&who), crate::ingest::now_ms())
+        .cancel(&id, req.reason, &who.name(), crate::ingest::now_ms())
         .await?;
     get_shipment(State(st), Path(id)).await
 }
@@ -200,7 +196,7 @@ pub(super) async fn close(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     st.shipments
-        .close(&id, &caller(&who), crate::ingest::now_ms())
+        .close(&id, &who.name(), crate::ingest::now_ms())
         .await?;
     get_shipment(State(st), Path(id)).await
 }
@@ -220,7 +216,7 @@ pub(super) async fn assign(
 ) -> Result<Response, ApiError> {
     let req: AssignIn = json_body(&body, 4096)?;
     st.shipments
-        .assign(&id, &req.vehicle, &caller(&who), crate::ingest::now_ms())
+        .assign(&id, &req.vehicle, &who.name(), crate::ingest::now_ms())
         .await?;
     get_shipment(State(st), Path(id)).await
 }

@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 
 use fleetsync_protocol::json::Time;
 use fleetsync_protocol::limits::{MAX_STOP_SHIPMENTS, MAX_STOPS};
-use fleetsync_protocol::{Assignment, BoundedString, BoundedVec, Fence, Stop, Window};
+use fleetsync_protocol::{Assignment, BoundedString, BoundedVec, Stop, Window};
 use serde::{Deserialize, Serialize};
 
 pub use facts::{Classifier, Fact, FactType, Mappings, Source, State};
@@ -293,11 +293,6 @@ pub fn build_assignment(
         version,
         stops: out,
     })
-}
-
-/// Whether two fences are the same place (the ERP sent the same location).
-pub fn same_fence(a: &Fence, b: &Fence) -> bool {
-    a == b
 }
 
 #[cfg(test)]

@@ -71,8 +71,6 @@ pub struct Upserted {
     pub record: ShipmentRecord,
     /// Made now.
     pub created: bool,
-    /// Whether anything changed.
-    pub changed: bool,
 }
 
 /// The shipment use cases.
@@ -160,7 +158,6 @@ impl Shipments {
                     return Ok(Upserted {
                         record,
                         created: false,
-                        changed: false,
                     });
                 }
                 Upsert::Write {
@@ -212,11 +209,7 @@ impl Shipments {
                 .await?
                 .map(|(r, _)| r)
                 .unwrap_or(record);
-            return Ok(Upserted {
-                record,
-                created,
-                changed: true,
-            });
+            return Ok(Upserted { record, created });
         }
         Err(busy("body"))
     }

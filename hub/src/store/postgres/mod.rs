@@ -671,27 +671,29 @@ impl PgStore {
             .collect::<Result<Vec<ShipmentRecord>, _>>()?)
     }
 
-    /// See [`super::Store::vehicle_shipments`].
+    /// See [`super::Store::vehicle_shipments`]: records and facts in one query.
     pub async fn vehicle_shipments(
         &self,
         vehicle: &str,
     ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
         let client = self.client().await?;
-        let ids: Vec<String> = client
+        let rows = client
             .query(
-                "SELECT id FROM shipments WHERE vehicle = $1 AND NOT finished ORDER BY id",
+                "SELECT s.id, s.record, f.fact FROM shipments s \
+                 LEFT JOIN shipment_facts f ON f.shipment_id = s.id \
+                 WHERE s.vehicle = $1 AND NOT s.finished ORDER BY s.id",
                 &[&vehicle],
             )
             .await
-            .map_err(|e| self.pg(e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        drop(client);
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(s) = self.shipment(&id).await? {
-                out.push(s);
+            .map_err(|e| self.pg(e))?;
+        let mut out: Vec<(ShipmentRecord, Vec<Fact>)> = Vec::new();
+        for r in &rows {
+            let id: &str = r.get(0);
+            if out.last().is_none_or(|(rec, _)| rec.id != id) {
+                out.push((serde_json::from_str(r.get::<_, &str>(1))?, Vec::new()));
+            }
+            if let (Some(fact), Some((_, facts))) = (r.get::<_, Option<&str>>(2), out.last_mut()) {
+                facts.push(serde_json::from_str(fact)?);
             }
         }
         Ok(out)
