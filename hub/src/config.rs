@@ -71,6 +71,14 @@ path = "data/hub"
 # acknowledged by the vehicle, delivered without a confirmed POD, in review) is listed at
 # GET /v1/ops/shipments/stuck and counted in fleetsync_hub_shipments_stuck.
 # stuck_after_s = 900
+# Arrival estimates (ETA) of each open stop, from the vehicle's newest position: made
+# every eta_interval_s; straight-line metres x eta_road_factor over the vehicle's recent
+# speed, or eta_fallback_kmh while it stands still; eta_service_s at each stop before
+# driving on. An EST milestone is recorded when an estimate moves by more than 5 minutes.
+# eta_interval_s = 30
+# eta_road_factor = 1.3
+# eta_fallback_kmh = 30
+# eta_service_s = 300
 # The mapping tables (canonical state -> ERP status, portal status, webhook type) are
 # built in (GET /v1/erp/mappings); to replace them, give every state a row:
 # [shipments.mappings]
@@ -116,6 +124,18 @@ pub struct ShipmentsConfig {
     /// Mapping tables replacing the built-in ones (`[shipments.mappings]`).
     #[serde(default)]
     pub mappings: Option<crate::shipments::Mappings>,
+    /// Seconds between rounds of arrival estimates.
+    #[serde(default = "default_eta_interval_s")]
+    pub eta_interval_s: u64,
+    /// Road distance over straight-line distance.
+    #[serde(default = "default_eta_road_factor")]
+    pub eta_road_factor: f64,
+    /// Speed to plan with while a vehicle's recent speed is unknown or near zero (km/h).
+    #[serde(default = "default_eta_fallback_kmh")]
+    pub eta_fallback_kmh: u32,
+    /// Seconds at each stop before driving on.
+    #[serde(default = "default_eta_service_s")]
+    pub eta_service_s: u64,
 }
 
 impl Default for ShipmentsConfig {
@@ -123,8 +143,39 @@ impl Default for ShipmentsConfig {
         ShipmentsConfig {
             stuck_after_s: default_stuck_after_s(),
             mappings: None,
+            eta_interval_s: default_eta_interval_s(),
+            eta_road_factor: default_eta_road_factor(),
+            eta_fallback_kmh: default_eta_fallback_kmh(),
+            eta_service_s: default_eta_service_s(),
         }
     }
+}
+
+impl ShipmentsConfig {
+    /// The estimate settings.
+    pub fn eta(&self) -> crate::shipments::eta::EtaSettings {
+        crate::shipments::eta::EtaSettings {
+            road_factor: self.eta_road_factor,
+            fallback_kmh: f64::from(self.eta_fallback_kmh),
+            service_s: self.eta_service_s,
+        }
+    }
+}
+
+fn default_eta_interval_s() -> u64 {
+    30
+}
+
+fn default_eta_road_factor() -> f64 {
+    1.3
+}
+
+fn default_eta_fallback_kmh() -> u32 {
+    30
+}
+
+fn default_eta_service_s() -> u64 {
+    300
 }
 
 fn default_stuck_after_s() -> u64 {
@@ -496,6 +547,33 @@ impl Config {
             7 * 86_400,
             " (s)",
         )?;
+        range(
+            "shipments.eta_interval_s",
+            self.shipments.eta_interval_s,
+            1,
+            3_600,
+            " (s)",
+        )?;
+        range(
+            "shipments.eta_fallback_kmh",
+            u64::from(self.shipments.eta_fallback_kmh),
+            1,
+            200,
+            " (km/h)",
+        )?;
+        range(
+            "shipments.eta_service_s",
+            self.shipments.eta_service_s,
+            0,
+            86_400,
+            " (s)",
+        )?;
+        let f = self.shipments.eta_road_factor;
+        if !(1.0..=5.0).contains(&f) {
+            return Err(ConfigError::Invalid(format!(
+                "shipments.eta_road_factor: {f} is out of range; expected 1.0 to 5.0 (road metres per straight-line metre; 1.3 is typical)"
+            )));
+        }
         if let Some(m) = &self.shipments.mappings {
             m.validate()
                 .map_err(|e| ConfigError::Invalid(format!("shipments.mappings: {e}")))?;

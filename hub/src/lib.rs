@@ -229,6 +229,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         cfg.shipments.stuck_after_s * 1000,
         shutdown.clone(),
     )));
+    tasks.push(tokio::spawn(estimate_arrivals(
+        shipments.clone(),
+        metrics.clone(),
+        cfg.shipments.eta(),
+        Duration::from_secs(cfg.shipments.eta_interval_s),
+        shutdown.clone(),
+    )));
     let stuck_after_ms = cfg.shipments.stuck_after_s * 1000;
     let app = api::app(api::AppState {
         stuck_after_ms,
@@ -298,6 +305,31 @@ async fn confirm_pods(
             metrics
                 .review_open
                 .store(open.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Estimates arrivals every `every` ([`shipments::service::Shipments::estimate`]).
+async fn estimate_arrivals(
+    shipments: shipments::service::Shipments,
+    metrics: Arc<metrics::Metrics>,
+    settings: shipments::eta::EtaSettings,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shipments.estimate(&settings, ingest::now_ms()).await {
+            Ok(r) => {
+                metrics::Metrics::add(&metrics.eta_facts, r.facts);
+                metrics.eta_vehicles.store(r.vehicles, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = ?e, "arrival estimate round failed; trying again"),
         }
     }
 }

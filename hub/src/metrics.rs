@@ -60,6 +60,10 @@ pub struct Metrics {
     pub shipments_stuck: [AtomicU64; 4],
     /// Gauge: open review items.
     pub review_open: AtomicU64,
+    /// EST milestones recorded (an arrival estimate moved by more than 5 minutes).
+    pub eta_facts: AtomicU64,
+    /// Gauge (at the last round): vehicles with open shipments and a fresh position.
+    pub eta_vehicles: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
     lag_count: AtomicU64,
     lag_sum_ms: AtomicU64,
@@ -87,7 +91,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 16] = [
+        let counters: [(&str, &str, &AtomicU64); 17] = [
             (
                 "fleetsync_hub_blob_uploads_evicted_total",
                 "Unfinished blob uploads dropped to make room for the same device's newer one.",
@@ -168,6 +172,11 @@ impl Metrics {
                 "Events reusing a stored (epoch, seq) with other content (quarantined).",
                 &self.identity_conflicts,
             ),
+            (
+                "fleetsync_hub_eta_facts_total",
+                "EST milestones recorded (an arrival estimate moved by more than 5 minutes).",
+                &self.eta_facts,
+            ),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(
@@ -196,6 +205,11 @@ impl Metrics {
                 "fleetsync_hub_blob_upload_bytes",
                 "Bytes of unfinished blob uploads in the store (at the last sweep).",
                 &self.blob_upload_bytes,
+            ),
+            (
+                "fleetsync_hub_eta_vehicles",
+                "Vehicles with open shipments and a position from the last 10 minutes (at the last estimate round).",
+                &self.eta_vehicles,
             ),
         ] {
             let _ = writeln!(

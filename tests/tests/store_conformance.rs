@@ -12,7 +12,7 @@ use fleetsync_hub::store::{
     MAX_QUARANTINE_RAW, Outcome, QUARANTINE_HEAD, Quarantined, Store,
 };
 use fleetsync_protocol::{
-    Assignment, AssignmentAck, Batch, BlobChunk, Body, BoundedVec, Event, Exception, Health,
+    Assignment, AssignmentAck, Batch, BlobChunk, Body, BoundedVec, Event, Exception, Fix, Health,
 };
 use sha2::Digest as _;
 
@@ -101,6 +101,7 @@ conformance!(
     blob_uploads_are_owned_bounded_and_expire,
     quarantine_is_bounded,
     assignments_versions_and_acks,
+    positions_keep_the_newest_fix,
 );
 
 const T0: u64 = 1_795_773_600_000;
@@ -728,4 +729,64 @@ async fn assignments_versions_and_acks(store: Store, _f: Fresh) {
     );
     store.mark_assignment_sent("nobody", T0).await.unwrap();
     assert!(store.assignment("nobody").await.unwrap().is_none());
+}
+
+fn fixes(first: u64, times: &[u64]) -> Batch {
+    let events: Vec<Event> = times
+        .iter()
+        .map(|&t| Event {
+            time_ms: T0 + t * 1000,
+            body: Body::Position(Fix {
+                lat_e7: 510_000_000 + t as i32 * 1000,
+                lon_e7: 50_000_000,
+                speed_cmps: Some(1000),
+                heading_ddeg: None,
+                hdop_d: None,
+                satellites: None,
+            }),
+        })
+        .collect();
+    Batch {
+        epoch: 1,
+        first_seq: first,
+        events: BoundedVec::try_from_slice(&events).unwrap(),
+    }
+}
+
+/// The ingest round folds fixes into the device's newest position: the newest by capture
+/// time whatever the order in the batch; an older backlog and a redelivery change nothing.
+async fn positions_keep_the_newest_fix(store: Store, fresh: Fresh) {
+    let v = |s: &str| vec![s.to_string()];
+    assert!(store.positions(&v("V1")).await.unwrap().is_empty());
+    // Newest first (the agent's live-first catch-up), then two older ones.
+    ingest_one(&store, "V1", fixes(0, &[100, 60, 70])).await;
+    let p = store
+        .positions(&v("V1"))
+        .await
+        .unwrap()
+        .remove("V1")
+        .unwrap();
+    assert_eq!((p.time_ms, p.seq, p.lat_e7), (T0 + 100_000, 0, 510_100_000));
+    assert_eq!(p.avg_speed_cmps, Some(1000.0));
+    // The backlog from before, and the first batch again: nothing moves.
+    ingest_one(&store, "V1", fixes(3, &[10, 20])).await;
+    ingest_one(&store, "V1", fixes(0, &[100, 60, 70])).await;
+    let same = store
+        .positions(&v("V1"))
+        .await
+        .unwrap()
+        .remove("V1")
+        .unwrap();
+    assert_eq!(same, p);
+    // A newer fix, and another device, survive a reopen.
+    ingest_one(&store, "V1", fixes(5, &[160])).await;
+    ingest_one(&store, "V2", fixes(0, &[5])).await;
+    let store = fresh.reopen(store).await;
+    let all = store
+        .positions(&["V1".into(), "V2".into(), "V3".into()])
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all["V1"].time_ms, all["V1"].seq), (T0 + 160_000, 5));
+    assert_eq!(all["V2"].time_ms, T0 + 5_000);
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, AppState, MAX_PAGE, json_body};
 use crate::auth::Principal;
 use crate::shipments::correlate::{ReviewItem, ReviewStatus};
+use crate::shipments::eta;
 use crate::shipments::facts::{self, Fact, Mapping, Source};
 use crate::shipments::service::ShipmentError;
 use crate::shipments::spec::{FieldError, Line, PodPolicy, StopSpec};
@@ -45,8 +46,10 @@ struct StopOut<'a> {
     #[serde(flatten)]
     stop: &'a StopSpec,
     completed: bool,
-    /// Estimated arrival; null until the hub estimates it.
+    /// Estimated arrival; null until the hub estimates it, and once the vehicle is there.
     eta: Option<Time>,
+    /// unknown | on_time | at_risk | late.
+    timeliness: &'static str,
 }
 
 /// A shipment as answered.
@@ -76,11 +79,7 @@ struct ShipmentOut<'a> {
 
 /// The shipment's review status: open if any item is open, else the latest decision.
 async fn review_of(st: &AppState, id: &str) -> Result<&'static str, ApiError> {
-    let items = st.store.reviews(None, 10_000).await?;
-    let mine: Vec<&ReviewItem> = items
-        .iter()
-        .filter(|i| i.shipment_id.as_deref() == Some(id))
-        .collect();
+    let mine = st.store.reviews_of(id).await?;
     Ok(if mine.iter().any(|i| i.status == ReviewStatus::Open) {
         "open"
     } else if let Some(last) = mine.iter().max_by_key(|i| i.decided_time) {
@@ -90,8 +89,36 @@ async fn review_of(st: &AppState, id: &str) -> Result<&'static str, ApiError> {
     })
 }
 
-fn shipment_out<'a>(st: &'a AppState, r: &'a ShipmentRecord, facts: &[Fact]) -> ShipmentOut<'a> {
+/// A shipment as answered, with its review status, timeliness and estimates.
+async fn shipment_view<'a>(
+    st: &'a AppState,
+    r: &'a ShipmentRecord,
+    facts: &[Fact],
+) -> Result<ShipmentOut<'a>, ApiError> {
+    let position_ms = match &r.vehicle {
+        Some(v) => st
+            .store
+            .positions(std::slice::from_ref(v))
+            .await?
+            .get(v)
+            .map(|p| p.time_ms),
+        None => None,
+    };
+    let mut out = shipment_out(st, r, facts, position_ms, crate::ingest::now_ms());
+    out.review = review_of(st, &r.id).await?;
+    Ok(out)
+}
+
+fn shipment_out<'a>(
+    st: &'a AppState,
+    r: &'a ShipmentRecord,
+    facts: &[Fact],
+    position_ms: Option<u64>,
+    now_ms: u64,
+) -> ShipmentOut<'a> {
     let done = completed_stops(facts);
+    let (timeliness, per_stop) = eta::of_shipment(r, facts, position_ms, now_ms);
+    let finished = r.state.is_finished();
     let mut all = planned(r);
     all.extend_from_slice(facts);
     let m = st.shipments.mappings();
@@ -104,7 +131,7 @@ fn shipment_out<'a>(st: &'a AppState, r: &'a ShipmentRecord, facts: &[Fact]) -> 
         state: r.state.as_str(),
         status: m.of(r.state),
         mapping_version: &m.version,
-        timeliness: "unknown",
+        timeliness: timeliness.as_str(),
         review: "none",
         created: Time(r.created_ms),
         updated: Time(r.updated_ms),
@@ -114,8 +141,15 @@ fn shipment_out<'a>(st: &'a AppState, r: &'a ShipmentRecord, facts: &[Fact]) -> 
             .iter()
             .map(|s| StopOut {
                 completed: done.contains(&s.id),
+                eta: r
+                    .estimates
+                    .get(&s.id)
+                    .filter(|_| !finished)
+                    .map(|e| Time(e.eta_ms)),
+                timeliness: per_stop
+                    .get(s.id.as_str())
+                    .map_or("unknown", |t| t.as_str()),
                 stop: s,
-                eta: None,
             })
             .collect(),
         pod_policy: &r.spec.pod_policy,
@@ -147,7 +181,8 @@ pub(super) async fn put_shipment(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(shipment_out(&st, &done.record, &facts))).into_response())
+    let out = shipment_view(&st, &done.record, &facts).await?;
+    Ok((status, Json(out)).into_response())
 }
 
 /// `GET /v1/erp/shipments/{id}` and `GET /v1/ops/shipments/{id}`
@@ -160,10 +195,7 @@ pub(super) async fn get_shipment(
         .shipment(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no shipment {id:?}")))?;
-    let review = review_of(&st, &id).await?;
-    let mut out = shipment_out(&st, &r, &facts);
-    out.review = review;
-    Ok(Json(out).into_response())
+    Ok(Json(shipment_view(&st, &r, &facts).await?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -348,19 +348,42 @@ struct HealthOut {
 }
 
 #[derive(Serialize)]
+struct PositionOut {
+    /// The fix's capture time.
+    time: Time,
+    lat: f64,
+    lon: f64,
+    /// Its ground speed (m/s).
+    speed_mps: Option<f64>,
+    /// The vehicle's average speed over about 5 minutes (m/s).
+    avg_speed_mps: Option<f64>,
+}
+
+#[derive(Serialize)]
 struct DeviceOut {
     id: String,
     connected: bool,
     last_seen: Option<Time>,
     epoch: u32,
     health: Option<HealthOut>,
+    /// The newest fix the device reported.
+    position: Option<PositionOut>,
 }
 
 async fn devices(State(st): State<AppState>) -> Result<Json<Vec<DeviceOut>>, ApiError> {
     let rows = st.store.devices().await?;
+    let ids: Vec<String> = rows.iter().map(|(id, _)| id.clone()).collect();
+    let mut positions = st.store.positions(&ids).await?;
     Ok(Json(
         rows.into_iter()
             .map(|(id, r)| DeviceOut {
+                position: positions.remove(&id).map(|p| PositionOut {
+                    time: Time(p.time_ms),
+                    lat: f64::from(p.lat_e7) / 1e7,
+                    lon: f64::from(p.lon_e7) / 1e7,
+                    speed_mps: p.speed_cmps.map(|v| f64::from(v) / 100.0),
+                    avg_speed_mps: p.avg_speed_cmps.map(|v| v.round() / 100.0),
+                }),
                 connected: st.registry.is_connected(&id),
                 last_seen: (r.last_seen_ms > 0).then_some(Time(r.last_seen_ms)),
                 epoch: r.epoch,

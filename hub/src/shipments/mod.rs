@@ -21,6 +21,7 @@
 //! carrying both shipments.
 
 pub mod correlate;
+pub mod eta;
 pub mod facts;
 pub mod service;
 pub mod spec;
@@ -57,6 +58,9 @@ pub struct ShipmentRecord {
     pub created_ms: u64,
     /// Last written (ms).
     pub updated_ms: u64,
+    /// The latest estimate per stop not reached yet ([`eta`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub estimates: BTreeMap<String, eta::StopEstimate>,
 }
 
 impl facts::StopKinds for ShipmentSpec {
@@ -134,6 +138,7 @@ pub fn plan_upsert(
                 state: State::Created,
                 created_ms: now_ms,
                 updated_ms: now_ms,
+                estimates: BTreeMap::new(),
             },
             expected_rev: None,
             created: true,
@@ -183,6 +188,7 @@ pub fn plan_upsert(
             state: cur.state,
             created_ms: cur.created_ms,
             updated_ms: now_ms,
+            estimates: cur.estimates.clone(),
         },
         expected_rev: Some(cur.rev),
         created: false,
@@ -417,6 +423,7 @@ mod tests {
             state: State::Created,
             created_ms: t,
             updated_ms: t,
+            estimates: BTreeMap::new(),
         };
         let open = vec![(rec("S1", a, 1), vec![]), (rec("S2", b, 2), vec![])];
         let asg = build_assignment(&open, 3).unwrap();

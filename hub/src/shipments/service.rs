@@ -10,7 +10,10 @@
 
 use fleetsync_protocol::json::Time;
 
-use super::correlate::{PodVerdict, ReviewItem, ReviewKind, ReviewStatus, judge_pod};
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::correlate::{PodVerdict, ReviewItem, ReviewKind, ReviewStatus, judge_pod, source_id};
+use super::eta::{self, EtaSettings, VehiclePosition};
 use super::facts::{self, Classifier, Fact, FactType, Mappings, Source, State};
 use super::{
     FieldError, Refusal, ShipmentRecord, ShipmentSpec, Upsert, build_assignment, plan_upsert,
@@ -737,6 +740,100 @@ impl Shipments {
         Ok(out)
     }
 
+    /// Estimates the arrival at every open stop of every vehicle with a position from
+    /// the last 10 minutes ([`eta`]): a shipment is written only when its estimates
+    /// change, with an EST fact for each that moved by more than 5 minutes. Idempotent
+    /// per position (fact ids name the fix), so every hub process may run it.
+    pub async fn estimate(
+        &self,
+        settings: &EtaSettings,
+        now_ms: u64,
+    ) -> Result<EtaReport, ShipmentError> {
+        let mut report = EtaReport::default();
+        let vehicles = self.store.shipment_vehicles().await?;
+        for (vehicle, pos) in self.store.positions(&vehicles).await? {
+            if now_ms.saturating_sub(pos.time_ms) > eta::STALE_AFTER_MS {
+                continue;
+            }
+            let open = self.store.vehicle_shipments(&vehicle).await?;
+            if open.is_empty() {
+                continue;
+            }
+            report.vehicles += 1;
+            let etas = plan_etas(&open, &pos, settings);
+            for (rec, _) in &open {
+                let (written, facts) = self
+                    .apply_estimates(&rec.id, &vehicle, &pos, &etas, now_ms)
+                    .await?;
+                report.written += u64::from(written);
+                report.facts += facts;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Folds the vehicle's new estimates into one shipment (compare-and-swap, retried);
+    /// whether it was written, and how many EST facts that made.
+    async fn apply_estimates(
+        &self,
+        id: &str,
+        vehicle: &str,
+        pos: &VehiclePosition,
+        etas: &BTreeMap<String, u64>,
+        now_ms: u64,
+    ) -> Result<(bool, u64), ShipmentError> {
+        let from = source_id(vehicle, pos.epoch, pos.seq);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((cur, _)) = self.store.shipment(id).await? else {
+                return Ok((false, 0));
+            };
+            if cur.vehicle.as_deref() != Some(vehicle) || cur.state.is_finished() {
+                return Ok((false, 0));
+            }
+            let mut rec = cur.clone();
+            let mut new_facts = Vec::new();
+            // Stops reached (or gone from the shipment) lose their estimate.
+            rec.estimates.retain(|stop, _| etas.contains_key(stop));
+            for stop in &cur.spec.stops {
+                let Some(&at) = etas.get(&stop.id) else {
+                    continue;
+                };
+                let end = stop.window.map(|w| w.end.0);
+                let next = eta::next_estimate(cur.estimates.get(&stop.id), at, end, &from);
+                if next.publish {
+                    new_facts.push(Fact {
+                        id: format!("eta:{}:{from}", stop.id),
+                        kind: FactType::Eta,
+                        classifier: Classifier::Estimated,
+                        stop_id: Some(stop.id.clone()),
+                        event_time: Time(at),
+                        recorded_time: Time(now_ms),
+                        source: Source::Device {
+                            device: vehicle.to_string(),
+                            epoch: pos.epoch,
+                            seq: pos.seq,
+                        },
+                        retracts: None,
+                        note: Some(format!(
+                            "estimated from the position at {}",
+                            Time(pos.time_ms).to_rfc3339()
+                        )),
+                    });
+                }
+                rec.estimates.insert(stop.id.clone(), next.estimate);
+            }
+            if rec.estimates == cur.estimates {
+                return Ok((false, 0));
+            }
+            rec.rev += 1;
+            rec.updated_ms = now_ms;
+            if self.swap(&rec, cur.rev, &new_facts).await? {
+                return Ok((true, new_facts.len() as u64));
+            }
+        }
+        Err(busy("estimates"))
+    }
+
     /// Brings every vehicle's assignment in line with its shipments (at start: repairs
     /// a crash between a shipment write and its dispatch).
     pub async fn reconcile(&self, now_ms: u64) -> Result<(), ShipmentError> {
@@ -748,6 +845,46 @@ impl Shipments {
         }
         Ok(())
     }
+}
+
+/// What one round of estimates did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EtaReport {
+    /// Vehicles estimated (open shipments and a fresh position).
+    pub vehicles: u64,
+    /// Shipments written.
+    pub written: u64,
+    /// EST facts made.
+    pub facts: u64,
+}
+
+/// Arrival estimates of a vehicle's stops not yet reached, in its assignment's order.
+fn plan_etas(
+    open: &[(ShipmentRecord, Vec<Fact>)],
+    pos: &VehiclePosition,
+    settings: &EtaSettings,
+) -> BTreeMap<String, u64> {
+    let Ok(plan) = build_assignment(open, 0) else {
+        return BTreeMap::new();
+    };
+    let arrived: BTreeSet<&str> = open
+        .iter()
+        .flat_map(|(_, facts)| facts)
+        .filter(|f| f.classifier == Classifier::Actual && f.kind == FactType::Arrived)
+        .filter_map(|f| f.stop_id.as_deref())
+        .collect();
+    let stops: Vec<(&str, &fleetsync_protocol::Fence)> = plan
+        .stops
+        .iter()
+        .filter(|s| !arrived.contains(s.id.as_str()))
+        .map(|s| (s.id.as_str(), &s.fence))
+        .collect();
+    let etas = eta::estimate(pos, &stops, settings);
+    stops
+        .iter()
+        .zip(etas)
+        .map(|((id, _), t)| ((*id).to_string(), t))
+        .collect()
 }
 
 /// Why a shipment is stuck.

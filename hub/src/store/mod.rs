@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Credential;
 use crate::config::StoreConfig;
 use crate::shipments::correlate::{ReviewItem, ReviewStatus};
+use crate::shipments::eta::VehiclePosition;
 use crate::shipments::{Fact, ShipmentRecord, State};
 
 /// Largest blob the hub assembles.
@@ -695,6 +696,20 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ReviewItem>, StoreError> {
         both!(self, s => s.reviews(status, limit).await)
+    }
+
+    /// The review items naming a shipment, oldest first.
+    pub async fn reviews_of(&self, shipment: &str) -> Result<Vec<ReviewItem>, StoreError> {
+        both!(self, s => s.reviews_of(shipment).await)
+    }
+
+    /// The newest position of each of `devices` that has one (folded in by the ingest
+    /// round that stored the fix).
+    pub async fn positions(
+        &self,
+        devices: &[String],
+    ) -> Result<std::collections::BTreeMap<String, VehiclePosition>, StoreError> {
+        both!(self, s => s.positions(devices).await)
     }
 
     /// One review item.

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_blob_uploads.sql")),
     (3, include_str!("migrations/0003_credentials.sql")),
     (4, include_str!("migrations/0004_shipments.sql")),
+    (5, include_str!("migrations/0005_positions.sql")),
 ];
 
 /// The schema version this hub writes.

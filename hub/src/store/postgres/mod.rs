@@ -66,6 +66,7 @@ use super::{
 use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
+use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
 use fleetsync_protocol::Fence;
 
@@ -735,6 +736,42 @@ impl PgStore {
             .collect::<Result<Vec<ReviewItem>, _>>()?)
     }
 
+    /// See [`super::Store::reviews_of`].
+    pub async fn reviews_of(&self, shipment: &str) -> Result<Vec<ReviewItem>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT record FROM reviews WHERE shipment_id = $1 ORDER BY created_ms, id",
+                &[&shipment],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
+            .collect::<Result<Vec<ReviewItem>, _>>()?)
+    }
+
+    /// See [`super::Store::positions`].
+    pub async fn positions(
+        &self,
+        devices: &[String],
+    ) -> Result<BTreeMap<String, VehiclePosition>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT device, record FROM positions WHERE device = ANY($1)",
+                &[&devices],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut out = BTreeMap::new();
+        for r in &rows {
+            out.insert(r.get(0), postcard::from_bytes(r.get::<_, &[u8]>(1))?);
+        }
+        Ok(out)
+    }
+
     /// See [`super::Store::review`].
     pub async fn review(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
         let client = self.client().await?;
@@ -759,8 +796,8 @@ impl PgStore {
         let n = match expected {
             None => client
                 .execute(
-                    "INSERT INTO reviews (id, status, created_ms, record) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                    &[&item.id, &item.status.as_str(), &created, &text],
+                    "INSERT INTO reviews (id, status, created_ms, record, shipment_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[&item.id, &item.status.as_str(), &created, &text, &item.shipment_id],
                 )
                 .await,
             Some(old) => client
@@ -1078,6 +1115,7 @@ async fn ingest_round(
     let mut devices: BTreeMap<&str, DeviceMerge> = BTreeMap::new();
     let mut acks: BTreeMap<&str, Vec<(&str, u32, u64)>> = BTreeMap::new();
     let mut corr: BTreeMap<&str, Vec<(u32, u64, &Event)>> = BTreeMap::new();
+    let mut fixes: BTreeMap<&str, Vec<eta::FixAt<'_>>> = BTreeMap::new();
     let mut claimed = vec![false; rows.device.len()];
     for (idx, item) in items.iter().enumerate() {
         match item {
@@ -1099,6 +1137,14 @@ async fn ingest_round(
                                 a.assignment_id.as_str(),
                                 a.version,
                                 ev.time_ms,
+                            ));
+                        }
+                        if let Body::Position(f) = &ev.body {
+                            fixes.entry(device.as_str()).or_default().push((
+                                ev.time_ms,
+                                f,
+                                batch.epoch,
+                                batch.first_seq + i as u64,
                             ));
                         }
                         if correlate::correlates(&ev.body) {
@@ -1171,6 +1217,12 @@ async fn ingest_round(
         if let Err(e) = correlate_device(&tx, device, events, recorded).await? {
             return Ok(Err(e));
         }
+    }
+
+    if !fixes.is_empty()
+        && let Err(e) = merge_positions(&tx, &mut fixes, recorded).await?
+    {
+        return Ok(Err(e));
     }
 
     // Blob chunks, by device (lock order), then digest and offset.
@@ -1267,6 +1319,51 @@ async fn ingest_round(
         .into_iter()
         .map(|o| o.ok_or_else(|| StoreError::Task("an item had no outcome".into())))
         .collect())
+}
+
+/// Folds the round's new fixes into each device's newest position
+/// ([`eta::fold_position`]), rows locked in device order.
+async fn merge_positions(
+    tx: &Transaction<'_>,
+    fixes: &mut BTreeMap<&str, Vec<eta::FixAt<'_>>>,
+    recorded: i64,
+) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
+    let ids: Vec<&str> = fixes.keys().copied().collect();
+    let mut prev: HashMap<String, VehiclePosition> = HashMap::new();
+    for r in tx
+        .query(
+            "SELECT device, record FROM positions WHERE device = ANY($1) ORDER BY device FOR UPDATE",
+            &[&ids],
+        )
+        .await?
+    {
+        match postcard::from_bytes(r.get::<_, &[u8]>(1)) {
+            Ok(p) => prev.insert(r.get(0), p),
+            Err(e) => return Ok(Err(e.into())),
+        };
+    }
+    let (mut dev, mut time, mut rec) = (Vec::new(), Vec::new(), Vec::new());
+    for (device, list) in fixes.iter_mut() {
+        let Some(next) = eta::fold_position(prev.get(*device), list, to_u64(recorded)) else {
+            continue;
+        };
+        match postcard::to_stdvec(&next) {
+            Ok(b) => rec.push(b),
+            Err(e) => return Ok(Err(e.into())),
+        }
+        dev.push(*device);
+        time.push(to_i64(next.time_ms).unwrap_or(i64::MAX));
+    }
+    if !dev.is_empty() {
+        tx.execute(
+            "INSERT INTO positions (device, time_ms, record) \
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::bytea[]) \
+             ON CONFLICT (device) DO UPDATE SET time_ms = EXCLUDED.time_ms, record = EXCLUDED.record",
+            &[&dev, &time, &rec],
+        )
+        .await?;
+    }
+    Ok(Ok(()))
 }
 
 /// Writes the facts and review items `events` of `device` imply, inside the round.
@@ -1378,8 +1475,8 @@ async fn correlate_device(
                 Err(e) => return Ok(Err(e.into())),
             };
             tx.execute(
-                "INSERT INTO reviews (id, status, created_ms, record) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[&item.id, &item.status.as_str(), &recorded, &text],
+                "INSERT INTO reviews (id, status, created_ms, record, shipment_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&item.id, &item.status.as_str(), &recorded, &text, &item.shipment_id],
             )
             .await?;
         }

@@ -17,6 +17,8 @@
 //! tree shipments_by_vehicle: key  vehicle ++ 0x00 ++ shipment id   val  empty
 //! tree locations:            key  ERP location (stop) id           val  JSON(Fence)
 //! tree reviews:              key  review id (the source event's)   val  JSON(ReviewItem)
+//! tree reviews_by_shipment:  key  shipment id ++ 0x00 ++ review id val  empty
+//! tree positions:            key  device id         val  postcard(VehiclePosition)
 //! tree credentials_by_token: key  sha256(token)     val  id
 //! ```
 //!
@@ -47,6 +49,7 @@
 
 mod durable;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,6 +58,7 @@ use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
 
 use crate::auth::Credential;
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
+use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
 use fleetsync_protocol::Fence;
 use sha2::Digest as _;
@@ -87,6 +91,8 @@ pub struct SledStore {
     shipments_by_vehicle: ::sled::Tree,
     locations: ::sled::Tree,
     reviews: ::sled::Tree,
+    reviews_by_shipment: ::sled::Tree,
+    positions: ::sled::Tree,
     quarantined_count: Arc<AtomicUsize>,
     /// What the last `make_durable` synced; held for a whole write call, so one call
     /// writes and syncs at a time (the order the module note relies on).
@@ -206,6 +212,8 @@ impl SledStore {
             shipments_by_vehicle: db.open_tree("shipments_by_vehicle")?,
             locations: db.open_tree("locations")?,
             reviews: db.open_tree("reviews")?,
+            reviews_by_shipment: db.open_tree("reviews_by_shipment")?,
+            positions: db.open_tree("positions")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
             failed: Arc::new(AtomicBool::new(false)),
@@ -215,6 +223,13 @@ impl SledStore {
         // Parts of a store from before uploads had owners: dropped (the agents send
         // every unacknowledged blob again, whole).
         db_drop_old_parts(&store.db)?;
+        if !store.reviews.is_empty() && store.reviews_by_shipment.is_empty() {
+            // A store from before the per-shipment index: index what is there, once.
+            for v in store.reviews.iter().values() {
+                let item: ReviewItem = serde_json::from_slice(&v?)?;
+                store.index_review(&item)?;
+            }
+        }
         let n = store.quarantine.iter().keys().count();
         store.quarantined_count.store(n, Ordering::Relaxed);
         if n > 0 && store.quarantine_by_device.is_empty() {
@@ -365,9 +380,49 @@ impl SledStore {
             }
         }
         // Last seen and epoch are merged for redeliveries too, so a crash before this
-        // line is repaired by the redelivery.
+        // line is repaired by the redelivery; so is the position (only newer fixes count).
+        self.merge_position(device, batch, recorded_ms)?;
         self.merge_device(device, recorded_ms, Some(batch.epoch), None)?;
         Ok(out)
+    }
+
+    /// Folds the batch's fixes into the device's newest position ([`eta::fold_position`]).
+    fn merge_position(
+        &self,
+        device: &str,
+        batch: &Batch,
+        recorded_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut fixes: Vec<eta::FixAt<'_>> = batch
+            .events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match &e.body {
+                Body::Position(f) => Some((e.time_ms, f, batch.epoch, batch.first_seq + i as u64)),
+                _ => None,
+            })
+            .collect();
+        if fixes.is_empty() {
+            return Ok(());
+        }
+        let prev: Option<VehiclePosition> = match self.positions.get(device.as_bytes())? {
+            Some(v) => Some(decode(&v)?),
+            None => None,
+        };
+        if let Some(next) = eta::fold_position(prev.as_ref(), &mut fixes, recorded_ms) {
+            self.positions
+                .insert(device.as_bytes(), postcard::to_stdvec(&next)?)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a review item to its shipment's index.
+    fn index_review(&self, item: &ReviewItem) -> Result<(), StoreError> {
+        if let Some(sid) = &item.shipment_id {
+            self.reviews_by_shipment
+                .insert(pair_key(sid, &item.id), &[])?;
+        }
+        Ok(())
     }
 
     /// Writes the facts and review items a new trip or POD event implies (before the
@@ -407,6 +462,7 @@ impl SledStore {
         }
         for item in c.reviews {
             if !self.reviews.contains_key(item.id.as_bytes())? {
+                self.index_review(&item)?;
                 self.reviews
                     .insert(item.id.as_bytes(), serde_json::to_vec(&item)?)?;
             }
@@ -774,12 +830,17 @@ impl SledStore {
         let mut out = Vec::new();
         for k in self.shipments_by_vehicle.scan_prefix(&prefix).keys() {
             let k = k?;
-            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            if let Some((r, f)) = self.shipment_blocking(&id)?
-                && r.vehicle.as_deref() == Some(vehicle)
+            // The record first: a vehicle's finished shipments stay in the index, and
+            // their facts need not be read.
+            let id = &k[prefix.len()..];
+            let Some(r) = json_get::<ShipmentRecord>(&self.shipments, id)? else {
+                continue;
+            };
+            if r.vehicle.as_deref() == Some(vehicle)
                 && !r.state.is_finished()
+                && let Some(found) = self.shipment_blocking(&r.id)?
             {
-                out.push((r, f));
+                out.push(found);
             }
         }
         Ok(out)
@@ -833,6 +894,41 @@ impl SledStore {
         .await
     }
 
+    /// See [`super::Store::reviews_of`].
+    pub async fn reviews_of(&self, shipment: &str) -> Result<Vec<ReviewItem>, StoreError> {
+        let mut prefix = shipment.as_bytes().to_vec();
+        prefix.push(0);
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            for k in s.reviews_by_shipment.scan_prefix(&prefix).keys() {
+                let k = k?;
+                if let Some(item) = json_get(&s.reviews, &k[prefix.len()..])? {
+                    out.push(item);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::positions`].
+    pub async fn positions(
+        &self,
+        devices: &[String],
+    ) -> Result<BTreeMap<String, VehiclePosition>, StoreError> {
+        let devices = devices.to_vec();
+        self.blocking(move |s| {
+            let mut out = BTreeMap::new();
+            for d in devices {
+                if let Some(v) = s.positions.get(d.as_bytes())? {
+                    out.insert(d, decode(&v)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// See [`super::Store::review`].
     pub async fn review(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
         let id = id.to_string();
@@ -852,6 +948,7 @@ impl SledStore {
             if old.map(|o| o.status) != expected {
                 return Ok(false);
             }
+            s.index_review(&item)?;
             s.reviews
                 .insert(item.id.as_bytes(), serde_json::to_vec(&item)?)?;
             Ok(true)
