@@ -327,6 +327,7 @@ async fn estimate_arrivals(
         match shipments.estimate(&settings, ingest::now_ms()).await {
             Ok(r) => {
                 metrics::Metrics::add(&metrics.eta_facts, r.facts);
+                metrics::Metrics::add(&metrics.eta_rounds, 1);
                 metrics.eta_vehicles.store(r.vehicles, Ordering::Relaxed);
             }
             Err(e) => tracing::warn!(error = ?e, "arrival estimate round failed; trying again"),

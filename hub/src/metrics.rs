@@ -62,6 +62,8 @@ pub struct Metrics {
     pub review_open: AtomicU64,
     /// EST milestones recorded (an arrival estimate moved by more than 5 minutes).
     pub eta_facts: AtomicU64,
+    /// Estimate rounds finished.
+    pub eta_rounds: AtomicU64,
     /// Gauge (at the last round): vehicles with open shipments and a fresh position.
     pub eta_vehicles: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
@@ -91,7 +93,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 17] = [
+        let counters: [(&str, &str, &AtomicU64); 18] = [
             (
                 "fleetsync_hub_blob_uploads_evicted_total",
                 "Unfinished blob uploads dropped to make room for the same device's newer one.",
@@ -176,6 +178,11 @@ impl Metrics {
                 "fleetsync_hub_eta_facts_total",
                 "EST milestones recorded (an arrival estimate moved by more than 5 minutes).",
                 &self.eta_facts,
+            ),
+            (
+                "fleetsync_hub_eta_rounds_total",
+                "Rounds of arrival estimates finished.",
+                &self.eta_rounds,
             ),
         ];
         for (name, help, c) in counters {

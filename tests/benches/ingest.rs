@@ -18,6 +18,13 @@
 //!
 //! Each side runs `WARMUP` and is then measured for `WINDOW`; clients, broker and hub share
 //! this machine's cores.
+//!
+//! `cargo bench -p fleetsync-tests --bench ingest -- shipments`: the cost of shipments on
+//! the sled hub, in one run: 1,000 devices (the same frames, fixes stamped from a minute
+//! ago onwards so they count as fresh positions), without shipments, then on a new hub
+//! where the ERP API first released one open shipment per device (a delivery stop with a
+//! window, so every estimate round estimates every vehicle), with estimate rounds every
+//! 5 s (the default is 30 s) in both rows.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -117,10 +124,36 @@ async fn hub_device(
                 }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                if let Ok(Downlink::Ack(a)) = frame::decode::<Downlink>(&p.payload) {
-                    let n: u64 = a.ranges.iter().map(|r| r.last - r.first + 1).sum();
-                    c.acked_events.fetch_add(n, Ordering::Relaxed);
-                    inflight = inflight.saturating_sub(1);
+                match frame::decode::<Downlink>(&p.payload) {
+                    Ok(Downlink::Ack(a)) if a.epoch == 1 => {
+                        let n: u64 = a.ranges.iter().map(|r| r.last - r.first + 1).sum();
+                        c.acked_events.fetch_add(n, Ordering::Relaxed);
+                        inflight = inflight.saturating_sub(1);
+                    }
+                    Ok(Downlink::Assignment(a)) => {
+                        // As an agent does: acknowledge it (epoch 2, apart from the fixes).
+                        let ack = Uplink::Batch(Batch {
+                            epoch: 2,
+                            first_seq: u64::from(a.version),
+                            events: BoundedVec::try_from_slice(&[Event {
+                                time_ms: fleetsync_agent::now_ms(),
+                                body: fleetsync_protocol::Body::AssignmentAck(
+                                    fleetsync_protocol::AssignmentAck {
+                                        assignment_id: a.id.clone(),
+                                        version: a.version,
+                                    },
+                                ),
+                            }])
+                            .expect("one fits"),
+                        });
+                        let _ = client.try_publish(
+                            up.clone(),
+                            QoS::AtLeastOnce,
+                            false,
+                            frame::encode(&ack).expect("encodes"),
+                        );
+                    }
+                    _ => {}
                 }
             }
             Ok(_) => {}
@@ -344,12 +377,75 @@ async fn baseline(fixes: &Arc<Vec<Event>>) -> Option<(f64, f64)> {
 }
 
 async fn through_hub(fixes: &Arc<Vec<Event>>, pg: Option<&str>) -> Option<f64> {
-    let ids: Vec<String> = (0..DEVICES).map(|i| format!("D{i:03}")).collect();
+    through_hub_with(fixes, pg, DEVICES, false).await
+}
+
+/// Releases one open shipment per device through the ERP API, once every device is
+/// known to the hub (its first batch is stored).
+async fn release_shipments(http: &fleetsync_tests::Http, ids: &[String]) -> Option<()> {
+    let t = Instant::now();
+    let known = fleetsync_tests::wait_for(Duration::from_secs(120), || {
+        let http = http.clone();
+        async move {
+            let d: serde_json::Value = http.get("/v1/ops/devices").await.ok()?.json().await.ok()?;
+            (d.as_array()?.len() >= ids.len()).then_some(())
+        }
+    })
+    .await;
+    if known.is_none() {
+        println!("  not every device known to the hub after 120 s");
+        return None;
+    }
+    let erp = http.credential("erp", "bench").await;
+    let now = fleetsync_agent::now_ms();
+    let window = serde_json::json!({
+        "start": fleetsync_protocol::json::Time(now).to_rfc3339(),
+        "end": fleetsync_protocol::json::Time(now + 4 * 3_600_000).to_rfc3339(),
+    });
+    let gate = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut puts = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (erp, gate) = (erp.clone(), gate.clone());
+        let body = serde_json::json!({
+            "reference": format!("SO-{i}"), "customer_id": "BENCH", "vehicle": id,
+            "stops": [{"id": format!("C{i}"), "kind": "delivery", "name": "customer",
+                       "location": {"lat": 52.37 + (i % 50) as f64 * 0.002,
+                                    "lon": 4.90 + (i / 50) as f64 * 0.002},
+                       "radius_m": 100, "window": window.clone()}]});
+        puts.spawn(async move {
+            let _slot = gate.acquire().await;
+            erp.put_json(&format!("/v1/erp/shipments/S{i}"), &body)
+                .await
+                .0
+        });
+    }
+    let mut created = 0;
+    while let Some(status) = puts.join_next().await {
+        created += usize::from(status.is_ok_and(|s| s == 201));
+    }
+    println!(
+        "  {created} shipments released through the ERP API in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    (created == ids.len()).then_some(())
+}
+
+async fn through_hub_with(
+    fixes: &Arc<Vec<Event>>,
+    pg: Option<&str>,
+    devices: usize,
+    shipments: bool,
+) -> Option<f64> {
+    let ids: Vec<String> = (0..devices).map(|i| format!("D{i:04}")).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let setup = Instant::now();
-    let hub = TestHub::start_on(&id_refs, pg).await;
+    let hub = TestHub::start_with(&id_refs, pg, |cfg| {
+        cfg.shipments.eta_interval_s = 5;
+        cfg.mqtt.max_connections = devices + 64;
+    })
+    .await;
     println!(
-        "  hub started with {DEVICES} device certificates in {:.1} s",
+        "  hub started with {devices} device certificates in {:.1} s",
         setup.elapsed().as_secs_f64()
     );
     let c = Arc::new(Counters::default());
@@ -374,14 +470,29 @@ async fn through_hub(fixes: &Arc<Vec<Event>>, pg: Option<&str>) -> Option<f64> {
             stop.clone(),
         )));
     }
+    if shipments {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while c.ready.load(Ordering::Relaxed) < devices && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        release_shipments(&hub.http, &ids).await?;
+    }
     let res = measure(
         &c,
         &sending,
         |c| c.acked_events.load(Ordering::Relaxed),
-        DEVICES,
+        devices,
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if shipments {
+        println!(
+            "  estimates: {} rounds, {} EST milestones, {} vehicles in the last round",
+            hub.http.metric("fleetsync_hub_eta_rounds_total").await,
+            hub.http.metric("fleetsync_hub_eta_facts_total").await,
+            hub.http.metric("fleetsync_hub_eta_vehicles").await,
+        );
+    }
     let ingested = hub.http.metric("fleetsync_hub_events_ingested_total").await;
     let dups = hub
         .http
@@ -407,8 +518,56 @@ async fn through_hub(fixes: &Arc<Vec<Event>>, pg: Option<&str>) -> Option<f64> {
     Some(per_s)
 }
 
+/// The shipments rows: 1,000 devices on sled, without and with one open shipment each.
+async fn run_shipments() -> bool {
+    const VEHICLES: usize = 1000;
+    let fixes = Arc::new(drive(fleetsync_agent::now_ms() - 60_000, 3600, 5));
+    println!(
+        "ingest with shipments: {VEHICLES} devices, {BATCH}-fix Batch frames, up to {INFLIGHT} in flight each; {}s warm-up, {}s window",
+        WARMUP.as_secs(),
+        WINDOW.as_secs()
+    );
+    // Alternately, twice each: one pair says little on a shared 2-core machine.
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let Some(a) = through_hub_with(&fixes, None, VEHICLES, false).await else {
+            println!("  FAILED: the row without shipments did not run");
+            return false;
+        };
+        without.push(a);
+        let Some(b) = through_hub_with(&fixes, None, VEHICLES, true).await else {
+            println!("  FAILED: the row with shipments did not run");
+            return false;
+        };
+        with.push(b);
+    }
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "  WITHOUT    {:>10} events/s acked ({VEHICLES} devices, no shipments)",
+        list(&without)
+    );
+    println!(
+        "  WITH       {:>10} events/s acked (one open shipment per device, estimates every 5 s)",
+        list(&with)
+    );
+    println!(
+        "  RATIO      {:10.2}x of the means (target: at least 0.90x, correlation costing at most 10%)",
+        mean(&with) / mean(&without)
+    );
+    true
+}
+
 async fn run() -> bool {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if std::env::args().any(|a| a == "shipments") {
+        return run_shipments().await;
+    }
     let fixes = Arc::new(drive(1_795_773_600_000, 3600, 5));
     let sample = frame::encode(&Uplink::Batch(Batch {
         epoch: 1,

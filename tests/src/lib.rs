@@ -407,10 +407,20 @@ impl TestHub {
 
     /// A hub on PostgreSQL at `url` (sled in its temp dir when `None`).
     pub async fn start_on(devices: &[&str], url: Option<&str>) -> TestHub {
+        Self::start_with(devices, url, |_| {}).await
+    }
+
+    /// The same, with the config changed by `f` first.
+    pub async fn start_with(
+        devices: &[&str],
+        url: Option<&str>,
+        f: impl FnOnce(&mut fleetsync_hub::Config),
+    ) -> TestHub {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), devices);
         let text = hub_config(&pki, &dir.path().join("hub"), 0, 0);
         let mut cfg = fleetsync_hub::Config::parse(&text).unwrap();
+        f(&mut cfg);
         if let Some(url) = url {
             cfg.store = fleetsync_hub::config::StoreConfig::postgres(url);
         }

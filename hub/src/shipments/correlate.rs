@@ -7,7 +7,9 @@
 //! redelivered event adds nothing.
 //!
 //! ```text
-//! Trip Arrived{stop}   -> ARRIVED  for each open shipment of the vehicle with that stop
+//! Trip Arrived{stop}   -> ARRIVED  for each open shipment of the vehicle with that stop;
+//!                         none, but another vehicle's open shipment has it: a review
+//!                         item (an arrival at a stop of another vehicle's shipment)
 //! Trip Departed{stop}  -> DEPARTED for each open shipment of the vehicle with that stop
 //! Pod{shipment, stop}  -> DELIVERED (outcome delivered, damaged, partial) or
 //!                         DELIVERY_FAILED (refused) of that shipment, if the vehicle
@@ -43,6 +45,8 @@ pub enum ReviewKind {
     PodBeforeArrival,
     /// A POD from a vehicle the shipment is not assigned to.
     NotAssignedVehicle,
+    /// An arrival at a stop of another vehicle's shipment (none of its own there).
+    ArrivalNotAssigned,
     /// An event naming a shipment the hub does not know.
     UnknownShipment,
 }
@@ -62,6 +66,9 @@ impl ReviewKind {
             }
             ReviewKind::NotAssignedVehicle => {
                 "the POD comes from a vehicle the shipment is not assigned to"
+            }
+            ReviewKind::ArrivalNotAssigned => {
+                "the vehicle arrived at a stop of another vehicle's shipment, with none of its own there"
             }
             ReviewKind::UnknownShipment => "the event names a shipment the hub does not know",
         }
@@ -134,9 +141,29 @@ pub fn source_id(device: &str, epoch: u32, seq: u64) -> String {
     format!("{device}:{epoch}:{seq}")
 }
 
+/// The stop an event is an arrival at for which the vehicle has no open shipment: the
+/// store then looks up [`correlate`]'s `elsewhere` for it.
+pub fn unmatched_arrival<'a>(
+    event: &'a Event,
+    open: &[(ShipmentRecord, Vec<Fact>)],
+) -> Option<&'a str> {
+    let Body::Trip(t) = &event.body else {
+        return None;
+    };
+    let stop = t.stop_id.as_deref()?;
+    (t.kind == TripKind::Arrived
+        && !open
+            .iter()
+            .any(|(r, _)| !r.state.is_finished() && r.spec.stops.iter().any(|s| s.id == stop)))
+    .then_some(stop)
+}
+
 /// The facts and review items a device's event implies, given the vehicle's shipments
 /// (those not finished, and those its POD events name that are on it in any state);
-/// `known(shipment_id)` says whether the hub knows a shipment at all.
+/// `known(shipment_id)` says whether the hub knows a shipment at all, and
+/// `elsewhere(stop)` names the open shipments of other vehicles at a stop (asked only for
+/// an [`unmatched_arrival`]).
+#[allow(clippy::too_many_arguments)]
 pub fn correlate(
     device: &str,
     epoch: u32,
@@ -145,6 +172,7 @@ pub fn correlate(
     recorded_ms: u64,
     open: &[(ShipmentRecord, Vec<Fact>)],
     known: &dyn Fn(&str) -> bool,
+    elsewhere: &dyn Fn(&str) -> Vec<String>,
 ) -> Correlated {
     let id = source_id(device, epoch, seq);
     let source = Source::Device {
@@ -177,6 +205,28 @@ pub fn correlate(
             for (rec, _) in open {
                 if !rec.state.is_finished() && rec.spec.stops.iter().any(|s| s.id == stop) {
                     out.facts.push((rec.id.clone(), fact(kind, stop)));
+                }
+            }
+            if unmatched_arrival(event, open).is_some() {
+                let others = elsewhere(stop);
+                if let Some(first) = others.first() {
+                    out.reviews.push(ReviewItem {
+                        id: id.clone(),
+                        kind: ReviewKind::ArrivalNotAssigned,
+                        shipment_id: Some(first.clone()),
+                        stop_id: Some(stop.to_string()),
+                        source,
+                        event_time: Time(event.time_ms),
+                        created_time: Time(recorded_ms),
+                        status: ReviewStatus::Open,
+                        decided_by: None,
+                        note: None,
+                        decided_time: None,
+                        detail: format!(
+                            "{device} arrived at stop {stop}, where it carries no open shipment; open there on other vehicles: {}",
+                            others.join(", ")
+                        ),
+                    });
                 }
             }
         }

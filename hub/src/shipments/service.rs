@@ -19,7 +19,7 @@ use super::{
     FieldError, Refusal, ShipmentRecord, ShipmentSpec, Upsert, build_assignment, plan_upsert,
 };
 use crate::dispatch::{AssignError, Dispatch};
-use crate::store::{PutShipment, ShipmentQuery, Store, StoreError};
+use crate::store::{PutShipment, ShipmentQuery, ShipmentWrite, Store, StoreError};
 
 /// Attempts of a compare-and-swap write before giving up.
 const CAS_ATTEMPTS: usize = 8;
@@ -617,8 +617,9 @@ impl Shipments {
                     note: Some(note.clone()),
                 }),
                 (false, true) => {
-                    // A POD from another vehicle or for a shipment then unknown: the
-                    // operator says it counts for the named shipment.
+                    // A POD from another vehicle or for a shipment then unknown, or an
+                    // arrival at another vehicle's stop: the operator says it counts for
+                    // the named shipment.
                     if self.store.shipment(sid).await?.is_none() {
                         return Err(ShipmentError::Conflict(field(
                             "id",
@@ -629,7 +630,11 @@ impl Shipments {
                     }
                     Some(Fact {
                         id: format!("{}:accepted", item.id),
-                        kind: FactType::Delivered,
+                        kind: if item.kind == ReviewKind::ArrivalNotAssigned {
+                            FactType::Arrived
+                        } else {
+                            FactType::Delivered
+                        },
                         classifier: Classifier::Actual,
                         stop_id: item.stop_id.clone(),
                         event_time: item.event_time,
@@ -742,8 +747,10 @@ impl Shipments {
 
     /// Estimates the arrival at every open stop of every vehicle with a position from
     /// the last 10 minutes ([`eta`]): a shipment is written only when its estimates
-    /// change, with an EST fact for each that moved by more than 5 minutes. Idempotent
-    /// per position (fact ids name the fix), so every hub process may run it.
+    /// change, with an EST fact for each that moved by more than 5 minutes; the round's
+    /// writes go to the store together (one durable write on sled), each its own
+    /// compare-and-swap, and one that lost a race is estimated again on a fresh read.
+    /// Idempotent per position (fact ids name the fix), so every hub process may run it.
     pub async fn estimate(
         &self,
         settings: &EtaSettings,
@@ -751,6 +758,8 @@ impl Shipments {
     ) -> Result<EtaReport, ShipmentError> {
         let mut report = EtaReport::default();
         let vehicles = self.store.shipment_vehicles().await?;
+        let mut writes = Vec::new();
+        let mut redo = Vec::new();
         for (vehicle, pos) in self.store.positions(&vehicles).await? {
             if now_ms.saturating_sub(pos.time_ms) > eta::STALE_AFTER_MS {
                 continue;
@@ -762,76 +771,37 @@ impl Shipments {
             report.vehicles += 1;
             let etas = plan_etas(&open, &pos, settings);
             for (rec, _) in &open {
-                let (written, facts) = self
-                    .apply_estimates(&rec.id, &vehicle, &pos, &etas, now_ms)
-                    .await?;
-                report.written += u64::from(written);
-                report.facts += facts;
+                if let Some(w) = estimated(rec, &vehicle, &pos, &etas, now_ms) {
+                    redo.push((rec.id.clone(), vehicle.clone(), pos.clone(), etas.clone()));
+                    writes.push(w);
+                }
+            }
+        }
+        let facts: Vec<u64> = writes.iter().map(|w| w.facts.len() as u64).collect();
+        let written = self.store.put_shipments(writes).await?;
+        for (i, ok) in written.into_iter().enumerate() {
+            if ok {
+                report.written += 1;
+                report.facts += facts[i];
+                continue;
+            }
+            let (id, vehicle, pos, etas) = &redo[i];
+            for _ in 0..CAS_ATTEMPTS {
+                let Some((cur, _)) = self.store.shipment(id).await? else {
+                    break;
+                };
+                let Some(w) = estimated(&cur, vehicle, pos, etas, now_ms) else {
+                    break;
+                };
+                let n = w.facts.len() as u64;
+                if self.store.put_shipments(vec![w]).await? == [true] {
+                    report.written += 1;
+                    report.facts += n;
+                    break;
+                }
             }
         }
         Ok(report)
-    }
-
-    /// Folds the vehicle's new estimates into one shipment (compare-and-swap, retried);
-    /// whether it was written, and how many EST facts that made.
-    async fn apply_estimates(
-        &self,
-        id: &str,
-        vehicle: &str,
-        pos: &VehiclePosition,
-        etas: &BTreeMap<String, u64>,
-        now_ms: u64,
-    ) -> Result<(bool, u64), ShipmentError> {
-        let from = source_id(vehicle, pos.epoch, pos.seq);
-        for _ in 0..CAS_ATTEMPTS {
-            let Some((cur, _)) = self.store.shipment(id).await? else {
-                return Ok((false, 0));
-            };
-            if cur.vehicle.as_deref() != Some(vehicle) || cur.state.is_finished() {
-                return Ok((false, 0));
-            }
-            let mut rec = cur.clone();
-            let mut new_facts = Vec::new();
-            // Stops reached (or gone from the shipment) lose their estimate.
-            rec.estimates.retain(|stop, _| etas.contains_key(stop));
-            for stop in &cur.spec.stops {
-                let Some(&at) = etas.get(&stop.id) else {
-                    continue;
-                };
-                let end = stop.window.map(|w| w.end.0);
-                let next = eta::next_estimate(cur.estimates.get(&stop.id), at, end, &from);
-                if next.publish {
-                    new_facts.push(Fact {
-                        id: format!("eta:{}:{from}", stop.id),
-                        kind: FactType::Eta,
-                        classifier: Classifier::Estimated,
-                        stop_id: Some(stop.id.clone()),
-                        event_time: Time(at),
-                        recorded_time: Time(now_ms),
-                        source: Source::Device {
-                            device: vehicle.to_string(),
-                            epoch: pos.epoch,
-                            seq: pos.seq,
-                        },
-                        retracts: None,
-                        note: Some(format!(
-                            "estimated from the position at {}",
-                            Time(pos.time_ms).to_rfc3339()
-                        )),
-                    });
-                }
-                rec.estimates.insert(stop.id.clone(), next.estimate);
-            }
-            if rec.estimates == cur.estimates {
-                return Ok((false, 0));
-            }
-            rec.rev += 1;
-            rec.updated_ms = now_ms;
-            if self.swap(&rec, cur.rev, &new_facts).await? {
-                return Ok((true, new_facts.len() as u64));
-            }
-        }
-        Err(busy("estimates"))
     }
 
     /// Brings every vehicle's assignment in line with its shipments (at start: repairs
@@ -856,6 +826,63 @@ pub struct EtaReport {
     pub written: u64,
     /// EST facts made.
     pub facts: u64,
+}
+
+/// `cur` with the vehicle's new estimates folded in, and the EST facts that makes;
+/// `None` if nothing changes (or the shipment is no longer this vehicle's open one).
+fn estimated(
+    cur: &ShipmentRecord,
+    vehicle: &str,
+    pos: &VehiclePosition,
+    etas: &BTreeMap<String, u64>,
+    now_ms: u64,
+) -> Option<ShipmentWrite> {
+    if cur.vehicle.as_deref() != Some(vehicle) || cur.state.is_finished() {
+        return None;
+    }
+    let from = source_id(vehicle, pos.epoch, pos.seq);
+    let mut rec = cur.clone();
+    let mut facts = Vec::new();
+    // Stops reached (or gone from the shipment) lose their estimate.
+    rec.estimates.retain(|stop, _| etas.contains_key(stop));
+    for stop in &cur.spec.stops {
+        let Some(&at) = etas.get(&stop.id) else {
+            continue;
+        };
+        let end = stop.window.map(|w| w.end.0);
+        let next = eta::next_estimate(cur.estimates.get(&stop.id), at, end, &from);
+        if next.publish {
+            facts.push(Fact {
+                id: format!("eta:{}:{from}", stop.id),
+                kind: FactType::Eta,
+                classifier: Classifier::Estimated,
+                stop_id: Some(stop.id.clone()),
+                event_time: Time(at),
+                recorded_time: Time(now_ms),
+                source: Source::Device {
+                    device: vehicle.to_string(),
+                    epoch: pos.epoch,
+                    seq: pos.seq,
+                },
+                retracts: None,
+                note: Some(format!(
+                    "estimated from the position at {}",
+                    Time(pos.time_ms).to_rfc3339()
+                )),
+            });
+        }
+        rec.estimates.insert(stop.id.clone(), next.estimate);
+    }
+    if rec.estimates == cur.estimates {
+        return None;
+    }
+    rec.rev += 1;
+    rec.updated_ms = now_ms;
+    Some(ShipmentWrite {
+        rec,
+        expected_rev: cur.rev,
+        facts,
+    })
 }
 
 /// Arrival estimates of a vehicle's stops not yet reached, in its assignment's order.

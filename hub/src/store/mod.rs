@@ -450,6 +450,17 @@ pub enum PutShipment {
     },
 }
 
+/// One compare-and-swap write of a shipment record and its new facts.
+#[derive(Debug, Clone)]
+pub struct ShipmentWrite {
+    /// The record to write.
+    pub rec: ShipmentRecord,
+    /// The rev the stored record must still have.
+    pub expected_rev: u64,
+    /// New facts (a fact id already there is kept as it is).
+    pub facts: Vec<Fact>,
+}
+
 /// A page of shipments: filters, cursor and size.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShipmentQuery {
@@ -482,6 +493,9 @@ impl ShipmentQuery {
 }
 
 /// The hub's store.
+// The sled variant is a few hundred bytes of tree handles: a store is made once per
+// process and cloned into a handful of tasks, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Store {
     /// Embedded sled.
@@ -661,6 +675,25 @@ impl Store {
         locations: &[(String, Fence)],
     ) -> Result<PutShipment, StoreError> {
         both!(self, s => s.put_shipment(rec, expected_rev, facts, locations).await)
+    }
+
+    /// Writes each of `writes` as [`Store::put_shipment`] would (without locations), each
+    /// its own compare-and-swap; on sled all in one durable write. Whether each was
+    /// written.
+    pub async fn put_shipments(&self, writes: Vec<ShipmentWrite>) -> Result<Vec<bool>, StoreError> {
+        match self {
+            Store::Sled(s) => s.put_shipments(writes).await,
+            Store::Postgres(s) => {
+                let mut out = Vec::with_capacity(writes.len());
+                for w in &writes {
+                    let r = s
+                        .put_shipment(&w.rec, Some(w.expected_rev), &w.facts, &[])
+                        .await?;
+                    out.push(r == PutShipment::Written);
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// A shipment and its facts.

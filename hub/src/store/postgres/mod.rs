@@ -609,6 +609,13 @@ impl PgStore {
             .await
             .map_err(|e| self.pg(e))?;
         }
+        let stops: Vec<&str> = rec.spec.stops.iter().map(|s| s.id.as_str()).collect();
+        tx.execute(
+            "INSERT INTO shipment_stops (stop_id, shipment_id) SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
+            &[&stops, &rec.id],
+        )
+        .await
+        .map_err(|e| self.pg(e))?;
         tx.commit().await.map_err(|e| self.pg(e))?;
         Ok(PutShipment::Written)
     }
@@ -1446,12 +1453,44 @@ async fn correlate_device(
             .map(|r| r.get(0))
             .collect()
     };
+    // Arrivals at stops where this vehicle carries nothing open: the other vehicles'
+    // open shipments there.
+    let mut elsewhere: HashMap<&str, Vec<String>> = HashMap::new();
+    for (_, _, ev) in events {
+        if let Some(stop) = correlate::unmatched_arrival(ev, &open)
+            && !elsewhere.contains_key(stop)
+        {
+            let mut ids = Vec::new();
+            for r in tx
+                .query(
+                    "SELECT s.record FROM shipment_stops t JOIN shipments s ON s.id = t.shipment_id \
+                     WHERE t.stop_id = $1 AND NOT s.finished AND s.vehicle <> $2 ORDER BY s.id",
+                    &[&stop, &device],
+                )
+                .await?
+            {
+                match serde_json::from_str::<ShipmentRecord>(r.get::<_, &str>(0)) {
+                    Ok(rec) if rec.spec.stops.iter().any(|s| s.id == stop) => ids.push(rec.id),
+                    Ok(_) => {}
+                    Err(e) => return Ok(Err(e.into())),
+                }
+            }
+            elsewhere.insert(stop, ids);
+        }
+    }
     let recorded_ms = to_u64(recorded);
     let mut touched = std::collections::BTreeSet::new();
     for (epoch, seq, ev) in events {
-        let c = correlate::correlate(device, *epoch, *seq, ev, recorded_ms, &open, &|id| {
-            known.contains(id)
-        });
+        let c = correlate::correlate(
+            device,
+            *epoch,
+            *seq,
+            ev,
+            recorded_ms,
+            &open,
+            &|id| known.contains(id),
+            &|stop| elsewhere.get(stop).cloned().unwrap_or_default(),
+        );
         for (sid, fact) in c.facts {
             let text = match serde_json::to_string(&fact) {
                 Ok(t) => t,

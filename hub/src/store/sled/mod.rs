@@ -19,6 +19,9 @@
 //! tree reviews:              key  review id (the source event's)   val  JSON(ReviewItem)
 //! tree reviews_by_shipment:  key  shipment id ++ 0x00 ++ review id val  empty
 //! tree positions:            key  device id         val  postcard(VehiclePosition)
+//! tree shipments_by_stop:    key  stop id ++ 0x00 ++ shipment id   val  empty
+//!                            (shipments not finished; an entry may outlive a stop the
+//!                            ERP removed: readers check the record)
 //! tree credentials_by_token: key  sha256(token)     val  id
 //! ```
 //!
@@ -93,6 +96,7 @@ pub struct SledStore {
     reviews: ::sled::Tree,
     reviews_by_shipment: ::sled::Tree,
     positions: ::sled::Tree,
+    shipments_by_stop: ::sled::Tree,
     quarantined_count: Arc<AtomicUsize>,
     /// What the last `make_durable` synced; held for a whole write call, so one call
     /// writes and syncs at a time (the order the module note relies on).
@@ -214,6 +218,7 @@ impl SledStore {
             reviews: db.open_tree("reviews")?,
             reviews_by_shipment: db.open_tree("reviews_by_shipment")?,
             positions: db.open_tree("positions")?,
+            shipments_by_stop: db.open_tree("shipments_by_stop")?,
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
             failed: Arc::new(AtomicBool::new(false)),
@@ -223,6 +228,13 @@ impl SledStore {
         // Parts of a store from before uploads had owners: dropped (the agents send
         // every unacknowledged blob again, whole).
         db_drop_old_parts(&store.db)?;
+        if !store.shipments.is_empty() && store.shipments_by_stop.is_empty() {
+            // A store from before the per-stop index: index what is there, once.
+            for v in store.shipments.iter().values() {
+                let rec: ShipmentRecord = serde_json::from_slice(&v?)?;
+                store.index_stops(&rec)?;
+            }
+        }
         if !store.reviews.is_empty() && store.reviews_by_shipment.is_empty() {
             // A store from before the per-shipment index: index what is there, once.
             for v in store.reviews.iter().values() {
@@ -416,6 +428,37 @@ impl SledStore {
         Ok(())
     }
 
+    /// Keeps a shipment's stops in the per-stop index while it is not finished.
+    fn index_stops(&self, rec: &ShipmentRecord) -> Result<(), StoreError> {
+        for stop in &rec.spec.stops {
+            let key = pair_key(&stop.id, &rec.id);
+            if rec.state.is_finished() {
+                self.shipments_by_stop.remove(key)?;
+            } else {
+                self.shipments_by_stop.insert(key, &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The open shipments at `stop` on vehicles other than `device`.
+    fn open_elsewhere(&self, stop: &str, device: &str) -> Result<Vec<String>, StoreError> {
+        let mut prefix = stop.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for k in self.shipments_by_stop.scan_prefix(&prefix).keys() {
+            let k = k?;
+            if let Some(r) = json_get::<ShipmentRecord>(&self.shipments, &k[prefix.len()..])?
+                && !r.state.is_finished()
+                && r.vehicle.as_deref().is_some_and(|v| v != device)
+                && r.spec.stops.iter().any(|s| s.id == stop)
+            {
+                out.push(r.id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Adds a review item to its shipment's index.
     fn index_review(&self, item: &ReviewItem) -> Result<(), StoreError> {
         if let Some(sid) = &item.shipment_id {
@@ -443,9 +486,20 @@ impl SledStore {
         {
             open.push((r, f));
         }
-        let c = correlate::correlate(device, epoch, seq, event, recorded_ms, &open, &|id| {
-            self.shipments.contains_key(id.as_bytes()).unwrap_or(false)
-        });
+        let elsewhere = match correlate::unmatched_arrival(event, &open) {
+            Some(stop) => self.open_elsewhere(stop, device)?,
+            None => Vec::new(),
+        };
+        let c = correlate::correlate(
+            device,
+            epoch,
+            seq,
+            event,
+            recorded_ms,
+            &open,
+            &|id| self.shipments.contains_key(id.as_bytes()).unwrap_or(false),
+            &|_| elsewhere.clone(),
+        );
         let mut touched = std::collections::BTreeSet::new();
         for (sid, fact) in c.facts {
             let key = pair_key(&sid, &fact.id);
@@ -472,6 +526,7 @@ impl SledStore {
                 rec.rev += 1;
                 rec.updated_ms = recorded_ms;
                 rec.state = crate::shipments::facts::replay(facts, &rec.spec);
+                self.index_stops(rec)?;
                 self.shipments
                     .insert(rec.id.as_bytes(), serde_json::to_vec(&*rec)?)?;
             }
@@ -735,44 +790,71 @@ impl SledStore {
         locations: &[(String, Fence)],
     ) -> Result<PutShipment, StoreError> {
         let (rec, facts, locations) = (rec.clone(), facts.to_vec(), locations.to_vec());
+        self.write(move |s| s.put_shipment_blocking(&rec, expected_rev, &facts, &locations))
+            .await
+    }
+
+    /// See [`super::Store::put_shipments`]: every write in one durable write call.
+    pub async fn put_shipments(
+        &self,
+        writes: Vec<super::ShipmentWrite>,
+    ) -> Result<Vec<bool>, StoreError> {
         self.write(move |s| {
-            let old: Option<ShipmentRecord> = json_get(&s.shipments, rec.id.as_bytes())?;
-            if old.as_ref().map(|o| o.rev) != expected_rev {
-                return Ok(PutShipment::Stale);
-            }
-            for (id, fence) in &locations {
-                if let Some(known) = json_get::<Fence>(&s.locations, id.as_bytes())?
-                    && known != *fence
-                {
-                    return Ok(PutShipment::LocationConflict {
-                        stop_id: id.clone(),
-                    });
-                }
-            }
-            for (id, fence) in &locations {
-                s.locations
-                    .insert(id.as_bytes(), serde_json::to_vec(fence)?)?;
-            }
-            for f in &facts {
-                let key = pair_key(&rec.id, &f.id);
-                if !s.shipment_facts.contains_key(&key)? {
-                    s.shipment_facts.insert(key, serde_json::to_vec(f)?)?;
-                }
-            }
-            if let Some(v) = &rec.vehicle {
-                s.shipments_by_vehicle.insert(pair_key(v, &rec.id), &[])?;
-            }
-            if let Some(o) = &old
-                && let Some(v) = &o.vehicle
-                && rec.vehicle.as_ref() != Some(v)
-            {
-                s.shipments_by_vehicle.remove(pair_key(v, &rec.id))?;
-            }
-            s.shipments
-                .insert(rec.id.as_bytes(), serde_json::to_vec(&rec)?)?;
-            Ok(PutShipment::Written)
+            writes
+                .iter()
+                .map(|w| {
+                    s.put_shipment_blocking(&w.rec, Some(w.expected_rev), &w.facts, &[])
+                        .map(|r| r == PutShipment::Written)
+                })
+                .collect()
         })
         .await
+    }
+
+    fn put_shipment_blocking(
+        &self,
+        rec: &ShipmentRecord,
+        expected_rev: Option<u64>,
+        facts: &[Fact],
+        locations: &[(String, Fence)],
+    ) -> Result<PutShipment, StoreError> {
+        let old: Option<ShipmentRecord> = json_get(&self.shipments, rec.id.as_bytes())?;
+        if old.as_ref().map(|o| o.rev) != expected_rev {
+            return Ok(PutShipment::Stale);
+        }
+        for (id, fence) in locations {
+            if let Some(known) = json_get::<Fence>(&self.locations, id.as_bytes())?
+                && known != *fence
+            {
+                return Ok(PutShipment::LocationConflict {
+                    stop_id: id.clone(),
+                });
+            }
+        }
+        for (id, fence) in locations {
+            self.locations
+                .insert(id.as_bytes(), serde_json::to_vec(fence)?)?;
+        }
+        for f in facts {
+            let key = pair_key(&rec.id, &f.id);
+            if !self.shipment_facts.contains_key(&key)? {
+                self.shipment_facts.insert(key, serde_json::to_vec(f)?)?;
+            }
+        }
+        if let Some(v) = &rec.vehicle {
+            self.shipments_by_vehicle
+                .insert(pair_key(v, &rec.id), &[])?;
+        }
+        if let Some(o) = &old
+            && let Some(v) = &o.vehicle
+            && rec.vehicle.as_ref() != Some(v)
+        {
+            self.shipments_by_vehicle.remove(pair_key(v, &rec.id))?;
+        }
+        self.index_stops(rec)?;
+        self.shipments
+            .insert(rec.id.as_bytes(), serde_json::to_vec(rec)?)?;
+        Ok(PutShipment::Written)
     }
 
     fn shipment_blocking(
