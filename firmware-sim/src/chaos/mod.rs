@@ -739,8 +739,14 @@ pub fn print_summary(r: &ChaosReport) {
         o.accepted, o.stored, o.lost, o.duplicated, o.gap_events, o.gapped, o.fixes_in_kill_windows
     );
     println!(
-        "PODs {} with {} blobs byte-identical, {} of them one DELIVERED fact each of their shipment; assignments acknowledged {}; drained {}",
-        o.pods, o.blobs_verified, o.pod_facts, o.assignments_acked, o.drained
+        "PODs {} with {} blobs byte-identical, {} of them one DELIVERED fact each of their shipment; delivered shipments judged once: {} POD_CONFIRMED, {} in review; assignments acknowledged {}; drained {}",
+        o.pods,
+        o.blobs_verified,
+        o.pod_facts,
+        o.pods_confirmed,
+        o.pods_in_review,
+        o.assignments_acked,
+        o.drained
     );
     println!(
         "latency capture -> hub (critical events): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",

@@ -13,7 +13,10 @@
 //!   assignment is acknowledged; every backlog drained;
 //! - the shipment the ERP released for each vehicle holds every accepted POD as exactly
 //!   one DELIVERED fact keyed by its event, no fact twice, its timeline in event-time
-//!   order, and a delivered state once a POD was accepted.
+//!   order, and a delivered state once a POD was accepted; and every delivered shipment
+//!   judged once: POD_CONFIRMED (one such fact) or waiting in review for one of its PODs
+//!   (the drivers capture PODs anywhere on the route, so either may be right; neither, or
+//!   both, is a POD lost or judged twice).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -114,10 +117,85 @@ pub struct Verdict {
     pub assignments_acked: u64,
     /// Accepted PODs found as exactly one DELIVERED fact of their shipment.
     pub pod_facts: u64,
+    /// Delivered shipments judged: POD_CONFIRMED / waiting in review.
+    pub pods_confirmed: u64,
+    /// See `pods_confirmed`.
+    pub pods_in_review: u64,
     /// Capture to hub record time of critical events (skewed clocks left out).
     pub latency_ms: Latency,
     /// What failed (first 20).
     pub failures: Vec<String>,
+}
+
+/// Notes a failure (the first 20 are kept).
+fn fail(v: &mut Verdict, msg: String) {
+    if v.failures.len() < 20 {
+        v.failures.push(msg);
+    }
+}
+
+/// Checks that delivered shipment `sid` (whose POD events are `pods`) is judged once:
+/// one POD_CONFIRMED fact, or an open review item for one of its PODs, not both (the
+/// hub judges every 2 s: a few tries).
+async fn judged(
+    client: &reqwest::Client,
+    hub: &str,
+    token: &str,
+    sid: &str,
+    pods: &[String],
+    v: &mut Verdict,
+) {
+    let mut seen = String::new();
+    for _ in 0..10 {
+        let get = |path: String| async move {
+            let r = client.get(path).bearer_auth(token).send().await.ok()?;
+            r.json::<Value>().await.ok()
+        };
+        let (Some(sh), Some(open)) = (
+            get(format!("{hub}/v1/ops/shipments/{sid}")).await,
+            get(format!("{hub}/v1/ops/review?status=open")).await,
+        ) else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let confirmed = sh["milestones"].as_array().map_or(0, |m| {
+            m.iter().filter(|f| f["type"] == "POD_CONFIRMED").count()
+        });
+        let in_review = open.as_array().map_or(0, |items| {
+            items
+                .iter()
+                .filter(|i| {
+                    i["shipment_id"] == sid
+                        && i["id"]
+                            .as_str()
+                            .is_some_and(|id| pods.iter().any(|p| p == id))
+                })
+                .count()
+        });
+        match (confirmed, in_review) {
+            (1, 0) => {
+                v.pods_confirmed += 1;
+                return;
+            }
+            (0, n) if n > 0 => {
+                v.pods_in_review += 1;
+                return;
+            }
+            (0, 0) => {
+                seen = format!("{sid}: delivered, but neither confirmed nor in review");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            (c, r) => {
+                v.duplicated += 1;
+                fail(
+                    v,
+                    format!("{sid}: judged twice ({c} POD_CONFIRMED facts, {r} open review items)"),
+                );
+                return;
+            }
+        }
+    }
+    fail(v, seen);
 }
 
 /// A small valid-looking PNG, unique per (n, id).
@@ -231,11 +309,6 @@ pub async fn check(
     let mut v = Verdict {
         drained,
         ..Verdict::default()
-    };
-    let fail = |v: &mut Verdict, msg: String| {
-        if v.failures.len() < 20 {
-            v.failures.push(msg);
-        }
     };
     if !drained {
         fail(&mut v, "an agent's backlog did not drain".into());
@@ -539,6 +612,13 @@ pub async fn check(
                         &mut v,
                         format!("{sid}: state {state} after {} PODs", pod_events.len()),
                     );
+                }
+                if !pod_events.is_empty() {
+                    let pods: Vec<String> = pod_events
+                        .iter()
+                        .map(|(e, s)| format!("{}:{e}:{s}", rec.id))
+                        .collect();
+                    judged(client, hub, token, &sid, &pods, &mut v).await;
                 }
             }
             _ => fail(&mut v, format!("{sid}: shipment not readable")),

@@ -760,14 +760,19 @@ impl Shipments {
         let vehicles = self.store.shipment_vehicles().await?;
         let mut writes = Vec::new();
         let mut redo = Vec::new();
-        for (vehicle, pos) in self.store.positions(&vehicles).await? {
-            if now_ms.saturating_sub(pos.time_ms) > eta::STALE_AFTER_MS {
+        let fresh: BTreeMap<String, VehiclePosition> = self
+            .store
+            .positions(&vehicles)
+            .await?
+            .into_iter()
+            .filter(|(_, p)| now_ms.saturating_sub(p.time_ms) <= eta::STALE_AFTER_MS)
+            .collect();
+        let ids: Vec<String> = fresh.keys().cloned().collect();
+        let mut open_of = self.store.vehicles_shipments(&ids).await?;
+        for (vehicle, pos) in fresh {
+            let Some(open) = open_of.remove(&vehicle) else {
                 continue;
-            }
-            let open = self.store.vehicle_shipments(&vehicle).await?;
-            if open.is_empty() {
-                continue;
-            }
+            };
             report.vehicles += 1;
             let etas = plan_etas(&open, &pos, settings);
             for (rec, _) in &open {

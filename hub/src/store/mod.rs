@@ -714,7 +714,21 @@ impl Store {
         &self,
         vehicle: &str,
     ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
-        both!(self, s => s.vehicle_shipments(vehicle).await)
+        let v = [vehicle.to_string()];
+        Ok(self
+            .vehicles_shipments(&v)
+            .await?
+            .remove(vehicle)
+            .unwrap_or_default())
+    }
+
+    /// The same for many vehicles at once (those with none are left out).
+    pub async fn vehicles_shipments(
+        &self,
+        vehicles: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Vec<(ShipmentRecord, Vec<Fact>)>>, StoreError>
+    {
+        both!(self, s => s.vehicles_shipments(vehicles).await)
     }
 
     /// Vehicles that have (or had) shipments.

@@ -679,29 +679,35 @@ impl PgStore {
             .collect::<Result<Vec<ShipmentRecord>, _>>()?)
     }
 
-    /// See [`super::Store::vehicle_shipments`]: records and facts in one query.
-    pub async fn vehicle_shipments(
+    /// See [`super::Store::vehicles_shipments`]: records and facts in one query.
+    pub async fn vehicles_shipments(
         &self,
-        vehicle: &str,
-    ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
+        vehicles: &[String],
+    ) -> Result<BTreeMap<String, Vec<(ShipmentRecord, Vec<Fact>)>>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT s.id, s.record, f.fact FROM shipments s \
                  LEFT JOIN shipment_facts f ON f.shipment_id = s.id \
-                 WHERE s.vehicle = $1 AND NOT s.finished ORDER BY s.id",
-                &[&vehicle],
+                 WHERE s.vehicle = ANY($1) AND NOT s.finished ORDER BY s.id",
+                &[&vehicles],
             )
             .await
             .map_err(|e| self.pg(e))?;
-        let mut out: Vec<(ShipmentRecord, Vec<Fact>)> = Vec::new();
+        let mut all: Vec<(ShipmentRecord, Vec<Fact>)> = Vec::new();
         for r in &rows {
             let id: &str = r.get(0);
-            if out.last().is_none_or(|(rec, _)| rec.id != id) {
-                out.push((serde_json::from_str(r.get::<_, &str>(1))?, Vec::new()));
+            if all.last().is_none_or(|(rec, _)| rec.id != id) {
+                all.push((serde_json::from_str(r.get::<_, &str>(1))?, Vec::new()));
             }
-            if let (Some(fact), Some((_, facts))) = (r.get::<_, Option<&str>>(2), out.last_mut()) {
+            if let (Some(fact), Some((_, facts))) = (r.get::<_, Option<&str>>(2), all.last_mut()) {
                 facts.push(serde_json::from_str(fact)?);
+            }
+        }
+        let mut out: BTreeMap<String, Vec<(ShipmentRecord, Vec<Fact>)>> = BTreeMap::new();
+        for (rec, facts) in all {
+            if let Some(v) = rec.vehicle.clone() {
+                out.entry(v).or_default().push((rec, facts));
             }
         }
         Ok(out)

@@ -864,15 +864,18 @@ impl SledStore {
         let Some(rec) = json_get::<ShipmentRecord>(&self.shipments, id.as_bytes())? else {
             return Ok(None);
         };
+        let facts = self.facts_blocking(id)?;
+        Ok(Some((rec, facts)))
+    }
+
+    fn facts_blocking(&self, id: &str) -> Result<Vec<Fact>, StoreError> {
         let mut prefix = id.as_bytes().to_vec();
         prefix.push(0);
-        let facts = self
-            .shipment_facts
+        self.shipment_facts
             .scan_prefix(&prefix)
             .values()
             .map(|v| Ok(serde_json::from_slice(&v?)?))
-            .collect::<Result<Vec<Fact>, StoreError>>()?;
-        Ok(Some((rec, facts)))
+            .collect()
     }
 
     /// See [`super::Store::shipment`].
@@ -918,24 +921,31 @@ impl SledStore {
             let Some(r) = json_get::<ShipmentRecord>(&self.shipments, id)? else {
                 continue;
             };
-            if r.vehicle.as_deref() == Some(vehicle)
-                && !r.state.is_finished()
-                && let Some(found) = self.shipment_blocking(&r.id)?
-            {
-                out.push(found);
+            if r.vehicle.as_deref() == Some(vehicle) && !r.state.is_finished() {
+                let facts = self.facts_blocking(&r.id)?;
+                out.push((r, facts));
             }
         }
         Ok(out)
     }
 
-    /// See [`super::Store::vehicle_shipments`].
-    pub async fn vehicle_shipments(
+    /// See [`super::Store::vehicles_shipments`].
+    pub async fn vehicles_shipments(
         &self,
-        vehicle: &str,
-    ) -> Result<Vec<(ShipmentRecord, Vec<Fact>)>, StoreError> {
-        let vehicle = vehicle.to_string();
-        self.blocking(move |s| s.open_shipments_blocking(&vehicle))
-            .await
+        vehicles: &[String],
+    ) -> Result<BTreeMap<String, Vec<(ShipmentRecord, Vec<Fact>)>>, StoreError> {
+        let vehicles = vehicles.to_vec();
+        self.blocking(move |s| {
+            let mut out = BTreeMap::new();
+            for v in vehicles {
+                let open = s.open_shipments_blocking(&v)?;
+                if !open.is_empty() {
+                    out.insert(v, open);
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// See [`super::Store::shipment_vehicles`].
