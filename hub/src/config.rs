@@ -258,6 +258,10 @@ pub struct StoreConfig {
     /// An unfinished blob upload that gets no chunk for this long is dropped.
     #[serde(default = "default_partial_blob_ttl_s")]
     pub partial_blob_ttl_s: u64,
+    /// The outbox's sinks: each new fact a sink hears of gets one outbox row per sink, in
+    /// the fact's write (set by the hub from its sinks, not read from the file).
+    #[serde(skip)]
+    pub outbox_sinks: Vec<String>,
 }
 
 impl StoreConfig {
@@ -270,6 +274,7 @@ impl StoreConfig {
             statement_timeout_ms: default_statement_timeout_ms(),
             partial_blob_budget_bytes: default_partial_blob_budget_bytes(),
             partial_blob_ttl_s: default_partial_blob_ttl_s(),
+            outbox_sinks: Vec::new(),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod config;
 pub mod dispatch;
 pub mod ingest;
 pub mod metrics;
+pub mod outbox;
 pub mod pki;
 pub mod presence;
 pub mod shipments;

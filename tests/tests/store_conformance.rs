@@ -102,6 +102,7 @@ conformance!(
     quarantine_is_bounded,
     assignments_versions_and_acks,
     positions_keep_the_newest_fix,
+    outbox_rows_with_their_facts,
 );
 
 const T0: u64 = 1_795_773_600_000;
@@ -789,4 +790,127 @@ async fn positions_keep_the_newest_fix(store: Store, fresh: Fresh) {
     assert_eq!(all.len(), 2);
     assert_eq!((all["V1"].time_ms, all["V1"].seq), (T0 + 160_000, 5));
     assert_eq!(all["V2"].time_ms, T0 + 5_000);
+}
+
+/// A shipment of V1 with stop C1, as the ERP API writes it (rev 1), and its DISPATCHED.
+fn shipment_s1() -> (
+    fleetsync_hub::shipments::ShipmentRecord,
+    Vec<fleetsync_hub::shipments::Fact>,
+) {
+    use fleetsync_hub::shipments::{Classifier, Fact, FactType, Source, State, Upsert};
+    let spec = serde_json::from_value(serde_json::json!({
+        "reference": "SO-1", "customer_id": "ACME", "vehicle": "V1",
+        "stops": [{"id": "C1", "kind": "delivery", "name": "Bakery",
+                   "location": {"lat": 51.5, "lon": 5.0}, "radius_m": 80}]}))
+    .unwrap();
+    let Upsert::Write { mut record, .. } =
+        fleetsync_hub::shipments::plan_upsert("S1", None, spec, T0).unwrap()
+    else {
+        panic!("a new shipment is a write")
+    };
+    let dispatched = Fact {
+        id: "dispatched:V1".into(),
+        kind: FactType::Dispatched,
+        classifier: Classifier::Actual,
+        stop_id: None,
+        event_time: fleetsync_protocol::json::Time(T0),
+        recorded_time: fleetsync_protocol::json::Time(T0),
+        source: Source::Erp {
+            credential: "SAP".into(),
+            version: 1,
+        },
+        retracts: None,
+        note: None,
+    };
+    record.state = State::Planned;
+    (record, vec![dispatched])
+}
+
+/// Each new fact a sink hears of is one outbox row per sink, written with the fact: a
+/// retried write and a redelivered event add none; the ERP's own acts make none; rows
+/// keep store order and survive a reopen.
+async fn outbox_rows_with_their_facts(store: Store, fresh: Fresh) {
+    use fleetsync_hub::shipments::{Classifier, Fact, FactType, Source};
+    let sinks = ["erp-a".to_string(), "erp-b".to_string()];
+    let store = fresh
+        .reopen_with(store, |c| c.outbox_sinks = sinks.to_vec())
+        .await;
+    let (rec, facts) = shipment_s1();
+    let locs = [("C1".to_string(), rec.spec.stops[0].fence())];
+    store.put_shipment(&rec, None, &facts, &locs).await.unwrap();
+    // The same call again (a retry after a lost answer): no second row.
+    let mut again = rec.clone();
+    again.rev = 2;
+    store
+        .put_shipment(&again, Some(1), &facts, &[])
+        .await
+        .unwrap();
+    for sink in &sinks {
+        let rows = store.outbox_pending(sink, 100).await.unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].id, format!("{sink}/S1/dispatched:V1"));
+        assert_eq!(rows[0].state, fleetsync_hub::shipments::State::Planned);
+        assert_eq!(
+            (rows[0].reference.as_str(), rows[0].customer_id.as_str()),
+            ("SO-1", "ACME")
+        );
+    }
+    // The vehicle arrives (a device event in an ingest round), twice.
+    let arrived = Event {
+        time_ms: T0 + 60_000,
+        body: Body::Trip(fleetsync_protocol::Trip {
+            kind: fleetsync_protocol::TripKind::Arrived,
+            stop_id: Some(fleetsync_protocol::BoundedString::try_from_str("C1").unwrap()),
+        }),
+    };
+    let b = Batch {
+        epoch: 1,
+        first_seq: 0,
+        events: BoundedVec::try_from_slice(&[arrived]).unwrap(),
+    };
+    ingest_one(&store, "V1", b.clone()).await;
+    ingest_one(&store, "V1", b).await;
+    // The ERP cancels: its own act, no row.
+    let (cur, _) = store.shipment("S1").await.unwrap().unwrap();
+    let mut cancelled = cur.clone();
+    cancelled.rev += 1;
+    let cancel = Fact {
+        id: "cancelled".into(),
+        kind: FactType::Cancelled,
+        classifier: Classifier::Actual,
+        stop_id: None,
+        event_time: fleetsync_protocol::json::Time(T0 + 120_000),
+        recorded_time: fleetsync_protocol::json::Time(T0 + 120_000),
+        source: Source::Erp {
+            credential: "SAP".into(),
+            version: 1,
+        },
+        retracts: None,
+        note: None,
+    };
+    store
+        .put_shipment(&cancelled, Some(cur.rev), &[cancel], &[])
+        .await
+        .unwrap();
+    let store = fresh
+        .reopen_with(store, |c| c.outbox_sinks = sinks.to_vec())
+        .await;
+    for sink in &sinks {
+        let rows = store.outbox_pending(sink, 100).await.unwrap();
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                format!("{sink}/S1/dispatched:V1"),
+                format!("{sink}/S1/V1:1:0"),
+            ],
+            "{rows:?}"
+        );
+        assert!(rows[0].seq < rows[1].seq, "store order");
+        assert_eq!(rows[1].fact.kind, FactType::Arrived);
+        assert_eq!(
+            rows[1].state,
+            fleetsync_hub::shipments::State::AtDestination
+        );
+    }
 }

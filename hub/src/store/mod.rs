@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Credential;
 use crate::config::StoreConfig;
+use crate::outbox::OutboxRow;
 use crate::shipments::correlate::{ReviewItem, ReviewStatus};
 use crate::shipments::eta::VehiclePosition;
 use crate::shipments::{Fact, ShipmentRecord, State};
@@ -523,7 +524,8 @@ impl Store {
             (Some(path), None) => Ok(Store::Sled(
                 sled::SledStore::open_async(path)
                     .await?
-                    .with_partial_blob_limits(cfg.partial_blob_limits()),
+                    .with_partial_blob_limits(cfg.partial_blob_limits())
+                    .with_outbox_sinks(cfg.outbox_sinks.clone()),
             )),
             (None, None) => Err(StoreError::Config(
                 "store: set [store] path (sled) or [store] url (PostgreSQL)".into(),
@@ -777,6 +779,15 @@ impl Store {
     /// Whether a verified blob is stored (without reading it).
     pub async fn blob_exists(&self, sha256: &Sha256) -> Result<bool, StoreError> {
         both!(self, s => s.blob_exists(sha256).await)
+    }
+
+    /// Pending outbox rows of `sink`, oldest first.
+    pub async fn outbox_pending(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        both!(self, s => s.outbox_pending(sink, limit).await)
     }
 
     /// Whether the store answers now (readiness).

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_credentials.sql")),
     (4, include_str!("migrations/0004_shipments.sql")),
     (5, include_str!("migrations/0005_positions.sql")),
+    (6, include_str!("migrations/0006_outbox.sql")),
 ];
 
 /// The schema version this hub writes.

@@ -65,6 +65,7 @@ use super::{
 };
 use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
+use crate::outbox::{self, OutboxRow};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
@@ -80,6 +81,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PgStore {
     pool: Pool,
     partial_limits: PartialBlobLimits,
+    outbox_sinks: std::sync::Arc<Vec<String>>,
     /// host:port/database, for messages (never the password).
     target: String,
 }
@@ -322,6 +324,7 @@ impl PgStore {
             pool,
             target,
             partial_limits: cfg.partial_blob_limits(),
+            outbox_sinks: std::sync::Arc::new(cfg.outbox_sinks.clone()),
         };
         let mut client = store.client().await?;
         if migrate {
@@ -374,7 +377,15 @@ impl PgStore {
         let mut attempt = 0;
         loop {
             let mut client = self.client().await?;
-            match ingest_round(&mut client, &items, &rows, recorded, &self.partial_limits).await {
+            let round = ingest_round(
+                &mut client,
+                &items,
+                &rows,
+                recorded,
+                &self.partial_limits,
+                &self.outbox_sinks,
+            );
+            match round.await {
                 Ok(Ok(out)) => return Ok(out),
                 Ok(Err(e)) => return Err(e),
                 Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
@@ -601,14 +612,21 @@ impl PgStore {
                 });
             }
         }
+        let mut new = Vec::new();
         for f in facts {
-            tx.execute(
-                "INSERT INTO shipment_facts (shipment_id, fact_id, fact) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&rec.id, &f.id, &serde_json::to_string(f)?],
-            )
-            .await
-            .map_err(|e| self.pg(e))?;
+            let n = tx
+                .execute(
+                    "INSERT INTO shipment_facts (shipment_id, fact_id, fact) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&rec.id, &f.id, &serde_json::to_string(f)?],
+                )
+                .await
+                .map_err(|e| self.pg(e))?;
+            if n == 1 {
+                new.push(f.clone());
+            }
         }
+        let rows = outbox::rows_for(&self.outbox_sinks, rec, &new, rec.updated_ms);
+        insert_outbox(&tx, &rows).await.map_err(|e| self.pg(e))??;
         let stops: Vec<&str> = rec.spec.stops.iter().map(|s| s.id.as_str()).collect();
         tx.execute(
             "INSERT INTO shipment_stops (stop_id, shipment_id) SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
@@ -781,6 +799,29 @@ impl PgStore {
         let mut out = BTreeMap::new();
         for r in &rows {
             out.insert(r.get(0), postcard::from_bytes(r.get::<_, &[u8]>(1))?);
+        }
+        Ok(out)
+    }
+
+    /// See [`super::Store::outbox_pending`].
+    pub async fn outbox_pending(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT seq, row FROM outbox WHERE sink = $1 ORDER BY seq LIMIT $2",
+                &[&sink, &(limit as i64)],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut row: OutboxRow = serde_json::from_str(r.get::<_, &str>(1))?;
+            row.seq = to_u64(r.get(0));
+            out.push(row);
         }
         Ok(out)
     }
@@ -1077,6 +1118,7 @@ async fn ingest_round(
     rows: &Rows,
     recorded: i64,
     limits: &PartialBlobLimits,
+    sinks: &[String],
 ) -> Result<Result<Vec<Outcome>, StoreError>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut new_keys = vec![false; rows.device.len()];
@@ -1227,7 +1269,7 @@ async fn ingest_round(
     // What new trip and POD events mean for the vehicles' shipments (rows locked by
     // device, then shipment id).
     for (device, events) in &corr {
-        if let Err(e) = correlate_device(&tx, device, events, recorded).await? {
+        if let Err(e) = correlate_device(&tx, device, events, recorded, sinks).await? {
             return Ok(Err(e));
         }
     }
@@ -1385,7 +1427,9 @@ async fn correlate_device(
     device: &str,
     events: &[(u32, u64, &Event)],
     recorded: i64,
+    sinks: &[String],
 ) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
+    let mut fresh: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
     let mut open: Vec<(ShipmentRecord, Vec<Fact>)> = Vec::new();
     for r in tx
         .query(
@@ -1502,11 +1546,15 @@ async fn correlate_device(
                 Ok(t) => t,
                 Err(e) => return Ok(Err(e.into())),
             };
-            tx.execute(
-                "INSERT INTO shipment_facts (shipment_id, fact_id, fact) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&sid, &fact.id, &text],
-            )
-            .await?;
+            let n = tx
+                .execute(
+                    "INSERT INTO shipment_facts (shipment_id, fact_id, fact) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&sid, &fact.id, &text],
+                )
+                .await?;
+            if n == 1 {
+                fresh.entry(sid.clone()).or_default().push(fact.clone());
+            }
             if let Some((_, facts)) = open.iter_mut().find(|(r, _)| r.id == sid)
                 && !facts.iter().any(|f| f.id == fact.id)
             {
@@ -1533,6 +1581,11 @@ async fn correlate_device(
         rec.rev += 1;
         rec.updated_ms = recorded_ms;
         rec.state = crate::shipments::facts::replay(facts, &rec.spec);
+        let new = fresh.remove(&rec.id).unwrap_or_default();
+        let rows = outbox::rows_for(sinks, rec, &new, recorded_ms);
+        if let Err(e) = insert_outbox(tx, &rows).await? {
+            return Ok(Err(e));
+        }
         let text = match serde_json::to_string(&*rec) {
             Ok(t) => t,
             Err(e) => return Ok(Err(e.into())),
@@ -1550,6 +1603,34 @@ async fn correlate_device(
         )
         .await?;
     }
+    Ok(Ok(()))
+}
+
+/// Writes outbox rows (those not there yet) inside a transaction.
+async fn insert_outbox(
+    tx: &Transaction<'_>,
+    rows: &[OutboxRow],
+) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(Ok(()));
+    }
+    let (mut id, mut sink, mut shipment, mut text) = (vec![], vec![], vec![], vec![]);
+    for r in rows {
+        match serde_json::to_string(r) {
+            Ok(t) => text.push(t),
+            Err(e) => return Ok(Err(e.into())),
+        }
+        id.push(r.id.as_str());
+        sink.push(r.sink.as_str());
+        shipment.push(r.shipment_id.as_str());
+    }
+    tx.execute(
+        "INSERT INTO outbox (id, sink, shipment_id, row) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) \
+         ON CONFLICT (id) DO NOTHING",
+        &[&id, &sink, &shipment, &text],
+    )
+    .await?;
     Ok(Ok(()))
 }
 

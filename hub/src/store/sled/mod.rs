@@ -23,6 +23,8 @@
 //!                            (shipments not finished; an entry may outlive a stop the
 //!                            ERP removed: readers check the record)
 //! tree credentials_by_token: key  sha256(token)     val  id
+//! tree outbox:               key  sink ++ 0x00 ++ seq: u64 BE      val  JSON(OutboxRow)
+//! tree outbox_ids:           key  outbox row id     val  seq: u64 BE
 //! ```
 //!
 //! A unit of work without sled transactions: every call that writes ends with
@@ -60,6 +62,7 @@ use std::sync::{Arc, Mutex};
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
 
 use crate::auth::Credential;
+use crate::outbox::{self, OutboxRow};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
@@ -84,6 +87,9 @@ pub struct SledStore {
     blob_uploads: ::sled::Tree,
     blob_upload_parts: ::sled::Tree,
     partial_limits: PartialBlobLimits,
+    outbox_sinks: Arc<Vec<String>>,
+    outbox: ::sled::Tree,
+    outbox_ids: ::sled::Tree,
     quarantine: ::sled::Tree,
     quarantine_by_device: ::sled::Tree,
     assignments: ::sled::Tree,
@@ -206,6 +212,9 @@ impl SledStore {
             blob_uploads: db.open_tree("blob_uploads")?,
             blob_upload_parts: db.open_tree("blob_upload_parts")?,
             partial_limits: PartialBlobLimits::default(),
+            outbox_sinks: Arc::new(Vec::new()),
+            outbox: db.open_tree("outbox")?,
+            outbox_ids: db.open_tree("outbox_ids")?,
             quarantine: db.open_tree("quarantine")?,
             quarantine_by_device: db.open_tree("quarantine_by_device")?,
             assignments: db.open_tree("assignments")?,
@@ -268,6 +277,54 @@ impl SledStore {
     /// See [`super::Store::partial_blob_limits`].
     pub fn partial_blob_limits(&self) -> PartialBlobLimits {
         self.partial_limits
+    }
+
+    /// The same store writing outbox rows for `sinks`.
+    pub fn with_outbox_sinks(mut self, sinks: Vec<String>) -> Self {
+        self.outbox_sinks = Arc::new(sinks);
+        self
+    }
+
+    /// Writes the outbox rows `new_facts` of `rec` make, those not written yet (before
+    /// the facts themselves: see [`crate::outbox`]).
+    fn append_outbox(
+        &self,
+        rec: &ShipmentRecord,
+        new_facts: &[Fact],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        for mut row in outbox::rows_for(&self.outbox_sinks, rec, new_facts, now_ms) {
+            if self.outbox_ids.contains_key(row.id.as_bytes())? {
+                continue;
+            }
+            row.seq = self.db.generate_id()?;
+            let mut key = row.sink.as_bytes().to_vec();
+            key.push(0);
+            key.extend_from_slice(&row.seq.to_be_bytes());
+            self.outbox.insert(key, serde_json::to_vec(&row)?)?;
+            self.outbox_ids
+                .insert(row.id.as_bytes(), &row.seq.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// See [`super::Store::outbox_pending`].
+    pub async fn outbox_pending(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut prefix = sink.as_bytes().to_vec();
+        prefix.push(0);
+        self.blocking(move |s| {
+            s.outbox
+                .scan_prefix(&prefix)
+                .values()
+                .take(limit)
+                .map(|v| Ok(serde_json::from_slice(&v?)?))
+                .collect()
+        })
+        .await
     }
 
     /// Opens the store on a blocking thread.
@@ -500,18 +557,16 @@ impl SledStore {
             &|id| self.shipments.contains_key(id.as_bytes()).unwrap_or(false),
             &|_| elsewhere.clone(),
         );
-        let mut touched = std::collections::BTreeSet::new();
+        // Per shipment, the facts not stored yet (a redelivery after a crash may find some).
+        let mut fresh: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
         for (sid, fact) in c.facts {
-            let key = pair_key(&sid, &fact.id);
-            if !self.shipment_facts.contains_key(&key)? {
-                self.shipment_facts
-                    .insert(key, serde_json::to_vec(&fact)?)?;
-            }
             if let Some((_, facts)) = open.iter_mut().find(|(r, _)| r.id == sid)
                 && !facts.iter().any(|f| f.id == fact.id)
             {
-                facts.push(fact);
-                touched.insert(sid);
+                facts.push(fact.clone());
+            }
+            if !self.shipment_facts.contains_key(pair_key(&sid, &fact.id))? {
+                fresh.entry(sid).or_default().push(fact);
             }
         }
         for item in c.reviews {
@@ -522,14 +577,24 @@ impl SledStore {
             }
         }
         for (rec, facts) in &mut open {
-            if touched.contains(&rec.id) {
-                rec.rev += 1;
-                rec.updated_ms = recorded_ms;
-                rec.state = crate::shipments::facts::replay(facts, &rec.spec);
-                self.index_stops(rec)?;
-                self.shipments
-                    .insert(rec.id.as_bytes(), serde_json::to_vec(&*rec)?)?;
+            let new = fresh.remove(&rec.id).unwrap_or_default();
+            let state = crate::shipments::facts::replay(facts, &rec.spec);
+            // A record whose state lags its facts (a crash between the two) is repaired.
+            if new.is_empty() && state == rec.state {
+                continue;
             }
+            rec.rev += 1;
+            rec.updated_ms = recorded_ms;
+            rec.state = state;
+            // Outbox rows, then facts, then the record (see crate::outbox).
+            self.append_outbox(rec, &new, recorded_ms)?;
+            for f in &new {
+                self.shipment_facts
+                    .insert(pair_key(&rec.id, &f.id), serde_json::to_vec(f)?)?;
+            }
+            self.index_stops(rec)?;
+            self.shipments
+                .insert(rec.id.as_bytes(), serde_json::to_vec(&*rec)?)?;
         }
         Ok(())
     }
@@ -835,11 +900,16 @@ impl SledStore {
             self.locations
                 .insert(id.as_bytes(), serde_json::to_vec(fence)?)?;
         }
+        let mut new = Vec::new();
         for f in facts {
-            let key = pair_key(&rec.id, &f.id);
-            if !self.shipment_facts.contains_key(&key)? {
-                self.shipment_facts.insert(key, serde_json::to_vec(f)?)?;
+            if !self.shipment_facts.contains_key(pair_key(&rec.id, &f.id))? {
+                new.push(f.clone());
             }
+        }
+        self.append_outbox(rec, &new, rec.updated_ms)?;
+        for f in &new {
+            self.shipment_facts
+                .insert(pair_key(&rec.id, &f.id), serde_json::to_vec(f)?)?;
         }
         if let Some(v) = &rec.vehicle {
             self.shipments_by_vehicle
