@@ -12,6 +12,7 @@
 
 pub mod chaos;
 pub mod demo;
+pub mod fake_erp;
 pub mod images;
 pub mod load;
 pub mod nmea;

@@ -112,6 +112,101 @@ pub struct Config {
     /// Shipments: when one counts as stuck, and the mapping tables.
     #[serde(default)]
     pub shipments: ShipmentsConfig,
+    /// ERP connectors (`[[erp]]`): each hears the shipments' milestones through the outbox.
+    #[serde(default)]
+    pub erp: Vec<ErpConfig>,
+}
+
+/// `[[erp]]`: one ERP the hub tells about milestones (`POST {base_url}/events`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErpConfig {
+    /// Its name (in outbox row ids, metrics and the dead-letter API).
+    pub name: String,
+    /// Where its event endpoint lives (`http://` or `https://`).
+    pub base_url: String,
+    /// The `Authorization` header's value, if it wants one.
+    #[serde(default)]
+    pub auth_header: Option<String>,
+    /// The same from an environment variable (for secrets), named here.
+    #[serde(default)]
+    pub auth_header_env: Option<String>,
+    /// Requests a second (token bucket rate).
+    #[serde(default = "default_erp_rate")]
+    pub rate_per_s: f64,
+    /// Requests at once after a pause (token bucket size; also the most in flight).
+    #[serde(default = "default_erp_burst")]
+    pub burst: u32,
+    /// Each request's deadline.
+    #[serde(default = "default_erp_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The mapping table version its messages use (the configured one if unset).
+    #[serde(default)]
+    pub mapping_version: Option<String>,
+    /// A row is given up (dead letter) after this many attempts...
+    #[serde(default = "default_erp_max_attempts")]
+    pub max_attempts: u32,
+    /// ... or when it is this old.
+    #[serde(default = "default_erp_max_age_s")]
+    pub max_age_s: u64,
+    /// Backoff after the first failure; doubled each time, with full jitter...
+    #[serde(default = "default_erp_backoff_ms")]
+    pub backoff_ms: u64,
+    /// ... up to this.
+    #[serde(default = "default_erp_backoff_cap_ms")]
+    pub backoff_cap_ms: u64,
+    /// The circuit breaker opens after this many failures in a row...
+    #[serde(default = "default_erp_breaker_failures")]
+    pub breaker_failures: u32,
+    /// ... for this long, then lets one probe through.
+    #[serde(default = "default_erp_breaker_open_ms")]
+    pub breaker_open_ms: u64,
+    /// A PEM file of extra CA certificates to trust for `https://` (a private CA).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+fn default_erp_rate() -> f64 {
+    10.0
+}
+fn default_erp_burst() -> u32 {
+    10
+}
+fn default_erp_timeout_ms() -> u64 {
+    10_000
+}
+fn default_erp_max_attempts() -> u32 {
+    50
+}
+fn default_erp_max_age_s() -> u64 {
+    86_400
+}
+fn default_erp_backoff_ms() -> u64 {
+    1_000
+}
+fn default_erp_backoff_cap_ms() -> u64 {
+    300_000
+}
+fn default_erp_breaker_failures() -> u32 {
+    5
+}
+fn default_erp_breaker_open_ms() -> u64 {
+    30_000
+}
+
+impl ErpConfig {
+    /// The `Authorization` header value: from the environment variable if one is named.
+    pub fn authorization(&self) -> Result<Option<String>, ConfigError> {
+        match &self.auth_header_env {
+            Some(var) => std::env::var(var).map(Some).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "erp {:?}: auth_header_env names {var}, which is not set in the environment",
+                    self.name
+                ))
+            }),
+            None => Ok(self.auth_header.clone()),
+        }
+    }
 }
 
 /// `[shipments]`
@@ -464,6 +559,11 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        for ca in self.erp.iter_mut().filter_map(|e| e.ca.as_mut()) {
+            if ca.is_relative() {
+                *ca = base.join(&*ca);
+            }
+        }
     }
 
     /// Checks values a type cannot.
@@ -573,6 +673,104 @@ impl Config {
             86_400,
             " (s)",
         )?;
+        let mut names = std::collections::HashSet::new();
+        for e in &self.erp {
+            let bad = |what: &str| ConfigError::Invalid(format!("erp {:?}: {what}", e.name));
+            if e.name.is_empty()
+                || e.name.len() > 64
+                || !e
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad("name: 1 to 64 letters, digits, '-' or '_'"));
+            }
+            if !names.insert(e.name.as_str()) {
+                return Err(bad("name: two [[erp]] tables have it"));
+            }
+            if !(e.base_url.starts_with("http://") || e.base_url.starts_with("https://")) {
+                return Err(bad(
+                    "base_url: expected http://HOST[:PORT][/PATH] or https://...",
+                ));
+            }
+            if e.auth_header.is_some() && e.auth_header_env.is_some() {
+                return Err(bad("set auth_header or auth_header_env, not both"));
+            }
+            e.authorization()?;
+            if !(e.rate_per_s > 0.0 && e.rate_per_s <= 10_000.0) {
+                return Err(bad("rate_per_s: more than 0, at most 10000"));
+            }
+            range(
+                &format!("erp.{}.burst", e.name),
+                u64::from(e.burst),
+                1,
+                1_000,
+                "",
+            )?;
+            range(
+                &format!("erp.{}.timeout_ms", e.name),
+                e.timeout_ms,
+                100,
+                300_000,
+                " (ms)",
+            )?;
+            range(
+                &format!("erp.{}.max_attempts", e.name),
+                u64::from(e.max_attempts),
+                1,
+                1_000_000,
+                "",
+            )?;
+            range(
+                &format!("erp.{}.max_age_s", e.name),
+                e.max_age_s,
+                60,
+                30 * 86_400,
+                " (s)",
+            )?;
+            range(
+                &format!("erp.{}.backoff_ms", e.name),
+                e.backoff_ms,
+                1,
+                3_600_000,
+                " (ms)",
+            )?;
+            range(
+                &format!("erp.{}.backoff_cap_ms", e.name),
+                e.backoff_cap_ms,
+                e.backoff_ms,
+                86_400_000,
+                " (ms; at least backoff_ms)",
+            )?;
+            range(
+                &format!("erp.{}.breaker_failures", e.name),
+                u64::from(e.breaker_failures),
+                1,
+                10_000,
+                "",
+            )?;
+            range(
+                &format!("erp.{}.breaker_open_ms", e.name),
+                e.breaker_open_ms,
+                10,
+                3_600_000,
+                " (ms)",
+            )?;
+            let want = self
+                .shipments
+                .mappings
+                .as_ref()
+                .map_or(crate::shipments::Mappings::default().version, |m| {
+                    m.version.clone()
+                });
+            if let Some(v) = &e.mapping_version
+                && *v != want
+            {
+                return Err(bad(&format!(
+                    "mapping_version {v:?}: the hub's mapping tables are version {want:?} ([shipments.mappings])"
+                )));
+            }
+        }
         let f = self.shipments.eta_road_factor;
         if !(1.0..=5.0).contains(&f) {
             return Err(ConfigError::Invalid(format!(

@@ -62,6 +62,9 @@ pub enum HubError {
     /// The ingest did not subscribe in time.
     #[error("ingest did not become ready within 10 s")]
     NotReady,
+    /// An outbox sink could not be set up.
+    #[error("{0}")]
+    Sink(String),
 }
 
 impl HubError {
@@ -72,7 +75,7 @@ impl HubError {
         use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, PermissionDenied};
         match self {
             HubError::Store(e) => e.is_config(),
-            HubError::Tls(_) => true,
+            HubError::Tls(_) | HubError::Sink(_) => true,
             HubError::Bind { source, .. } => {
                 matches!(
                     source.kind(),
@@ -121,8 +124,10 @@ impl Running {
 }
 
 /// Starts every part of the hub and returns once devices can connect.
-pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, HubError> {
+pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Running, HubError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Every new fact an ERP hears of gets an outbox row for it in the fact's write.
+    cfg.store.outbox_sinks = cfg.erp.iter().map(|e| e.name.clone()).collect();
     let store = store::Store::open(&cfg.store).await?;
     info!(backend = store.backend(), "store open");
     let metrics = Arc::new(metrics::Metrics::default());
@@ -230,6 +235,17 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         cfg.shipments.stuck_after_s * 1000,
         shutdown.clone(),
     )));
+    for erp in &cfg.erp {
+        let c = outbox::erp::Connector::new(
+            erp.clone(),
+            store.clone(),
+            shipments.mappings().clone(),
+            &metrics,
+        )
+        .map_err(HubError::Sink)?;
+        info!(erp = %erp.name, base_url = %erp.base_url, "ERP connector started");
+        tasks.push(tokio::spawn(c.run(shutdown.clone())));
+    }
     tasks.push(tokio::spawn(estimate_arrivals(
         shipments.clone(),
         metrics.clone(),

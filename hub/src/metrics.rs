@@ -69,9 +69,47 @@ pub struct Metrics {
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
     lag_count: AtomicU64,
     lag_sum_ms: AtomicU64,
+    /// Per outbox sink, by name.
+    sinks: std::sync::Mutex<std::collections::BTreeMap<String, std::sync::Arc<SinkMetrics>>>,
+}
+
+/// One outbox sink's metrics.
+#[derive(Debug, Default)]
+pub struct SinkMetrics {
+    /// Gauge: rows waiting.
+    pub depth: AtomicU64,
+    /// Gauge: age of the oldest waiting row (ms).
+    pub oldest_age_ms: AtomicU64,
+    /// Rows delivered (2xx, 409).
+    pub delivered: AtomicU64,
+    /// Attempts to be retried.
+    pub retried: AtomicU64,
+    /// Rows given up (dead letters).
+    pub dead: AtomicU64,
+    /// Gauge: 0 closed, 1 half-open, 2 open.
+    pub breaker: AtomicU64,
+    /// Requests timed, and their time in all (ms).
+    pub requests: AtomicU64,
+    /// See `requests`.
+    pub request_ms_sum: AtomicU64,
+}
+
+impl SinkMetrics {
+    /// Records one request's time.
+    pub fn observe_latency(&self, d: std::time::Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.request_ms_sum
+            .fetch_add(d.as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
+    /// The metrics of sink `name` (made on first use).
+    pub fn sink(&self, name: &str) -> std::sync::Arc<SinkMetrics> {
+        let mut m = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(name.to_string()).or_default().clone()
+    }
+
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
@@ -257,6 +295,72 @@ impl Metrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum {}", g(&self.lag_sum_ms) as f64 / 1000.0);
         let _ = writeln!(out, "{name}_count {count}");
+        let sinks: Vec<(String, std::sync::Arc<SinkMetrics>)> = self
+            .sinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        type Family = (&'static str, &'static str, &'static str, fn(&SinkMetrics) -> f64);
+        let families: [Family; 8] = [
+            (
+                "fleetsync_hub_outbox_depth",
+                "gauge",
+                "Outbox rows waiting, per sink.",
+                |m| m.depth.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fleetsync_hub_outbox_oldest_age_seconds",
+                "gauge",
+                "Age of the oldest waiting outbox row, per sink.",
+                |m| m.oldest_age_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            ),
+            (
+                "fleetsync_hub_outbox_delivered_total",
+                "counter",
+                "Outbox rows delivered (2xx or 409), per sink.",
+                |m| m.delivered.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fleetsync_hub_outbox_retried_total",
+                "counter",
+                "Delivery attempts to be retried, per sink.",
+                |m| m.retried.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fleetsync_hub_outbox_dead_letters_total",
+                "counter",
+                "Outbox rows given up (dead letters), per sink.",
+                |m| m.dead.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fleetsync_hub_outbox_breaker_state",
+                "gauge",
+                "Circuit breaker per sink: 0 closed, 1 half-open, 2 open.",
+                |m| m.breaker.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "fleetsync_hub_outbox_request_seconds_sum",
+                "counter",
+                "Time spent in requests to the sink.",
+                |m| m.request_ms_sum.load(Ordering::Relaxed) as f64 / 1000.0,
+            ),
+            (
+                "fleetsync_hub_outbox_requests_total",
+                "counter",
+                "Requests to the sink.",
+                |m| m.requests.load(Ordering::Relaxed) as f64,
+            ),
+        ];
+        if !sinks.is_empty() {
+            for (name, kind, help, f) in families {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (sink, m) in &sinks {
+                    let _ = writeln!(out, "{name}{{sink=\"{sink}\"}} {}", f(m));
+                }
+            }
+        }
         out
     }
 }

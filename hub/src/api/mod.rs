@@ -10,6 +10,7 @@
 
 pub mod credentials;
 pub mod erp;
+pub mod outbox;
 pub mod serve;
 
 use std::sync::Arc;
@@ -280,6 +281,9 @@ pub fn app(state: AppState) -> Router {
         .route("/review/{id}", get(erp::review))
         .route("/review/{id}/accept", post(erp::accept))
         .route("/review/{id}/reject", post(erp::reject))
+        .route("/deadletters", get(outbox::list))
+        .route("/deadletters/replay", post(outbox::replay_many))
+        .route("/deadletters/{id}/replay", post(outbox::replay))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,

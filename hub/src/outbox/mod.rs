@@ -19,6 +19,8 @@
 //! written before the facts they announce and the facts before the record: a crash in
 //! between is repaired by the redelivery or retry, which finds the rows already there.
 
+pub mod erp;
+
 use fleetsync_protocol::json::Time;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +47,50 @@ pub struct OutboxRow {
     pub state: State,
     /// When the row was written (ms).
     pub created_ms: u64,
+    /// Delivery attempts so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Not to be tried before (ms).
+    #[serde(default)]
+    pub next_ms: u64,
+    /// What the last attempt got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// What became of a delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The sink has it (2xx, or 409: it had it already): the row goes.
+    Done,
+    /// Try again at `next_ms`.
+    Retry {
+        /// Not before (ms).
+        next_ms: u64,
+        /// What this attempt got.
+        error: String,
+    },
+    /// Given up: the row becomes a dead letter.
+    Dead {
+        /// Why.
+        error: String,
+        /// The sink's answer, if it gave one (truncated).
+        response: Option<String>,
+    },
+}
+
+/// A row given up on, kept for operators to look at and replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The row as it was (its id is kept by a replay).
+    pub row: OutboxRow,
+    /// Why it was given up.
+    pub error: String,
+    /// The sink's last answer (truncated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    /// When (ms).
+    pub dead_ms: u64,
 }
 
 /// Whether sinks hear of a fact.
@@ -84,6 +130,9 @@ pub fn rows_for(
                 fact: f.clone(),
                 state: rec.state,
                 created_ms: now_ms,
+                attempts: 0,
+                next_ms: 0,
+                last_error: None,
             });
         }
     }

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Credential;
 use crate::config::StoreConfig;
-use crate::outbox::OutboxRow;
+use crate::outbox::{DeadLetter, Delivery, OutboxRow};
 use crate::shipments::correlate::{ReviewItem, ReviewStatus};
 use crate::shipments::eta::VehiclePosition;
 use crate::shipments::{Fact, ShipmentRecord, State};
@@ -788,6 +788,53 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         both!(self, s => s.outbox_pending(sink, limit).await)
+    }
+
+    /// Up to `limit` rows of `sink` to deliver now: the first row of each shipment (the
+    /// rest wait for it), due by `now_ms`; on PostgreSQL leased until `lease_until` so no
+    /// other hub delivers them meanwhile (a hub that dies leaves them to the next after
+    /// the lease).
+    pub async fn outbox_due(
+        &self,
+        sink: &str,
+        now_ms: u64,
+        lease_until: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        match self {
+            Store::Sled(s) => s.outbox_due(sink, now_ms, limit).await,
+            Store::Postgres(s) => s.outbox_due(sink, now_ms, lease_until, limit).await,
+        }
+    }
+
+    /// Records what became of delivered rows, all in one write: done rows go, retried
+    /// rows wait, dead ones become dead letters.
+    pub async fn outbox_settle(
+        &self,
+        results: Vec<(OutboxRow, Delivery)>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        both!(self, s => s.outbox_settle(results, now_ms).await)
+    }
+
+    /// Rows waiting in `sink`'s outbox, and the oldest one's creation time (ms).
+    pub async fn outbox_depth(&self, sink: &str) -> Result<(u64, Option<u64>), StoreError> {
+        both!(self, s => s.outbox_depth(sink).await)
+    }
+
+    /// Dead letters, oldest first, optionally of one sink and one shipment.
+    pub async fn deadletters(
+        &self,
+        sink: Option<String>,
+        shipment: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        both!(self, s => s.deadletters(sink, shipment, limit).await)
+    }
+
+    /// Puts a dead letter back at the end of its sink's outbox under the same id.
+    pub async fn replay_deadletter(&self, id: &str) -> Result<Option<OutboxRow>, StoreError> {
+        both!(self, s => s.replay_deadletter(id).await)
     }
 
     /// Whether the store answers now (readiness).

@@ -65,7 +65,7 @@ use super::{
 };
 use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
-use crate::outbox::{self, OutboxRow};
+use crate::outbox::{self, DeadLetter, Delivery, OutboxRow};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
@@ -824,6 +824,176 @@ impl PgStore {
             out.push(row);
         }
         Ok(out)
+    }
+
+    /// See [`super::Store::outbox_due`]: the first row of each shipment that is due and
+    /// not leased by another hub, leased now until `lease_until`.
+    pub async fn outbox_due(
+        &self,
+        sink: &str,
+        now_ms: u64,
+        lease_until: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let client = self.client().await?;
+        let now = to_i64(now_ms).unwrap_or(i64::MAX);
+        let until = to_i64(lease_until).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "UPDATE outbox SET lease_until = $3 WHERE seq IN ( \
+                   SELECT o.seq FROM outbox o \
+                   WHERE o.sink = $1 AND o.next_ms <= $2 AND o.lease_until <= $2 \
+                     AND NOT EXISTS (SELECT 1 FROM outbox p \
+                                     WHERE p.sink = o.sink AND p.shipment_id = o.shipment_id AND p.seq < o.seq) \
+                   ORDER BY o.seq LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 RETURNING seq, row",
+                &[&sink, &now, &until, &(limit as i64)],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut row: OutboxRow = serde_json::from_str(r.get::<_, &str>(1))?;
+            row.seq = to_u64(r.get(0));
+            out.push(row);
+        }
+        out.sort_by_key(|r| r.seq);
+        Ok(out)
+    }
+
+    /// See [`super::Store::outbox_settle`]: one transaction.
+    pub async fn outbox_settle(
+        &self,
+        results: Vec<(OutboxRow, Delivery)>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        for (mut row, d) in results {
+            let seq = to_i64(row.seq).unwrap_or(i64::MAX);
+            match d {
+                Delivery::Done => {
+                    tx.execute("DELETE FROM outbox WHERE seq = $1", &[&seq])
+                        .await
+                        .map_err(|e| self.pg(e))?;
+                }
+                Delivery::Retry { next_ms, error } => {
+                    row.attempts += 1;
+                    row.next_ms = next_ms;
+                    row.last_error = Some(error);
+                    tx.execute(
+                        "UPDATE outbox SET next_ms = $2, lease_until = 0, row = $3 WHERE seq = $1",
+                        &[
+                            &seq,
+                            &to_i64(next_ms).unwrap_or(i64::MAX),
+                            &serde_json::to_string(&row)?,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| self.pg(e))?;
+                }
+                Delivery::Dead { error, response } => {
+                    row.attempts += 1;
+                    row.last_error = Some(error.clone());
+                    let dead = DeadLetter {
+                        row,
+                        error,
+                        response,
+                        dead_ms: now_ms,
+                    };
+                    tx.execute(
+                        "INSERT INTO deadletters (id, sink, shipment_id, dead_ms, letter) VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (id) DO UPDATE SET dead_ms = EXCLUDED.dead_ms, letter = EXCLUDED.letter",
+                        &[
+                            &dead.row.id,
+                            &dead.row.sink,
+                            &dead.row.shipment_id,
+                            &to_i64(now_ms).unwrap_or(i64::MAX),
+                            &serde_json::to_string(&dead)?,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| self.pg(e))?;
+                    tx.execute("DELETE FROM outbox WHERE seq = $1", &[&seq])
+                        .await
+                        .map_err(|e| self.pg(e))?;
+                }
+            }
+        }
+        tx.commit().await.map_err(|e| self.pg(e))?;
+        Ok(())
+    }
+
+    /// See [`super::Store::outbox_depth`].
+    pub async fn outbox_depth(&self, sink: &str) -> Result<(u64, Option<u64>), StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*), min(seq) FROM outbox WHERE sink = $1",
+                &[&sink],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        let oldest = match row.get::<_, Option<i64>>(1) {
+            Some(seq) => client
+                .query_opt("SELECT row FROM outbox WHERE seq = $1", &[&seq])
+                .await
+                .map_err(|e| self.pg(e))?
+                .map(|r| serde_json::from_str::<OutboxRow>(r.get::<_, &str>(0)))
+                .transpose()?
+                .map(|r| r.created_ms),
+            None => None,
+        };
+        Ok((to_u64(row.get(0)), oldest))
+    }
+
+    /// See [`super::Store::deadletters`].
+    pub async fn deadletters(
+        &self,
+        sink: Option<String>,
+        shipment: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT letter FROM deadletters WHERE ($1::text IS NULL OR sink = $1) \
+                 AND ($2::text IS NULL OR shipment_id = $2) ORDER BY dead_ms, id LIMIT $3",
+                &[&sink, &shipment, &(limit as i64)],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
+            .collect::<Result<Vec<DeadLetter>, _>>()?)
+    }
+
+    /// See [`super::Store::replay_deadletter`].
+    pub async fn replay_deadletter(&self, id: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        let Some(r) = tx
+            .query_opt(
+                "DELETE FROM deadletters WHERE id = $1 RETURNING letter",
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.pg(e))?
+        else {
+            return Ok(None);
+        };
+        let dead: DeadLetter = serde_json::from_str(r.get::<_, &str>(0))?;
+        let mut row = dead.row;
+        row.attempts = 0;
+        row.next_ms = 0;
+        row.last_error = None;
+        // Back at the end of its sink's outbox, under the same id.
+        insert_outbox(&tx, std::slice::from_ref(&row))
+            .await
+            .map_err(|e| self.pg(e))??;
+        tx.commit().await.map_err(|e| self.pg(e))?;
+        Ok(Some(row))
     }
 
     /// See [`super::Store::review`].

@@ -25,6 +25,7 @@
 //! tree credentials_by_token: key  sha256(token)     val  id
 //! tree outbox:               key  sink ++ 0x00 ++ seq: u64 BE      val  JSON(OutboxRow)
 //! tree outbox_ids:           key  outbox row id     val  seq: u64 BE
+//! tree deadletters:          key  outbox row id     val  JSON(DeadLetter)
 //! ```
 //!
 //! A unit of work without sled transactions: every call that writes ends with
@@ -62,7 +63,7 @@ use std::sync::{Arc, Mutex};
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
 
 use crate::auth::Credential;
-use crate::outbox::{self, OutboxRow};
+use crate::outbox::{self, DeadLetter, Delivery, OutboxRow};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
@@ -90,6 +91,7 @@ pub struct SledStore {
     outbox_sinks: Arc<Vec<String>>,
     outbox: ::sled::Tree,
     outbox_ids: ::sled::Tree,
+    deadletters: ::sled::Tree,
     quarantine: ::sled::Tree,
     quarantine_by_device: ::sled::Tree,
     assignments: ::sled::Tree,
@@ -141,6 +143,15 @@ fn upload_key(device: &str, sha256: &Sha256) -> Vec<u8> {
 
 fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
     Ok(postcard::from_bytes(v)?)
+}
+
+/// Key of an outbox row (`sink ++ 0x00 ++ seq`).
+fn outbox_key(sink: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(sink.len() + 9);
+    k.extend_from_slice(sink.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 /// Key of a pair of ids (`a ++ 0x00 ++ b`).
@@ -215,6 +226,7 @@ impl SledStore {
             outbox_sinks: Arc::new(Vec::new()),
             outbox: db.open_tree("outbox")?,
             outbox_ids: db.open_tree("outbox_ids")?,
+            deadletters: db.open_tree("deadletters")?,
             quarantine: db.open_tree("quarantine")?,
             quarantine_by_device: db.open_tree("quarantine_by_device")?,
             assignments: db.open_tree("assignments")?,
@@ -297,15 +309,146 @@ impl SledStore {
             if self.outbox_ids.contains_key(row.id.as_bytes())? {
                 continue;
             }
-            row.seq = self.db.generate_id()?;
-            let mut key = row.sink.as_bytes().to_vec();
-            key.push(0);
-            key.extend_from_slice(&row.seq.to_be_bytes());
-            self.outbox.insert(key, serde_json::to_vec(&row)?)?;
-            self.outbox_ids
-                .insert(row.id.as_bytes(), &row.seq.to_be_bytes())?;
+            self.push_outbox(&mut row)?;
         }
         Ok(())
+    }
+
+    /// Appends `row` at the end of its sink's outbox (a new seq).
+    fn push_outbox(&self, row: &mut OutboxRow) -> Result<(), StoreError> {
+        row.seq = self.db.generate_id()?;
+        self.outbox
+            .insert(outbox_key(&row.sink, row.seq), serde_json::to_vec(&*row)?)?;
+        self.outbox_ids
+            .insert(row.id.as_bytes(), &row.seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// See [`super::Store::outbox_due`]: one process delivers from sled, so no lease.
+    pub async fn outbox_due(
+        &self,
+        sink: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut prefix = sink.as_bytes().to_vec();
+        prefix.push(0);
+        self.blocking(move |s| {
+            let mut blocked = std::collections::HashSet::new();
+            let mut out = Vec::new();
+            for v in s.outbox.scan_prefix(&prefix).values() {
+                let row: OutboxRow = serde_json::from_slice(&v?)?;
+                // Only the first row of a shipment: the rest wait for it.
+                if !blocked.insert(row.shipment_id.clone()) {
+                    continue;
+                }
+                if row.next_ms <= now_ms {
+                    out.push(row);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::outbox_settle`].
+    pub async fn outbox_settle(
+        &self,
+        results: Vec<(OutboxRow, Delivery)>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.write(move |s| {
+            for (mut row, d) in results {
+                let key = outbox_key(&row.sink, row.seq);
+                match d {
+                    Delivery::Done => {
+                        s.outbox.remove(key)?;
+                    }
+                    Delivery::Retry { next_ms, error } => {
+                        row.attempts += 1;
+                        row.next_ms = next_ms;
+                        row.last_error = Some(error);
+                        s.outbox.insert(key, serde_json::to_vec(&row)?)?;
+                    }
+                    Delivery::Dead { error, response } => {
+                        row.attempts += 1;
+                        row.last_error = Some(error.clone());
+                        let dead = DeadLetter {
+                            row,
+                            error,
+                            response,
+                            dead_ms: now_ms,
+                        };
+                        s.deadletters
+                            .insert(dead.row.id.as_bytes(), serde_json::to_vec(&dead)?)?;
+                        s.outbox.remove(key)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Store::outbox_depth`].
+    pub async fn outbox_depth(&self, sink: &str) -> Result<(u64, Option<u64>), StoreError> {
+        let mut prefix = sink.as_bytes().to_vec();
+        prefix.push(0);
+        self.blocking(move |s| {
+            let n = s.outbox.scan_prefix(&prefix).keys().count() as u64;
+            let oldest = match s.outbox.scan_prefix(&prefix).values().next() {
+                Some(v) => Some(serde_json::from_slice::<OutboxRow>(&v?)?.created_ms),
+                None => None,
+            };
+            Ok((n, oldest))
+        })
+        .await
+    }
+
+    /// See [`super::Store::deadletters`].
+    pub async fn deadletters(
+        &self,
+        sink: Option<String>,
+        shipment: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            for v in s.deadletters.iter().values() {
+                let d: DeadLetter = serde_json::from_slice(&v?)?;
+                if sink.as_ref().is_none_or(|x| *x == d.row.sink)
+                    && shipment.as_ref().is_none_or(|x| *x == d.row.shipment_id)
+                {
+                    out.push(d);
+                }
+            }
+            out.sort_by(|a, b| (a.dead_ms, &a.row.id).cmp(&(b.dead_ms, &b.row.id)));
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See [`super::Store::replay_deadletter`].
+    pub async fn replay_deadletter(&self, id: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let id = id.to_string();
+        self.write(move |s| {
+            let Some(d) = json_get::<DeadLetter>(&s.deadletters, id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut row = d.row;
+            row.attempts = 0;
+            row.next_ms = 0;
+            row.last_error = None;
+            // Back at the end of its sink's outbox, under the same id.
+            s.push_outbox(&mut row)?;
+            s.deadletters.remove(id.as_bytes())?;
+            Ok(Some(row))
+        })
+        .await
     }
 
     /// See [`super::Store::outbox_pending`].
