@@ -91,6 +91,26 @@ path = "data/hub"
 # releases_billing = true
 # (... one [[shipments.mappings.states]] per state)
 
+# ERP connectors: each [[erp]] hears the shipments' milestones (DISPATCHED, DEPARTED,
+# ARRIVED, DELIVERED, DELIVERY_FAILED, POD_CONFIRMED, RETURNED, ETA) as CloudEvents at
+# POST {base_url}/events, each exactly once in effect: the Idempotency-Key header is the
+# same on every retry, and the ERP answers 409 to a key it applied before. Order per
+# shipment holds. Refused messages (4xx) wait as dead letters at GET /v1/ops/deadletters.
+# [[erp]]
+# name = "sap"
+# base_url = "https://erp.example.net/fleetsync"
+# auth_header_env = "FLEETSYNC_ERP_SAP_AUTH"   # or auth_header = "Bearer ..."
+# rate_per_s = 10        # token bucket: requests a second ...
+# burst = 10             # ... and at once
+# timeout_ms = 10000
+# max_attempts = 50      # then a dead letter; so is a row older than max_age_s
+# max_age_s = 86400
+# backoff_ms = 1000      # doubled each failure, full jitter, up to backoff_cap_ms
+# backoff_cap_ms = 300000
+# breaker_failures = 5   # failures in a row open the circuit breaker ...
+# breaker_open_ms = 30000  # ... for this long, then one probe
+# ca = "pki/erp-ca.pem"  # extra CA certificates for https (a private CA)
+
 [auth]
 # Bearer token of the operator API. Set it from a secret store via
 # FLEETSYNC_HUB_OPERATOR_TOKEN rather than writing it here in production.
