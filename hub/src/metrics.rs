@@ -302,7 +302,12 @@ impl Metrics {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        type Family = (&'static str, &'static str, &'static str, fn(&SinkMetrics) -> f64);
+        type Family = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&SinkMetrics) -> f64,
+        );
         let families: [Family; 8] = [
             (
                 "fleetsync_hub_outbox_depth",

@@ -30,6 +30,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::fake_erp::{FakeErp, Fault};
 use crate::route::{SimFix, Waypoint, drive};
 use oracle::{Accepted, Verdict};
 use proxy::{Link, Mode};
@@ -261,13 +262,19 @@ pub async fn chaos(
     let store = crate::hub_store_section(opts.store.as_deref(), &dir.join("hub-data"))
         .await
         .map_err(setup)?;
+    // The ERP: a fake that applies each Idempotency-Key once and answers from a seeded
+    // plan of faults (throttling, outages, 500s, a timeout after it applied the call).
+    let erp = FakeErp::start().await.map_err(setup)?;
+    erp.plan(erp_faults(opts.seed, 400));
     std::fs::write(
         &hub_toml,
         format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n\
+             [[erp]]\nname = \"{ERP_NAME}\"\nbase_url = \"{erp_url}\"\ntimeout_ms = 1000\nbackoff_ms = 100\nbackoff_cap_ms = 2000\nbreaker_failures = 5\nbreaker_open_ms = 2000\nrate_per_s = 100\nburst = 8\n",
             ca = pki.join("ca.pem").display(),
             cert = pki.join("hub.pem").display(),
             key = pki.join("hub-key.pem").display(),
+            erp_url = erp.base_url(),
         ),
     )
     .map_err(setup)?;
@@ -524,7 +531,7 @@ pub async fn chaos(
         DRAIN,
     )
     .await;
-    let verdict = oracle::check(
+    let mut verdict = oracle::check(
         &client,
         &hub_http,
         OPERATOR_TOKEN,
@@ -542,6 +549,17 @@ pub async fn chaos(
         drained,
     )
     .await;
+    let shipments: Vec<String> = vehicles.iter().map(|v| shipment_id(&v.id)).collect();
+    oracle::check_erp(
+        &client,
+        &hub_http,
+        OPERATOR_TOKEN,
+        &erp,
+        ERP_NAME,
+        &shipments,
+        &mut verdict,
+    )
+    .await;
     Ok(ChaosReport {
         vehicles: opts.vehicles,
         duration_s: opts.duration.as_secs(),
@@ -549,6 +567,24 @@ pub async fn chaos(
         faults,
         oracle: verdict,
     })
+}
+
+/// The chaos ERP's name in the hub config.
+const ERP_NAME: &str = "chaos-erp";
+
+/// A seeded plan of `n` answers: mostly normal, with 503 and 429 asking to come back in
+/// a second, 500s, and calls applied but answered only after the hub's 1 s timeout.
+fn erp_faults(seed: u64, n: usize) -> Vec<Fault> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xe4b);
+    (0..n)
+        .map(|_| match rng.random_range(0..100) {
+            0..70 => Fault::Ok,
+            70..78 => Fault::RetryAfter(503, 1),
+            78..84 => Fault::RetryAfter(429, 1),
+            84..93 => Fault::Status(500),
+            _ => Fault::ApplyThenStall(Duration::from_millis(1500)),
+        })
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -747,6 +783,15 @@ pub fn print_summary(r: &ChaosReport) {
         o.pods_in_review,
         o.assignments_acked,
         o.drained
+    );
+    println!(
+        "ERP: {} milestones expected, {} applied exactly once, in order per shipment: {}; {} requests on the wire ({} faults answered), {} dead letters",
+        o.erp_expected,
+        o.erp_applied,
+        o.erp_in_order,
+        o.erp_requests,
+        o.erp_faults,
+        o.erp_dead_letters
     );
     println!(
         "latency capture -> hub (critical events): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",

@@ -16,7 +16,10 @@
 //!   order, and a delivered state once a POD was accepted; and every delivered shipment
 //!   judged once: POD_CONFIRMED (one such fact) or waiting in review for one of its PODs
 //!   (the drivers capture PODs anywhere on the route, so either may be right; neither, or
-//!   both, is a POD lost or judged twice).
+//!   both, is a POD lost or judged twice);
+//! - the ERP (a fake answering from a seeded plan of 503s, 429s, 500s and timeouts after
+//!   applying) applied every milestone of those shipments it hears of exactly once, in
+//!   the hub's order per shipment, and nothing else; no dead letter.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -121,10 +124,155 @@ pub struct Verdict {
     pub pods_confirmed: u64,
     /// See `pods_confirmed`.
     pub pods_in_review: u64,
+    /// Milestones of the chaos shipments the ERP must hear (from the hub's facts).
+    pub erp_expected: u64,
+    /// Of them, applied by the fake ERP (each key once by construction).
+    pub erp_applied: u64,
+    /// Whether every shipment's milestones were applied in the hub's order.
+    pub erp_in_order: bool,
+    /// Requests the fake ERP got in all (retries and redeliveries included).
+    pub erp_requests: u64,
+    /// Of them, answered with a planned fault.
+    pub erp_faults: u64,
+    /// Dead letters at the hub (the plan forces none).
+    pub erp_dead_letters: u64,
     /// Capture to hub record time of critical events (skewed clocks left out).
     pub latency_ms: Latency,
     /// What failed (first 20).
     pub failures: Vec<String>,
+}
+
+/// Whether the ERP hears of a milestone (the hub's rule: ACT facts but the ERP's own
+/// cancels and closes and retractions, and EST arrival estimates).
+fn erp_hears(m: &Value) -> bool {
+    match (m["classifier"].as_str(), m["type"].as_str()) {
+        (Some("ACT"), Some(t)) => !matches!(t, "CANCELLED" | "CLOSED" | "RETRACTED"),
+        (Some("EST"), Some(t)) => t == "ETA",
+        _ => false,
+    }
+}
+
+/// The outbox reached the ERP: every milestone of the chaos shipments the ERP hears of
+/// was applied exactly once (the fake applies a key once and answers 409 after; a second
+/// key for one fact would show as an unexpected application), in the hub's order per
+/// shipment (the `sequence` each carries), nothing else applied, no dead letter. Waits
+/// up to 90 s for the outbox to drain (its retries back off up to 2 s, its breaker
+/// pauses 2 s).
+pub async fn check_erp(
+    client: &reqwest::Client,
+    hub: &str,
+    token: &str,
+    erp: &crate::fake_erp::FakeErp,
+    sink: &str,
+    shipments: &[String],
+    v: &mut Verdict,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (mut expected, mut applied_keys);
+    loop {
+        expected = HashSet::new();
+        for sid in shipments {
+            let Ok(r) = client
+                .get(format!("{hub}/v1/ops/shipments/{sid}"))
+                .bearer_auth(token)
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let sh: Value = r.json().await.unwrap_or_default();
+            for m in sh["milestones"].as_array().into_iter().flatten() {
+                if erp_hears(m)
+                    && let Some(id) = m["id"].as_str()
+                {
+                    expected.insert(format!("{sink}/{sid}/{id}"));
+                }
+            }
+        }
+        applied_keys = erp
+            .applied()
+            .into_iter()
+            .map(|r| r.key)
+            .collect::<HashSet<String>>();
+        if expected == applied_keys || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let applied = erp.applied();
+    let requests = erp.requests();
+    v.erp_expected = expected.len() as u64;
+    v.erp_applied = applied_keys.intersection(&expected).count() as u64;
+    v.erp_requests = requests.len() as u64;
+    v.erp_faults = requests
+        .iter()
+        .filter(|r| !matches!(r.status, 200 | 409))
+        .count() as u64;
+    let missing: Vec<&String> = expected.difference(&applied_keys).collect();
+    let unexpected: Vec<&String> = applied_keys.difference(&expected).collect();
+    if !missing.is_empty() {
+        v.lost += missing.len() as u64;
+        fail(
+            v,
+            format!(
+                "ERP: {} milestones never applied, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(3)]
+            ),
+        );
+    }
+    if !unexpected.is_empty() {
+        v.duplicated += unexpected.len() as u64;
+        fail(
+            v,
+            format!(
+                "ERP: {} applications of no milestone the hub holds, e.g. {:?}",
+                unexpected.len(),
+                &unexpected[..unexpected.len().min(3)]
+            ),
+        );
+    }
+    // Per shipment, the order of application is the hub's order.
+    v.erp_in_order = true;
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for r in &applied {
+        let subject = r.body["subject"].as_str().unwrap_or_default().to_string();
+        let seq: u64 = r.body["sequence"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default();
+        if let Some(prev) = last.insert(subject.clone(), seq)
+            && prev >= seq
+        {
+            v.erp_in_order = false;
+            fail(
+                v,
+                format!("ERP: {subject}: sequence {seq} applied after {prev}"),
+            );
+        }
+    }
+    match client
+        .get(format!("{hub}/v1/ops/deadletters"))
+        .bearer_auth(token)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let l: Value = r.json().await.unwrap_or_default();
+            v.erp_dead_letters = l.as_array().map_or(0, |a| a.len() as u64);
+            if v.erp_dead_letters > 0 {
+                fail(
+                    v,
+                    format!(
+                        "ERP: {} dead letters the fault plan did not force",
+                        v.erp_dead_letters
+                    ),
+                );
+            }
+        }
+        Err(e) => fail(v, format!("dead letters not readable: {e}")),
+    }
+    v.ok = v.failures.is_empty() && v.lost == 0 && v.duplicated == 0 && v.drained;
 }
 
 /// Notes a failure (the first 20 are kept).
