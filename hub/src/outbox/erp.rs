@@ -36,8 +36,11 @@ use crate::store::Store;
 
 /// Most bytes of an ERP's answer kept with a dead letter.
 const MAX_RESPONSE_KEPT: usize = 4096;
-/// Pause when nothing is due.
+/// Pause when nothing is due, doubled while nothing stays due (each look reads the
+/// sink's rows), up to [`IDLE_MAX`].
 const IDLE: Duration = Duration::from_millis(200);
+/// See [`IDLE`].
+const IDLE_MAX: Duration = Duration::from_secs(2);
 
 /// Breaker states as the metric shows them.
 pub const BREAKER_CLOSED: u64 = 0;
@@ -325,6 +328,7 @@ impl Connector {
         let mut failures = 0u32;
         let mut open_until: Option<Instant> = None;
         let mut last_depth = Instant::now() - Duration::from_secs(60);
+        let mut idle = IDLE;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -369,10 +373,12 @@ impl Connector {
             if due.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(IDLE) => {}
+                    _ = tokio::time::sleep(idle) => {}
                 }
+                idle = (idle * 2).min(IDLE_MAX);
                 continue;
             }
+            idle = IDLE;
             let mut sends = tokio::task::JoinSet::new();
             for row in due {
                 bucket.take().await;
