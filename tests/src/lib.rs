@@ -473,6 +473,79 @@ pub fn device_client(
     rumqttc::AsyncClient::new(opts, 64)
 }
 
+/// Publishes one batch of `device` (epoch 1, from `first_seq`) with its certificate, as a
+/// device would, and waits for the hub's ack of it (30 s at most).
+pub async fn publish_batch(
+    hub: &TestHub,
+    device: &str,
+    first_seq: u64,
+    events: &[fleetsync_protocol::Event],
+) {
+    use fleetsync_protocol::topic::{Channel, Layout};
+    use fleetsync_protocol::{Batch, BoundedVec, Downlink, Uplink, frame};
+    use rumqttc::{Event as MqttEvent, Packet, QoS};
+    let (client, mut el) = device_client(&hub.pki, device, device, hub.running_mqtt);
+    let up = Layout::Embedded
+        .topic(device, Channel::Up)
+        .unwrap()
+        .to_string();
+    let down = Layout::Embedded
+        .topic(device, Channel::Down)
+        .unwrap()
+        .to_string();
+    let frame = frame::encode(&Uplink::Batch(Batch {
+        epoch: 1,
+        first_seq,
+        events: BoundedVec::try_from_slice(events).unwrap(),
+    }))
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), el.poll()).await {
+            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
+                client
+                    .subscribe(down.as_str(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::SubAck(_)))) => {
+                client
+                    .publish(up.as_str(), QoS::AtLeastOnce, false, frame.clone())
+                    .await
+                    .unwrap();
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
+                if let Ok(Downlink::Ack(a)) = frame::decode::<Downlink>(&p.payload)
+                    && a.ranges
+                        .iter()
+                        .any(|r| r.first <= first_seq && first_seq <= r.last)
+                {
+                    let _ = client.disconnect().await;
+                    return;
+                }
+            }
+            Ok(Err(e)) => panic!("{device}: {e}"),
+            _ => {}
+        }
+    }
+    panic!("{device}: batch at seq {first_seq} never acked");
+}
+
+/// A trip event (arrival, departure) at `stop`.
+pub fn trip_event(
+    kind: fleetsync_protocol::TripKind,
+    stop: &str,
+    time_ms: u64,
+) -> fleetsync_protocol::Event {
+    fleetsync_protocol::Event {
+        time_ms,
+        body: fleetsync_protocol::Body::Trip(fleetsync_protocol::Trip {
+            kind,
+            stop_id: Some(fleetsync_protocol::BoundedString::try_from_str(stop).unwrap()),
+        }),
+    }
+}
+
 /// Directory-qualified path of an optimised workspace binary (the `bench` profile: the
 /// release settings, not stripped), built once per process. Benchmarks use this: debug
 /// binaries say nothing about speed or memory.

@@ -6,16 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleetsync_hub::config::ErpConfig;
-use fleetsync_protocol::topic::{Channel, Layout};
-use fleetsync_protocol::{
-    Batch, BoundedString, BoundedVec, Downlink, Event, Trip, TripKind, Uplink, frame,
-};
+use fleetsync_protocol::TripKind;
 use fleetsync_sim::fake_erp::{FakeErp, Fault};
-use fleetsync_tests::{Http, TestHub, device_client, wait_for};
-use rumqttc::{Event as MqttEvent, Packet, QoS};
+use fleetsync_tests::{Http, TestHub, publish_batch, trip_event, wait_for};
 use serde_json::{Value, json};
 
 fn erp_config(base_url: String) -> ErpConfig {
@@ -35,65 +31,6 @@ fn erp_config(base_url: String) -> ErpConfig {
         breaker_failures: 3,
         breaker_open_ms: 1500,
         ca: None,
-    }
-}
-
-/// Publishes one batch of `device` (epoch 1, from `first_seq`) and waits for its ack.
-async fn publish(hub: &TestHub, device: &str, first_seq: u64, events: &[Event]) {
-    let (client, mut el) = device_client(&hub.pki, device, device, hub.running_mqtt);
-    let up = Layout::Embedded
-        .topic(device, Channel::Up)
-        .unwrap()
-        .to_string();
-    let down = Layout::Embedded
-        .topic(device, Channel::Down)
-        .unwrap()
-        .to_string();
-    let frame = frame::encode(&Uplink::Batch(Batch {
-        epoch: 1,
-        first_seq,
-        events: BoundedVec::try_from_slice(events).unwrap(),
-    }))
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(500), el.poll()).await {
-            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
-                client
-                    .subscribe(down.as_str(), QoS::AtLeastOnce)
-                    .await
-                    .unwrap();
-            }
-            Ok(Ok(MqttEvent::Incoming(Packet::SubAck(_)))) => {
-                client
-                    .publish(up.as_str(), QoS::AtLeastOnce, false, frame.clone())
-                    .await
-                    .unwrap();
-            }
-            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
-                if let Ok(Downlink::Ack(a)) = frame::decode::<Downlink>(&p.payload)
-                    && a.ranges
-                        .iter()
-                        .any(|r| r.first <= first_seq && first_seq <= r.last)
-                {
-                    let _ = client.disconnect().await;
-                    return;
-                }
-            }
-            Ok(Err(e)) => panic!("{device}: {e}"),
-            _ => {}
-        }
-    }
-    panic!("{device}: batch at seq {first_seq} never acked");
-}
-
-fn trip(kind: TripKind, stop: &str, time_ms: u64) -> Event {
-    Event {
-        time_ms,
-        body: fleetsync_protocol::Body::Trip(Trip {
-            kind,
-            stop_id: Some(BoundedString::try_from_str(stop).unwrap()),
-        }),
     }
 }
 
@@ -136,11 +73,11 @@ async fn metric(ops: &Http, name: &str) -> u64 {
 async fn connector(erp: FakeErp, hub: TestHub) {
     let ops = hub.http.clone();
     let now = fleetsync_agent::now_ms();
-    publish(
+    publish_batch(
         &hub,
         "V1",
         0,
-        &[trip(TripKind::Departed, "DEPOT", now - 60_000)],
+        &[trip_event(TripKind::Departed, "DEPOT", now - 60_000)],
     )
     .await;
     let erp_api = ops.credential("erp", "SAP prod").await;
@@ -157,11 +94,11 @@ async fn connector(erp: FakeErp, hub: TestHub) {
             .0,
         201
     );
-    publish(
+    publish_batch(
         &hub,
         "V1",
         1,
-        &[trip(TripKind::Arrived, "C1", now - 30_000)],
+        &[trip_event(TripKind::Arrived, "C1", now - 30_000)],
     )
     .await;
     wait_applied(&erp, "S1", &["DISPATCHED", "ARRIVED"]).await;

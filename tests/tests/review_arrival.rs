@@ -7,74 +7,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fleetsync_protocol::topic::{Channel, Layout};
-use fleetsync_protocol::{
-    Batch, BoundedString, BoundedVec, Downlink, Event, Trip, TripKind, Uplink, frame,
-};
-use fleetsync_tests::{TestHub, device_client, wait_for};
-use rumqttc::{Event as MqttEvent, Packet, QoS};
+use fleetsync_protocol::TripKind;
+use fleetsync_tests::{TestHub, publish_batch, trip_event, wait_for};
 use serde_json::{Value, json};
 
-/// Publishes one batch of `device` (epoch 1, from `first_seq`) and waits for the hub's
-/// ack of it.
-async fn publish(hub: &TestHub, device: &str, first_seq: u64, events: &[Event]) {
-    let (client, mut el) = device_client(&hub.pki, device, device, hub.running_mqtt);
-    let up = Layout::Embedded
-        .topic(device, Channel::Up)
-        .unwrap()
-        .to_string();
-    let down = Layout::Embedded
-        .topic(device, Channel::Down)
-        .unwrap()
-        .to_string();
-    let frame = frame::encode(&Uplink::Batch(Batch {
-        epoch: 1,
-        first_seq,
-        events: BoundedVec::try_from_slice(events).unwrap(),
-    }))
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(500), el.poll()).await {
-            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
-                client
-                    .subscribe(down.as_str(), QoS::AtLeastOnce)
-                    .await
-                    .unwrap();
-            }
-            Ok(Ok(MqttEvent::Incoming(Packet::SubAck(_)))) => {
-                client
-                    .publish(up.as_str(), QoS::AtLeastOnce, false, frame.clone())
-                    .await
-                    .unwrap();
-            }
-            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
-                if let Ok(Downlink::Ack(a)) = frame::decode::<Downlink>(&p.payload)
-                    && a.ranges
-                        .iter()
-                        .any(|r| r.first <= first_seq && first_seq <= r.last)
-                {
-                    let _ = client.disconnect().await;
-                    return;
-                }
-            }
-            Ok(Err(e)) => panic!("{device}: {e}"),
-            _ => {}
-        }
-    }
-    panic!("{device}: batch at seq {first_seq} never acked");
-}
-
-fn arrival(stop: &str, time_ms: u64) -> Event {
-    Event {
-        time_ms,
-        body: fleetsync_protocol::Body::Trip(Trip {
-            kind: TripKind::Arrived,
-            stop_id: Some(BoundedString::try_from_str(stop).unwrap()),
-        }),
-    }
+fn arrival(stop: &str, time_ms: u64) -> fleetsync_protocol::Event {
+    trip_event(TripKind::Arrived, stop, time_ms)
 }
 
 fn facts_of(s: &Value, kind: &str) -> Vec<Value> {
@@ -96,8 +36,8 @@ async fn arrival_review(hub: TestHub) {
     let ops = hub.http.clone();
     let now = fleetsync_agent::now_ms();
     // Both vehicles known to the hub (a first event each).
-    publish(&hub, "V1", 0, &[arrival("DEPOT", now - 60_000)]).await;
-    publish(&hub, "V2", 0, &[arrival("DEPOT", now - 60_000)]).await;
+    publish_batch(&hub, "V1", 0, &[arrival("DEPOT", now - 60_000)]).await;
+    publish_batch(&hub, "V2", 0, &[arrival("DEPOT", now - 60_000)]).await;
     let erp = ops.credential("erp", "SAP prod").await;
     let s9 = json!({"reference": "SO-9", "customer_id": "ACME", "vehicle": "V2",
         "stops": [{"id": "C9", "kind": "delivery", "name": "Bakery Jansen",
@@ -105,8 +45,8 @@ async fn arrival_review(hub: TestHub) {
     assert_eq!(erp.put_json("/v1/erp/shipments/S9", &s9).await.0, 201);
 
     // V1 at C9, twice (a redelivery of the same batch).
-    publish(&hub, "V1", 1, &[arrival("C9", now - 30_000)]).await;
-    publish(&hub, "V1", 1, &[arrival("C9", now - 30_000)]).await;
+    publish_batch(&hub, "V1", 1, &[arrival("C9", now - 30_000)]).await;
+    publish_batch(&hub, "V1", 1, &[arrival("C9", now - 30_000)]).await;
     let item = wait_for(Duration::from_secs(20), || {
         let ops = ops.clone();
         async move {
@@ -128,7 +68,7 @@ async fn arrival_review(hub: TestHub) {
     assert_eq!(s["review"], "open", "{s}");
 
     // V2's own arrival: a fact, no review.
-    publish(&hub, "V2", 1, &[arrival("C9", now - 20_000)]).await;
+    publish_batch(&hub, "V2", 1, &[arrival("C9", now - 20_000)]).await;
     let s = erp.get_json("/v1/erp/shipments/S9").await;
     let arrived = facts_of(&s, "ARRIVED");
     assert_eq!(arrived.len(), 1, "{s}");

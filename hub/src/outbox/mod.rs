@@ -79,6 +79,50 @@ pub enum Delivery {
     },
 }
 
+/// What the store keeps of a row after a delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settled {
+    /// Nothing: it was delivered.
+    Gone,
+    /// The row, to be tried again.
+    Waiting(OutboxRow),
+    /// A dead letter instead of the row.
+    Dead(DeadLetter),
+}
+
+impl OutboxRow {
+    /// What `d` makes of this row at `now_ms`.
+    pub fn settle(mut self, d: Delivery, now_ms: u64) -> Settled {
+        match d {
+            Delivery::Done => Settled::Gone,
+            Delivery::Retry { next_ms, error } => {
+                self.attempts += 1;
+                self.next_ms = next_ms;
+                self.last_error = Some(error);
+                Settled::Waiting(self)
+            }
+            Delivery::Dead { error, response } => {
+                self.attempts += 1;
+                self.last_error = Some(error.clone());
+                Settled::Dead(DeadLetter {
+                    row: self,
+                    error,
+                    response,
+                    dead_ms: now_ms,
+                })
+            }
+        }
+    }
+
+    /// The row as a replay puts it back: untried, due now, same id.
+    pub fn replayed(mut self) -> OutboxRow {
+        self.attempts = 0;
+        self.next_ms = 0;
+        self.last_error = None;
+        self
+    }
+}
+
 /// A row given up on, kept for operators to look at and replay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -65,7 +65,7 @@ use super::{
 };
 use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
-use crate::outbox::{self, DeadLetter, Delivery, OutboxRow};
+use crate::outbox::{self, DeadLetter, Delivery, OutboxRow, Settled};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
@@ -869,38 +869,27 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.pg(e))?;
-        for (mut row, d) in results {
+        for (row, d) in results {
             let seq = to_i64(row.seq).unwrap_or(i64::MAX);
-            match d {
-                Delivery::Done => {
+            match row.settle(d, now_ms) {
+                Settled::Gone => {
                     tx.execute("DELETE FROM outbox WHERE seq = $1", &[&seq])
                         .await
                         .map_err(|e| self.pg(e))?;
                 }
-                Delivery::Retry { next_ms, error } => {
-                    row.attempts += 1;
-                    row.next_ms = next_ms;
-                    row.last_error = Some(error);
+                Settled::Waiting(row) => {
                     tx.execute(
                         "UPDATE outbox SET next_ms = $2, lease_until = 0, row = $3 WHERE seq = $1",
                         &[
                             &seq,
-                            &to_i64(next_ms).unwrap_or(i64::MAX),
+                            &to_i64(row.next_ms).unwrap_or(i64::MAX),
                             &serde_json::to_string(&row)?,
                         ],
                     )
                     .await
                     .map_err(|e| self.pg(e))?;
                 }
-                Delivery::Dead { error, response } => {
-                    row.attempts += 1;
-                    row.last_error = Some(error.clone());
-                    let dead = DeadLetter {
-                        row,
-                        error,
-                        response,
-                        dead_ms: now_ms,
-                    };
+                Settled::Dead(dead) => {
                     tx.execute(
                         "INSERT INTO deadletters (id, sink, shipment_id, dead_ms, letter) VALUES ($1, $2, $3, $4, $5) \
                          ON CONFLICT (id) DO UPDATE SET dead_ms = EXCLUDED.dead_ms, letter = EXCLUDED.letter",
@@ -984,10 +973,7 @@ impl PgStore {
             return Ok(None);
         };
         let dead: DeadLetter = serde_json::from_str(r.get::<_, &str>(0))?;
-        let mut row = dead.row;
-        row.attempts = 0;
-        row.next_ms = 0;
-        row.last_error = None;
+        let row = dead.row.replayed();
         // Back at the end of its sink's outbox, under the same id.
         insert_outbox(&tx, std::slice::from_ref(&row))
             .await

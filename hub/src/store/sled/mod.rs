@@ -63,7 +63,7 @@ use std::sync::{Arc, Mutex};
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
 
 use crate::auth::Credential;
-use crate::outbox::{self, DeadLetter, Delivery, OutboxRow};
+use crate::outbox::{self, DeadLetter, Delivery, OutboxRow, Settled};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
 use crate::shipments::{Fact, ShipmentRecord};
@@ -361,27 +361,16 @@ impl SledStore {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.write(move |s| {
-            for (mut row, d) in results {
+            for (row, d) in results {
                 let key = outbox_key(&row.sink, row.seq);
-                match d {
-                    Delivery::Done => {
+                match row.settle(d, now_ms) {
+                    Settled::Gone => {
                         s.outbox.remove(key)?;
                     }
-                    Delivery::Retry { next_ms, error } => {
-                        row.attempts += 1;
-                        row.next_ms = next_ms;
-                        row.last_error = Some(error);
+                    Settled::Waiting(row) => {
                         s.outbox.insert(key, serde_json::to_vec(&row)?)?;
                     }
-                    Delivery::Dead { error, response } => {
-                        row.attempts += 1;
-                        row.last_error = Some(error.clone());
-                        let dead = DeadLetter {
-                            row,
-                            error,
-                            response,
-                            dead_ms: now_ms,
-                        };
+                    Settled::Dead(dead) => {
                         s.deadletters
                             .insert(dead.row.id.as_bytes(), serde_json::to_vec(&dead)?)?;
                         s.outbox.remove(key)?;
@@ -439,11 +428,8 @@ impl SledStore {
             let Some(d) = json_get::<DeadLetter>(&s.deadletters, id.as_bytes())? else {
                 return Ok(None);
             };
-            let mut row = d.row;
-            row.attempts = 0;
-            row.next_ms = 0;
-            row.last_error = None;
             // Back at the end of its sink's outbox, under the same id.
+            let mut row = d.row.replayed();
             s.push_outbox(&mut row)?;
             s.deadletters.remove(id.as_bytes())?;
             Ok(Some(row))
