@@ -110,6 +110,10 @@ fn real_receiver_logs_match_pynmea2() {
         check_against_oracle(log, &fixes);
         assert_eq!(s.fixes, fixes.len() as u64);
         assert_eq!(s.checksum_errors, 0, "{log}: these captures are clean");
+        // Every sentence of them decodes (SiRF TriG's GSA has a fourth DOP, ...).
+        assert_eq!(s.garbage, 0, "{log}: {s:?}");
+        // Their no-fix cycles say so in every sentence: no position, or status V.
+        assert_eq!(s.no_fix, s.rejected.total(), "{log}: {s:?}");
         assert!(s.sentences > fixes.len() as u64, "{log}: {s:?}");
         // Every fix is fully merged: the GGA/GNS of its epoch gave the HDOP and
         // satellites, RMC/VTG the speed.

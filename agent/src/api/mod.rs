@@ -1,6 +1,7 @@
 //! The local API for the driver's tablet (axum, bearer token).
 //!
-//! - `GET /v1/status`: link, epoch, backlog per lane, last ack, disk use.
+//! - `GET /v1/status`: link, epoch, backlog per lane, last ack, disk use, GPS counters
+//!   (`gps.rejected`: NMEA cycles rejected per validity rule).
 //! - `POST /v1/events`: one event in the shared JSON shape, of the kinds a local client
 //!   may originate ([`LOCAL_KINDS`]: positions, from an external GPS app); 201 `{epoch,
 //!   seq}` only once it is durable (fsynced); 400 naming the bad field; 422 for a kind the
@@ -394,8 +395,19 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     m(
         "fleetsync_agent_gps_no_fix_total",
         "counter",
-        "GPS epochs without a valid fix.",
+        "GPS reporting cycles (NMEA) or reports (gpsd) without a valid fix.",
         &[("", g.no_fix)],
+    );
+    let rejected: Vec<(String, u64)> = crate::gps::Reject::ALL
+        .into_iter()
+        .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), g.rejected.get(r)))
+        .collect();
+    let rejected: Vec<(&str, u64)> = rejected.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    m(
+        "fleetsync_agent_gps_rejected_total",
+        "counter",
+        "NMEA reporting cycles rejected, by the first validity rule they broke.",
+        &rejected,
     );
     m(
         "fleetsync_agent_gps_checksum_errors_total",
@@ -410,4 +422,110 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         &[("", g.garbage)],
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn sentence(body: &str) -> String {
+        let cs = body.bytes().fold(0u8, |x, c| x ^ c);
+        format!("${body}*{cs:02X}")
+    }
+
+    async fn get(app: &Router, path: &str) -> (StatusCode, String) {
+        let req = Request::get(path)
+            .header(header::AUTHORIZATION, "Bearer t0ken")
+            .body(Body::empty())
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn gps_rejections_by_reason_show_in_status_and_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(crate::store::StoreConfig {
+            path: dir.path().join("store"),
+            quota_bytes: 8 << 20,
+            space_factor: crate::store::SLED_SPACE_FACTOR,
+            commit_interval: std::time::Duration::ZERO,
+        })
+        .unwrap();
+        let gps = Arc::new(crate::gps::GpsStats::default());
+        // What the GPS task counts: a valid cycle, an RMC with status V beside a GGA
+        // that claims a fix, two cycles whose GSA says no fix.
+        let mut merger = crate::gps::NmeaMerger::with_clock(gps.clone(), || 0);
+        for (t, st, gsa) in [
+            ("100000", 'A', 3),
+            ("100001", 'V', 3),
+            ("100002", 'A', 1),
+            ("100003", 'A', 1),
+        ] {
+            for body in [
+                format!("GPGGA,{t}.000,5200.000,N,00430.000,E,1,08,0.9,12.0,M,46.9,M,,"),
+                format!("GPGSA,A,{gsa},05,07,13,15,,,,,,,,,1.6,0.9,1.3"),
+                format!("GPRMC,{t}.000,{st},5200.000,N,00430.000,E,0.1,45.0,200525,,,A"),
+            ] {
+                merger.push_line(sentence(&body));
+            }
+        }
+        merger.flush();
+        let (_, current) = crate::jobs::current(&store);
+        let app = app(ApiState {
+            device_id: "V1".into(),
+            store,
+            link: Arc::new(LinkState::default()),
+            wake: Arc::new(Notify::new()),
+            token: "t0ken".into(),
+            assignment: current,
+            edge: Arc::new(crate::edge::Edge::new(Default::default())),
+            gps,
+            pod_lock: Arc::new(tokio::sync::Mutex::new(())),
+            pod_uploads: Arc::new(tokio::sync::Semaphore::new(MAX_POD_UPLOADS)),
+            body_timeout: std::time::Duration::from_secs(5),
+        });
+
+        let (code, body) = get(&app, "/v1/status").await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let g = &status["gps"];
+        assert_eq!(
+            (g["fixes"].as_u64(), g["no_fix"].as_u64()),
+            (Some(1), Some(3)),
+            "{g}"
+        );
+        assert_eq!(g["rejected"]["status_invalid"], 1, "{g}");
+        assert_eq!(g["rejected"]["gsa_no_fix"], 2, "{g}");
+        assert_eq!(g["rejected"]["time_mismatch"], 0, "{g}");
+        let named: Vec<&String> = g["rejected"].as_object().unwrap().keys().collect();
+        assert_eq!(
+            named.len(),
+            crate::gps::Reject::ALL.len(),
+            "every reason named: {g}"
+        );
+
+        let (code, text) = get(&app, "/metrics").await;
+        assert_eq!(code, StatusCode::OK);
+        for (reason, n) in [
+            ("status_invalid", 1),
+            ("gsa_no_fix", 2),
+            ("hdop_out_of_range", 0),
+        ] {
+            let line = format!("fleetsync_agent_gps_rejected_total{{reason=\"{reason}\"}} {n}");
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+        assert!(text.contains("# TYPE fleetsync_agent_gps_rejected_total counter"));
+        assert!(
+            text.lines()
+                .any(|l| l == "fleetsync_agent_gps_no_fix_total 3")
+        );
+    }
 }

@@ -1,9 +1,10 @@
 //! GPS input: one task that reads a receiver and hands on one [`GpsFix`] per fix epoch.
 //!
 //! Owns: the `[gps] source` URL ([`GpsSource`]), the readers (gpsd JSON over TCP; NMEA
-//! 0183 over a serial port, TCP or a replayed file), the NMEA epoch merge
-//! ([`NmeaMerger`], pure) and the counters ([`GpsStats`]) shown in `/v1/status` and
-//! metrics.
+//! 0183 over a serial port, TCP or a replayed file), the NMEA reporting-cycle merge and
+//! its validity rules ([`NmeaMerger`], pure; the rules are in [`nmea`]'s note) and the
+//! counters ([`GpsStats`]) shown in `/v1/status` (`gps`) and `/metrics`
+//! (`fleetsync_agent_gps_*`, rejections as `fleetsync_agent_gps_rejected_total{reason}`).
 //!
 //! ```text
 //! gpsd://host:port            --JSON lines--> GpsdDecoder --+
@@ -14,8 +15,10 @@
 //! ```
 //!
 //! Invariants:
-//! - At most one fix per epoch (UTC time of the receiver), and only from a sentence that
-//!   reports a valid fix; no-fix epochs are counted, never sent.
+//! - At most one fix per reporting cycle (one receiver epoch), and only when no sentence
+//!   of the cycle says the fix is invalid or unsettled (NMEA), or gpsd reports mode 2 or
+//!   3 (gpsd); rejected cycles are counted (`no_fix`, and per reason for NMEA), never
+//!   sent.
 //! - A fix's `time_ms` is the receiver's UTC date and time; the wall clock only fills in
 //!   the date for receivers that have not sent one (GGA-only output), picking the day
 //!   that puts the fix nearest to now.
@@ -41,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use gpsd::GpsdDecoder;
 pub use io::{MAX_REPLAY_GAP, NMEA_IDLE_FLUSH, NMEA_TCP_DEAD};
-pub use nmea::{LineKind, MAX_NMEA_LINE, NmeaMerger};
+pub use nmea::{
+    LineKind, MAX_HDOP, MAX_NMEA_LINE, MIN_SATELLITES, NmeaMerger, Reject, RejectCounts,
+};
 pub use source::{DEFAULT_BAUD, GPSD_DEFAULT_PORT, GpsSource, Pace, ParseSourceError};
 
 /// One position from the receiver.
@@ -84,8 +89,12 @@ pub struct GpsStats {
     pub sentences: AtomicU64,
     /// Fixes handed on.
     pub fixes: AtomicU64,
-    /// Epochs (NMEA) or TPV reports (gpsd) without a valid fix.
+    /// Reporting cycles (NMEA) or TPV reports (gpsd) without a valid fix.
     pub no_fix: AtomicU64,
+    /// NMEA cycles rejected, per [`Reject`] reason (indexed by `Reject as usize`); they
+    /// add up to the NMEA part of `no_fix`. gpsd gives no reason: its no-fix reports
+    /// count in `no_fix` only.
+    pub rejected: [AtomicU64; Reject::ALL.len()],
     /// NMEA sentences whose checksum did not match.
     pub checksum_errors: AtomicU64,
     /// Lines that were neither: not NMEA / not JSON, too long, undecodable.
@@ -103,6 +112,8 @@ pub struct GpsStatsSnapshot {
     pub fixes: u64,
     /// See [`GpsStats::no_fix`].
     pub no_fix: u64,
+    /// See [`GpsStats::rejected`].
+    pub rejected: RejectCounts,
     /// See [`GpsStats::checksum_errors`].
     pub checksum_errors: u64,
     /// See [`GpsStats::garbage`].
@@ -119,10 +130,23 @@ impl GpsStats {
             sentences: g(&self.sentences),
             fixes: g(&self.fixes),
             no_fix: g(&self.no_fix),
+            rejected: {
+                let mut r = RejectCounts::default();
+                for reason in Reject::ALL {
+                    r.set(reason, g(&self.rejected[reason as usize]));
+                }
+                r
+            },
             checksum_errors: g(&self.checksum_errors),
             garbage: g(&self.garbage),
             reconnects: g(&self.reconnects),
         }
+    }
+
+    /// Counts one NMEA cycle rejected for `reason`.
+    pub fn reject(&self, reason: Reject) {
+        self.no_fix.fetch_add(1, Ordering::Relaxed);
+        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -15,7 +15,7 @@ use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
 use super::blobs::{self, BlobFile};
-use super::{KEY_LEN, State, Store, StoreError, commit, map_tx};
+use super::{COUNTS_KEY, KEY_LEN, State, Store, StoreError, commit, encode_counts, map_tx};
 
 const ASSIGNMENT: &[u8] = b"assignment";
 const IDEM: &[u8] = b"idem/";
@@ -180,6 +180,18 @@ impl Store {
         let seq = st.alloc_seq()?;
         let key = core.key(seq);
         let victims: &[sled::IVec] = plan.as_ref().map_or(&[], |p| &p.victims);
+        let (mut crit_after, tele_after) = match &plan {
+            Some(p) => super::thinned(
+                &st,
+                p.victims.len() as u64,
+                p.freed,
+                gap_kvs.len(),
+                p.gap_bytes,
+            ),
+            None => (st.critical, st.telemetry),
+        };
+        crit_after.events += 1;
+        crit_after.bytes += (KEY_LEN + value.len()) as u64;
         (
             &core.critical,
             &core.telemetry,
@@ -197,6 +209,13 @@ impl Store {
                     blob_t.insert(sha.as_slice(), len.as_slice())?;
                 }
                 crit.insert(&key, value)?;
+                crit.insert(&COUNTS_KEY[..], &encode_counts(crit_after, &key)[..])?;
+                if !victims.is_empty() {
+                    tele.insert(
+                        &COUNTS_KEY[..],
+                        &encode_counts(tele_after, &st.through[1])[..],
+                    )?;
+                }
                 for k in &beside.remove {
                     docs_t.remove(k)?;
                 }
@@ -208,16 +227,12 @@ impl Store {
             .map_err(map_tx)?;
         renamed.clear();
         if let Some(p) = &plan {
-            let evicted = p.victims.len() as u64;
-            st.telemetry.events -= evicted;
-            st.telemetry.bytes -= p.freed;
-            st.critical.events += gap_kvs.len() as u64;
-            st.critical.bytes += p.gap_bytes;
-            st.evicted += evicted;
+            st.evicted += p.victims.len() as u64;
             st.gaps_declared += gap_kvs.len() as u64;
         }
-        st.critical.events += 1;
-        st.critical.bytes += (KEY_LEN + value.len()) as u64;
+        st.critical = crit_after;
+        st.telemetry = tele_after;
+        st.through[0] = key;
         // Every upload's reservation ends here: a fresh one's bytes are the blob's now, a
         // repeated one's file is deleted when `files` is dropped.
         st.inflight -= reserved;

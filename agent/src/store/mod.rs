@@ -40,15 +40,29 @@
 //! - **Ack.** [`Store::ack`] deletes exactly the acknowledged seqs present in either lane
 //!   and nothing else. Deletions become durable at the next commit round or on drop; after
 //!   a crash an acknowledged event may come back and be resent, which the hub ignores.
-//! - **Corruption.** An event whose key or value does not decode is found by the scan on
-//!   open, removed, and declared with a `Gap { reason: Corruption }` in the critical lane.
+//! - **Counts.** Each lane tree holds its own count and bytes under [`COUNTS_KEY`], with
+//!   the newest key they include. Eviction, discards and the POD write update them in the
+//!   same sled transaction or batch. sled writes its log buffer out at every batch
+//!   (measured 8 KiB instead of 4 KiB per durable fix, and its 512 KiB buffers churned),
+//!   so the frequent writes do not batch: an insert writes its event, then the counts, and
+//!   after a crash between the two the events past the newest counted key are counted on
+//!   open; an ack writes the counts without its events, naming the key spans it removes,
+//!   then removes them one by one, and open finishes a removal a crash cut short. sled recovers a prefix of its log, so counts are
+//!   never ahead of the events. `open` reads the counts and that tail instead of every
+//!   event: a full scan materializes every sled leaf node, and sled 0.34 keeps pulled
+//!   nodes in memory whatever `cache_capacity` says (about 16 MiB for a day of 1 Hz
+//!   fixes, most of the agent's peak RSS while it drains such a day). A store without
+//!   counts (written before they existed) is scanned once and given them.
+//! - **Corruption.** An event whose value does not decode is removed when it is read
+//!   (`next_batch`, `newest`) or found by a scan on open, and declared with a
+//!   `Gap { reason: Corruption }` in the critical lane.
 //!
 //! # On-disk layout (one sled database in [`StoreConfig::path`])
 //!
 //! ```text
 //! tree "meta"      { b"epoch" => epoch: u32 BE }        // the last epoch handed out
-//! tree "critical"  { Key => Value }
-//! tree "telemetry" { Key => Value }
+//! tree "critical"  { Key => Value, COUNTS_KEY => Counts }
+//! tree "telemetry" { Key => Value, COUNTS_KEY => Counts }
 //! tree "pod_blobs" { sha256 (32 bytes) => len: u64 BE }    // POD blobs until the hub's BlobAck
 //! pod/{sha256 hex}                                          // their bytes, one file each
 //! tree "docs"      { b"assignment" => postcard(Assignment),
@@ -56,6 +70,11 @@
 //!                    b"stop/" ++ stop id => postcard(StopPod) }
 //! Key   = epoch: u32 BE ++ seq: u64 BE  (12 bytes; iteration order = (epoch, seq) order)
 //! Value = postcard(Event { time_ms, body })
+//! COUNTS_KEY = [0xFF; 13]   (after every Key: a 12-byte key is less at its first byte
+//!                            below 0xFF, and [0xFF; 12] would be epoch u32::MAX)
+//! Counts = events: u64 BE ++ bytes: u64 BE ++ through: Key   (the lane's events, their
+//!          key + value bytes, the newest key included: all zeros for none)
+//!          ++ (lo: Key ++ hi: Key)*   (an ack's spans being removed, if any)
 //! ```
 
 mod blobs;
@@ -82,6 +101,87 @@ use commit::Commits;
 
 /// Length of a stored key: epoch u32 BE ++ seq u64 BE.
 pub const KEY_LEN: usize = 12;
+
+/// Where a lane tree keeps its [`LaneStats`] (see the module note): after every event key.
+pub const COUNTS_KEY: [u8; KEY_LEN + 1] = [0xFF; KEY_LEN + 1];
+
+/// The counts record: `s`, and the newest key they include (all zeros: none).
+fn encode_counts(s: LaneStats, through: &[u8; KEY_LEN]) -> [u8; 16 + KEY_LEN] {
+    let mut v = [0u8; 16 + KEY_LEN];
+    v[..8].copy_from_slice(&s.events.to_be_bytes());
+    v[8..16].copy_from_slice(&s.bytes.to_be_bytes());
+    v[16..].copy_from_slice(through);
+    v
+}
+
+/// A key range `lo..=hi` an ack is removing (see [`encode_counts_removing`]).
+type Span = ([u8; KEY_LEN], [u8; KEY_LEN]);
+
+/// The counts record of an ack: the counts after it, and the spans whose events it is
+/// removing (its events are removed one by one after this record: a sled batch would
+/// write sled's log buffer out per ack). `open` finishes the removal a crash cut short.
+fn encode_counts_removing(s: LaneStats, through: &[u8; KEY_LEN], spans: &[Span]) -> Vec<u8> {
+    let mut v = encode_counts(s, through).to_vec();
+    for (lo, hi) in spans {
+        v.extend_from_slice(lo);
+        v.extend_from_slice(hi);
+    }
+    v
+}
+
+/// The spans an ack record says it was removing.
+fn removing(v: &[u8]) -> Vec<Span> {
+    v.get(16 + KEY_LEN..)
+        .unwrap_or_default()
+        .chunks_exact(2 * KEY_LEN)
+        .filter_map(|c| Some((c[..KEY_LEN].try_into().ok()?, c[KEY_LEN..].try_into().ok()?)))
+        .collect()
+}
+
+fn decode_counts(v: &[u8]) -> Result<(LaneStats, [u8; KEY_LEN]), StoreError> {
+    let bad = || {
+        StoreError::Corrupt(format!(
+            "lane counts of {} bytes, expected {}",
+            v.len(),
+            16 + KEY_LEN
+        ))
+    };
+    let events: [u8; 8] = v.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    let bytes: [u8; 8] = v
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    let through: [u8; KEY_LEN] = v
+        .get(16..16 + KEY_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    if (v.len() - 16 - KEY_LEN) % (2 * KEY_LEN) != 0 {
+        return Err(bad());
+    }
+    Ok((
+        LaneStats {
+            events: u64::from_be_bytes(events),
+            bytes: u64::from_be_bytes(bytes),
+        },
+        through,
+    ))
+}
+
+fn li(lane: Lane) -> usize {
+    match lane {
+        Lane::Critical => 0,
+        Lane::Telemetry => 1,
+    }
+}
+
+/// The events of a lane tree, oldest first, without its counts record.
+fn events_from(tree: &sled::Tree, after: Option<EventId>) -> sled::Iter {
+    let start = match after {
+        Some(id) => Bound::Excluded(encode_key(id).to_vec()),
+        None => Bound::Unbounded,
+    };
+    tree.range::<Vec<u8>, _>((start, Bound::Excluded(COUNTS_KEY.to_vec())))
+}
 
 /// The most evicted in one round beyond what the new event needs, so a single `Gap`
 /// covers many fixes instead of one gap per fix.
@@ -279,6 +379,8 @@ struct State {
     blobs: LaneStats,
     /// Bytes of POD uploads in progress, reserved in the quota ([`BlobWriter`]).
     inflight: u64,
+    /// Per lane ([`li`]): the newest key its persisted counts include.
+    through: [[u8; KEY_LEN]; 2],
 }
 
 impl State {
@@ -410,6 +512,27 @@ struct Eviction {
     gap_bytes: u64,
 }
 
+/// Both lanes' counts after evicting `evicted` telemetry events of `freed` bytes and
+/// declaring them in `gaps` critical events of `gap_bytes`.
+fn thinned(
+    st: &State,
+    evicted: u64,
+    freed: u64,
+    gaps: usize,
+    gap_bytes: u64,
+) -> (LaneStats, LaneStats) {
+    (
+        LaneStats {
+            events: st.critical.events + gaps as u64,
+            bytes: st.critical.bytes + gap_bytes,
+        },
+        LaneStats {
+            events: st.telemetry.events - evicted,
+            bytes: st.telemetry.bytes - freed,
+        },
+    )
+}
+
 fn map_tx(e: TransactionError<StoreError>) -> StoreError {
     match e {
         TransactionError::Abort(e) => e,
@@ -465,13 +588,79 @@ impl Store {
             })?),
         };
         let mut discarded = GapBuilder::new();
-        let mut bad_keys: Vec<(Lane, sled::IVec)> = Vec::new();
+        let mut bad_keys: Vec<(Lane, sled::IVec, Option<u64>)> = Vec::new();
+        let counted = match (critical.get(COUNTS_KEY)?, telemetry.get(COUNTS_KEY)?) {
+            (Some(c), Some(t)) => {
+                (state.critical, state.through[0]) = decode_counts(&c)?;
+                (state.telemetry, state.through[1]) = decode_counts(&t)?;
+                // An ack a crash cut short: its events are no longer counted; remove them.
+                for (tree, v) in [(&critical, &c), (&telemetry, &t)] {
+                    for (lo, hi) in removing(v) {
+                        for item in tree.range(lo..=hi) {
+                            let (k, _) = item?;
+                            tree.remove(k)?;
+                        }
+                    }
+                }
+                // The newest key of each lane: its epoch may be past meta's (meta's is
+                // written first, but a store may come from elsewhere).
+                for tree in [&critical, &telemetry] {
+                    if let Some(item) = events_from(tree, None).next_back() {
+                        let (k, _) = item?;
+                        if let Ok(id) = decode_key(&k) {
+                            max_epoch = max_epoch.max(id.epoch);
+                        }
+                    }
+                }
+                true
+            }
+            _ => false,
+        };
+        // An insert writes its event, then the lane's counts (one sled batch would force a
+        // log write per insert, measured 8 KiB instead of 4 KiB per fix): a crash between
+        // the two leaves events after the counts' newest key, which are counted here.
+        let mut tail = false;
         for (lane, tree) in [(Lane::Critical, &critical), (Lane::Telemetry, &telemetry)] {
-            for item in tree.iter() {
+            if !counted {
+                break;
+            }
+            // (A record naming an ack's spans is rewritten below without them.)
+            tail |= tree
+                .get(COUNTS_KEY)?
+                .is_some_and(|v| v.len() > 16 + KEY_LEN);
+            let from = decode_key(&state.through[li(lane)])
+                .ok()
+                .filter(|id| id.epoch > 0);
+            for item in events_from(tree, from) {
+                let (k, v) = item?;
+                let Ok(id) = decode_key(&k) else {
+                    bad_keys.push((lane, k, None));
+                    continue;
+                };
+                max_epoch = max_epoch.max(id.epoch);
+                if postcard::from_bytes::<Event>(&v).is_err() {
+                    discarded.add(lane, id, GapReason::Corruption);
+                    bad_keys.push((lane, k, None));
+                    continue;
+                }
+                let s = state.lane_mut(lane);
+                s.events += 1;
+                s.bytes += (k.len() + v.len()) as u64;
+                state.through[li(lane)] = encode_key(id);
+                tail = true;
+            }
+        }
+        // Without counts (a store from before them, or a crash between writing the two
+        // lanes' first ones): every event is read once, and the counts written.
+        for (lane, tree) in [(Lane::Critical, &critical), (Lane::Telemetry, &telemetry)] {
+            if counted {
+                break;
+            }
+            for item in events_from(tree, None) {
                 let (k, v) = item?;
                 let Ok(id) = decode_key(&k) else {
                     tracing::warn!(?lane, key = ?k, "store: removing malformed key");
-                    bad_keys.push((lane, k));
+                    bad_keys.push((lane, k, None));
                     continue;
                 };
                 max_epoch = max_epoch.max(id.epoch);
@@ -483,12 +672,13 @@ impl Store {
                         "store: discarding undecodable event"
                     );
                     discarded.add(lane, id, GapReason::Corruption);
-                    bad_keys.push((lane, k));
+                    bad_keys.push((lane, k, None));
                     continue;
                 }
                 let s = state.lane_mut(lane);
                 s.events += 1;
                 s.bytes += (k.len() + v.len()) as u64;
+                state.through[li(lane)] = encode_key(id);
             }
         }
 
@@ -514,6 +704,10 @@ impl Store {
         });
         if !bad_keys.is_empty() {
             core.discard(&bad_keys, &discarded)?;
+        }
+        if !counted || tail {
+            core.save_counts()?;
+            core.make_durable()?;
         }
 
         let thread_core = Arc::clone(&core);
@@ -577,50 +771,57 @@ impl Store {
     ) -> Result<Option<Batch>, StoreError> {
         let tree = self.inner.core.tree(lane);
         let max_events = max_events.clamp(1, MAX_BATCH_EVENTS);
-        let iter = match after {
-            Some(id) => {
-                tree.range::<[u8; KEY_LEN], _>((Bound::Excluded(encode_key(id)), Bound::Unbounded))
-            }
-            None => tree.iter(),
-        };
-        let mut first: Option<EventId> = None;
-        let mut last_seq = 0u64;
-        let mut bytes = 0usize;
-        let mut events: BoundedVec<Event, MAX_BATCH_EVENTS> = BoundedVec::new();
-        for item in iter {
-            let (k, v) = item?;
-            let id = decode_key(&k)?;
-            let len = k.len() + v.len();
-            if let Some(f) = first {
-                if id.epoch != f.epoch
-                    || Some(id.seq) != last_seq.checked_add(1)
-                    || events.len() >= max_events
-                    || bytes + len > max_bytes
-                {
+        'read: loop {
+            let mut first: Option<EventId> = None;
+            let mut last_seq = 0u64;
+            let mut bytes = 0usize;
+            let mut events: BoundedVec<Event, MAX_BATCH_EVENTS> = BoundedVec::new();
+            for item in events_from(tree, after) {
+                let (k, v) = item?;
+                let Ok(id) = decode_key(&k) else {
+                    self.inner.core.drop_corrupt(lane, k, v.len())?;
+                    continue 'read;
+                };
+                let len = k.len() + v.len();
+                if let Some(f) = first {
+                    if id.epoch != f.epoch
+                        || Some(id.seq) != last_seq.checked_add(1)
+                        || events.len() >= max_events
+                        || bytes + len > max_bytes
+                    {
+                        break;
+                    }
+                }
+                let Ok(ev) = postcard::from_bytes::<Event>(&v) else {
+                    self.inner.core.drop_corrupt(lane, k, v.len())?;
+                    continue 'read;
+                };
+                first.get_or_insert(id);
+                if events.push(ev).is_err() {
                     break;
                 }
-            } else {
-                first = Some(id);
+                last_seq = id.seq;
+                bytes += len;
             }
-            let ev: Event = postcard::from_bytes(&v)?;
-            if events.push(ev).is_err() {
-                break;
-            }
-            last_seq = id.seq;
-            bytes += len;
+            return Ok(first.map(|f| Batch {
+                epoch: f.epoch,
+                first_seq: f.seq,
+                events,
+            }));
         }
-        Ok(first.map(|f| Batch {
-            epoch: f.epoch,
-            first_seq: f.seq,
-            events,
-        }))
     }
 
     /// The newest event of `lane`.
     pub fn newest(&self, lane: Lane) -> Result<Option<(EventId, Event)>, StoreError> {
-        match self.inner.core.tree(lane).last()? {
-            None => Ok(None),
-            Some((k, v)) => Ok(Some((decode_key(&k)?, postcard::from_bytes(&v)?))),
+        loop {
+            let Some(item) = events_from(self.inner.core.tree(lane), None).next_back() else {
+                return Ok(None);
+            };
+            let (k, v) = item?;
+            match (decode_key(&k), postcard::from_bytes(&v)) {
+                (Ok(id), Ok(ev)) => return Ok(Some((id, ev))),
+                _ => self.inner.core.drop_corrupt(lane, k, v.len())?,
+            }
         }
     }
 
@@ -650,14 +851,34 @@ impl Store {
             if found.is_empty() {
                 continue;
             }
-            let mut batch = sled::Batch::default();
-            for k in found.keys() {
-                batch.remove(k.clone());
-            }
-            tree.apply_batch(batch)?;
             let s = st.lane_mut(lane);
-            s.events -= found.len() as u64;
-            s.bytes -= found.values().sum::<u64>();
+            let after = LaneStats {
+                events: s.events - found.len() as u64,
+                bytes: s.bytes - found.values().sum::<u64>(),
+            };
+            // The counts without the acked events first, naming the spans being removed,
+            // then the events one by one (see `encode_counts_removing`).
+            let spans: Vec<Span> = ranges
+                .iter()
+                .filter(|r| r.first <= r.last)
+                .map(|r| {
+                    (
+                        encode_key(EventId {
+                            epoch,
+                            seq: r.first,
+                        }),
+                        encode_key(EventId { epoch, seq: r.last }),
+                    )
+                })
+                .collect();
+            tree.insert(
+                COUNTS_KEY,
+                encode_counts_removing(after, &st.through[li(lane)], &spans),
+            )?;
+            for k in found.keys() {
+                tree.remove(k)?;
+            }
+            *st.lane_mut(lane) = after;
             removed += found.len() as u64;
         }
         Ok(removed)
@@ -731,10 +952,16 @@ impl Core {
         match self.plan_room(&st, n, 0)? {
             None => {
                 let seq = st.alloc_seq()?;
-                self.tree(lane).insert(self.key(seq), value)?;
-                let s = st.lane_mut(lane);
-                s.events += 1;
-                s.bytes += n;
+                let mut after = *st.lane_mut(lane);
+                after.events += 1;
+                after.bytes += n;
+                let key = self.key(seq);
+                // The event, then its lane's counts (see open: not one batch).
+                let tree = self.tree(lane);
+                tree.insert(key, value)?;
+                tree.insert(COUNTS_KEY, &encode_counts(after, &key)[..])?;
+                *st.lane_mut(lane) = after;
+                st.through[li(lane)] = key;
                 let ticket = self.commits.register();
                 Ok((
                     EventId {
@@ -751,6 +978,25 @@ impl Core {
                 }
                 let seq = st.alloc_seq()?;
                 let key = self.key(seq);
+                let evicted = ev_plan.victims.len() as u64;
+                let (mut crit_after, mut tele_after) = thinned(
+                    &st,
+                    evicted,
+                    ev_plan.freed,
+                    gap_kvs.len(),
+                    ev_plan.gap_bytes,
+                );
+                let s = match lane {
+                    Lane::Critical => &mut crit_after,
+                    Lane::Telemetry => &mut tele_after,
+                };
+                s.events += 1;
+                s.bytes += n;
+                let mut through = st.through;
+                if let Some((k, _)) = gap_kvs.last() {
+                    through[0] = *k;
+                }
+                through[li(lane)] = key;
                 (&self.critical, &self.telemetry)
                     .transaction(|(crit, tele)| {
                         for (k, v) in &gap_kvs {
@@ -764,19 +1010,16 @@ impl Core {
                             Lane::Telemetry => tele,
                         };
                         target.insert(&key, value.as_slice())?;
+                        crit.insert(&COUNTS_KEY[..], &encode_counts(crit_after, &through[0])[..])?;
+                        tele.insert(&COUNTS_KEY[..], &encode_counts(tele_after, &through[1])[..])?;
                         Ok::<(), ConflictableTransactionError<StoreError>>(())
                     })
                     .map_err(map_tx)?;
-                let evicted = ev_plan.victims.len() as u64;
-                st.telemetry.events -= evicted;
-                st.telemetry.bytes -= ev_plan.freed;
-                st.critical.events += gap_kvs.len() as u64;
-                st.critical.bytes += ev_plan.gap_bytes;
+                st.critical = crit_after;
+                st.telemetry = tele_after;
+                st.through = through;
                 st.evicted += evicted;
                 st.gaps_declared += gap_kvs.len() as u64;
-                let s = st.lane_mut(lane);
-                s.events += 1;
-                s.bytes += n;
                 tracing::debug!(
                     evicted,
                     freed = ev_plan.freed,
@@ -805,6 +1048,13 @@ impl Core {
         for g in &plan.gaps {
             gap_kvs.push((self.key(st.alloc_seq()?), g.as_slice()));
         }
+        let evicted = plan.victims.len() as u64;
+        let (crit_after, tele_after) =
+            thinned(st, evicted, plan.freed, gap_kvs.len(), plan.gap_bytes);
+        let mut through = st.through;
+        if let Some((k, _)) = gap_kvs.last() {
+            through[0] = *k;
+        }
         (&self.critical, &self.telemetry)
             .transaction(|(crit, tele)| {
                 for (k, v) in &gap_kvs {
@@ -813,14 +1063,14 @@ impl Core {
                 for k in &plan.victims {
                     tele.remove(k)?;
                 }
+                crit.insert(&COUNTS_KEY[..], &encode_counts(crit_after, &through[0])[..])?;
+                tele.insert(&COUNTS_KEY[..], &encode_counts(tele_after, &through[1])[..])?;
                 Ok::<(), ConflictableTransactionError<StoreError>>(())
             })
             .map_err(map_tx)?;
-        let evicted = plan.victims.len() as u64;
-        st.telemetry.events -= evicted;
-        st.telemetry.bytes -= plan.freed;
-        st.critical.events += gap_kvs.len() as u64;
-        st.critical.bytes += plan.gap_bytes;
+        st.critical = crit_after;
+        st.telemetry = tele_after;
+        st.through = through;
         st.evicted += evicted;
         st.gaps_declared += gap_kvs.len() as u64;
         self.commits.register();
@@ -856,7 +1106,7 @@ impl Core {
         let mut victims = Vec::new();
         let mut freed = 0u64;
         let mut gaps = GapBuilder::new();
-        for item in self.telemetry.iter() {
+        for item in events_from(&self.telemetry, None) {
             let (k, v) = item?;
             let id = decode_key(&k)?;
             freed += (k.len() + v.len()) as u64;
@@ -883,21 +1133,74 @@ impl Core {
         }))
     }
 
-    /// Removes undecodable entries found on open and declares the decodable-key ones.
-    fn discard(&self, bad: &[(Lane, sled::IVec)], gaps: &GapBuilder) -> Result<(), StoreError> {
+    /// Removes undecodable entries (with the bytes they were counted at, if they were:
+    /// a scan on open does not count them) and declares them with `gaps`, each lane in
+    /// one batch with its counts.
+    fn discard(
+        &self,
+        bad: &[(Lane, sled::IVec, Option<u64>)],
+        gaps: &GapBuilder,
+    ) -> Result<(), StoreError> {
         let mut st = self.state()?;
         let encoded = gaps.encode()?;
-        for g in &encoded {
-            let seq = st.alloc_seq()?;
-            self.critical.insert(self.key(seq), g.as_slice())?;
-            st.critical.events += 1;
-            st.critical.bytes += (KEY_LEN + g.len()) as u64;
-            st.gaps_declared += 1;
-        }
-        for (lane, k) in bad {
-            self.tree(*lane).remove(k)?;
+        for lane in [Lane::Critical, Lane::Telemetry] {
+            let mut batch = sled::Batch::default();
+            let mut after = *st.lane_mut(lane);
+            let mut touched = false;
+            for (_, k, counted) in bad.iter().filter(|b| b.0 == lane) {
+                batch.remove(k.clone());
+                touched = true;
+                if let Some(len) = counted {
+                    after.events = after.events.saturating_sub(1);
+                    after.bytes = after.bytes.saturating_sub(*len);
+                }
+            }
+            if lane == Lane::Critical {
+                for g in &encoded {
+                    let seq = st.alloc_seq()?;
+                    batch.insert(&self.key(seq)[..], g.as_slice());
+                    st.through[0] = self.key(seq);
+                    after.events += 1;
+                    after.bytes += (KEY_LEN + g.len()) as u64;
+                    st.gaps_declared += 1;
+                    touched = true;
+                }
+            }
+            if touched {
+                batch.insert(
+                    &COUNTS_KEY[..],
+                    &encode_counts(after, &st.through[li(lane)])[..],
+                );
+                self.tree(lane).apply_batch(batch)?;
+                *st.lane_mut(lane) = after;
+            }
         }
         drop(st);
         self.make_durable()
+    }
+
+    /// Removes one event that no longer decodes (found when read), declares it.
+    fn drop_corrupt(&self, lane: Lane, k: sled::IVec, value_len: usize) -> Result<(), StoreError> {
+        tracing::error!(?lane, key = ?k, "store: discarding an undecodable event");
+        let mut gaps = GapBuilder::new();
+        if let Ok(id) = decode_key(&k) {
+            gaps.add(lane, id, GapReason::Corruption);
+        }
+        let counted = (k.len() + value_len) as u64;
+        self.discard(&[(lane, k, Some(counted))], &gaps)
+    }
+
+    /// Writes both lanes' counts as they are (after a scan on open).
+    fn save_counts(&self) -> Result<(), StoreError> {
+        let st = self.state()?;
+        self.critical.insert(
+            &COUNTS_KEY[..],
+            &encode_counts(st.critical, &st.through[0])[..],
+        )?;
+        self.telemetry.insert(
+            &COUNTS_KEY[..],
+            &encode_counts(st.telemetry, &st.through[1])[..],
+        )?;
+        Ok(())
     }
 }

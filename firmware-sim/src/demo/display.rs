@@ -1,7 +1,15 @@
-//! The live progress display: one line per vehicle, redrawn every second in place (plain
-//! ANSI) on a terminal; on anything else (a pipe, a CI log) a block of plain lines every
-//! [`PLAIN_EVERY`].
+//! The live display: what just happened, one line each as it happens ("van-02 arrived at
+//! Bakkerij Jordaan (1/3)", "van-02 POD captured at ...", a shipment's milestone as the
+//! hub records it), above one line per vehicle. On a terminal the vehicle lines are
+//! redrawn in place every second under the news (plain ANSI); on anything else (a pipe, a
+//! CI log) the news is printed as it comes and the vehicle lines every [`PLAIN_EVERY`].
+//!
+//! News comes from the vehicles' tasks ([`VehicleState::take_news`]) and from the hub's
+//! operator API (`GET /v1/ops/shipments?updated_after=...`, every [`MILESTONES_EVERY`]):
+//! each change of a shipment's state is a milestone the hub derived from the vehicles'
+//! events.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal as _, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,12 +17,20 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::Http;
 use super::vehicle::VehicleState;
 
-/// Redraw period on a terminal.
+/// Redraw period on a terminal, and how often news is printed.
 const REDRAW: Duration = Duration::from_secs(1);
-/// Period of plain output when stdout is not a terminal.
+/// Period of the vehicle lines when stdout is not a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
+/// How often the hub's shipments are read for milestones.
+const MILESTONES_EVERY: Duration = Duration::from_secs(2);
+/// Shipments whose last state is remembered (to tell a change); past it, those not
+/// updated lately are forgotten (an update of one prints its state again).
+const MAX_SHIPMENTS: usize = 10_000;
+/// Pages of shipments read per look (1,000 each).
+const MAX_PAGES: usize = 5;
 
 /// What one line shows.
 #[derive(Debug)]
@@ -64,33 +80,114 @@ pub fn line(row: &Row) -> String {
     )
 }
 
+/// The hub's shipments as last seen, to turn state changes into news.
+#[derive(Debug, Default)]
+struct Milestones {
+    /// Shipment id -> (state, updated) as last seen.
+    seen: HashMap<String, (String, String)>,
+    /// The latest `updated` seen (RFC 3339): the next look asks for what changed since a
+    /// little before it.
+    latest: Option<chrono::DateTime<chrono::FixedOffset>>,
+}
+
+impl Milestones {
+    async fn look(&mut self, ops: &Http) -> Vec<String> {
+        // A margin for updates committed out of order around the latest one seen.
+        let since = self.latest.map(|t| {
+            (t - chrono::TimeDelta::seconds(5)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+        let mut news = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..MAX_PAGES {
+            let mut path = "/v1/ops/shipments?limit=1000".to_string();
+            if let Some(s) = &since {
+                path.push_str(&format!("&updated_after={s}"));
+            }
+            path.push_str(&cursor);
+            let Ok(page) = ops.get_json(&path).await else {
+                break;
+            };
+            for s in page["shipments"].as_array().into_iter().flatten() {
+                let (Some(id), Some(state), Some(updated)) =
+                    (s["id"].as_str(), s["state"].as_str(), s["updated"].as_str())
+                else {
+                    continue;
+                };
+                if let Ok(t) = chrono::DateTime::parse_from_rfc3339(updated) {
+                    self.latest = Some(self.latest.map_or(t, |l| l.max(t)));
+                }
+                let changed = self.seen.get(id).is_none_or(|(was, _)| was != state);
+                self.seen
+                    .insert(id.to_string(), (state.to_string(), updated.to_string()));
+                // CREATED and PLANNED are the ERP's release and the hub's assignment,
+                // which the vehicle's news already says ("round 1: 3 shipments ...").
+                if changed && !matches!(state, "CREATED" | "PLANNED") {
+                    news.push(format!(
+                        "shipment {} for {} on {}: {state}",
+                        s["reference"].as_str().unwrap_or(id),
+                        s["customer_id"].as_str().unwrap_or("?"),
+                        s["vehicle"].as_str().unwrap_or("no vehicle"),
+                    ));
+                }
+            }
+            match page["next"].as_str() {
+                Some(n) => cursor = format!("&cursor={n}"),
+                None => break,
+            }
+        }
+        if self.seen.len() > MAX_SHIPMENTS
+            && let Some(cut) = since
+        {
+            self.seen.retain(|_, (_, updated)| *updated >= cut);
+        }
+        news
+    }
+}
+
 /// Draws until `stop`.
-pub async fn run(rows: Vec<Row>, stop: CancellationToken) {
+pub async fn run(rows: Vec<Row>, ops: Http, stop: CancellationToken) {
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
-    let mut tick = tokio::time::interval(if tty { REDRAW } else { PLAIN_EVERY });
+    let mut tick = tokio::time::interval(REDRAW);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut milestones = Milestones::default();
+    let mut looked: Option<Instant> = None;
+    let mut plain_at: Option<Instant> = None;
     let mut drawn = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let lines: Vec<String> = rows.iter().map(line).collect();
+        let mut news: Vec<String> = rows.iter().flat_map(|r| r.state.take_news()).collect();
+        if looked.is_none_or(|l| l.elapsed() >= MILESTONES_EVERY) {
+            looked = Some(Instant::now());
+            news.extend(milestones.look(&ops).await);
+        }
+        let t = start.elapsed().as_secs();
         let mut out = String::new();
         if tty {
             if drawn {
-                out.push_str(&format!("\x1b[{}A", lines.len()));
+                // Back over the vehicle lines: the news goes where they were.
+                out.push_str(&format!("\x1b[{}A", rows.len()));
             }
-            for l in &lines {
+            for l in &news {
+                out.push_str(&format!("\x1b[2K[{t:>4} s] {l}\n"));
+            }
+            for r in &rows {
                 out.push_str("\x1b[2K");
-                out.push_str(l);
+                out.push_str(&line(r));
                 out.push('\n');
             }
         } else {
-            let t = start.elapsed().as_secs();
-            for l in &lines {
-                out.push_str(&format!("[{t:>5} s] {l}\n"));
+            for l in &news {
+                out.push_str(&format!("[{t:>4} s] {l}\n"));
+            }
+            if plain_at.is_none_or(|p| p.elapsed() >= PLAIN_EVERY) {
+                plain_at = Some(Instant::now());
+                for r in &rows {
+                    out.push_str(&format!("[{t:>4} s]   {}\n", line(r)));
+                }
             }
         }
         drawn = true;

@@ -40,6 +40,9 @@ pub const MAX_VEHICLES: usize = 100;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Events read per page from the hub.
 const PAGE: usize = 1000;
+/// `--speedup` unless given: a newcomer's first minute shows arrivals, PODs and
+/// milestones (at 1, the first van reaches its first stop after 40 to 90 s).
+pub const DEFAULT_SPEEDUP: f64 = 10.0;
 
 /// The `demo` mode's options.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,9 +53,11 @@ pub struct DemoOptions {
     /// Seed of the stops, drives and POD outcomes: the same seed gives the same routes.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// GPS fixes sent per wall-clock second (their GPS times stay 1 s apart); 10 drives a
-    /// round of stops in about a minute.
-    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    /// GPS fixes sent per wall-clock second (their GPS times stay 1 s apart, so the
+    /// agents' dwell times and the hub's milestones are those of real driving). The
+    /// default, 10, drives a round of stops in about a minute, its first arrival and POD
+    /// within the first 20 s; 1 is real time.
+    #[arg(long, default_value_t = DEFAULT_SPEEDUP, value_name = "F")]
     pub speedup: f64,
     /// Stop after S seconds, print the summary and exit (default: run until Ctrl-C).
     #[arg(long, value_name = "S")]
@@ -89,7 +94,7 @@ impl Default for DemoOptions {
         DemoOptions {
             vehicles: 5,
             seed: 42,
-            speedup: 1.0,
+            speedup: DEFAULT_SPEEDUP,
             duration: None,
             report: None,
             data_dir: None,
@@ -317,7 +322,8 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
             link: v.link.clone(),
         })
         .collect();
-    let display = (!opts.no_progress).then(|| tokio::spawn(display::run(rows, display_sd.clone())));
+    let display = (!opts.no_progress)
+        .then(|| tokio::spawn(display::run(rows, ops.clone(), display_sd.clone())));
     match opts.duration {
         Some(s) => {
             tokio::select! {
@@ -562,6 +568,10 @@ fn print_intro(
     s.push_str(&format!(
         "    curl -s -H 'Authorization: Bearer {token}' '{base}/v1/ops/devices/{first}/events?limit=20&kind=geofence'\n"
     ));
+    s.push_str(&format!(
+        "    curl -s -H 'Authorization: Bearer {token}' '{base}/v1/ops/shipments?limit=20'   (then /v1/ops/shipments/ID: its milestones)\n"
+    ));
+    s.push_str("  (the hub has no customer portal yet: shipments and milestones are in the operator and ERP APIs)\n");
     s.push_str("  vehicles (the driver's local API: GET /v1/jobs, GET /v1/status, POST /v1/stops/{stop}/pod):\n");
     for v in vehicles {
         s.push_str(&format!(
@@ -569,6 +579,11 @@ fn print_intro(
             v.id, v.api_addr, v.ctx.driver.token
         ));
     }
+    s.push_str(&format!(
+        "GPS time runs {}x wall time (--speedup 1: real time). What happens is told below as it happens: \
+         arrivals (the agents' geofences), PODs, the hub's shipment milestones.\n",
+        opts.speedup
+    ));
     match opts.duration {
         Some(d) => s.push_str(&format!("running for {d} s (Ctrl-C stops earlier)\n")),
         None => s.push_str(

@@ -12,7 +12,7 @@
 //! GPS times are one second apart whatever `speedup` is; the wall time each fix was written
 //! is logged, so latency can be measured from when the receiver "saw" it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -48,6 +48,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_FIX_LOG: usize = 1_000_000;
 /// Attempts of one POD request (same Idempotency-Key each time).
 const POD_ATTEMPTS: u32 = 3;
+/// Lines of news a vehicle holds until the display takes them; when full, the oldest
+/// goes (the display takes them every second, so only a stalled terminal loses any).
+pub const MAX_NEWS: usize = 64;
 
 const RECIPIENTS: [&str; 8] = [
     "M. de Vries",
@@ -98,6 +101,35 @@ pub struct PodRecord {
     pub outcome: &'static str,
     /// The files sent.
     pub blobs: Vec<BlobRecord>,
+    /// Who signed (delivered, damaged).
+    pub recipient: Option<&'static str>,
+}
+
+impl PodRecord {
+    /// "delivered to J. Jansen, signature + 1 photo" (or "refused, 1 photo"), for the
+    /// live display.
+    pub fn what(&self) -> String {
+        let photos = self
+            .blobs
+            .iter()
+            .filter(|b| matches!(b, BlobRecord::Photo(_)))
+            .count();
+        let signed = self
+            .blobs
+            .iter()
+            .any(|b| matches!(b, BlobRecord::Signature(_)));
+        let files = match (signed, photos) {
+            (true, 1) => "signature + 1 photo".to_string(),
+            (true, n) => format!("signature + {n} photos"),
+            (false, 1) => "1 photo".to_string(),
+            (false, n) => format!("{n} photos"),
+        };
+        match (self.outcome, self.recipient) {
+            ("delivered", Some(r)) => format!("delivered to {r}, {files}"),
+            (outcome, Some(r)) => format!("{outcome}, signed by {r}, {files}"),
+            (outcome, None) => format!("{outcome}, {files}"),
+        }
+    }
 }
 
 /// A file sent with a POD: its sha256 and how to make its bytes again (the images are
@@ -132,6 +164,8 @@ pub struct VehicleState {
     pods: Mutex<Vec<PodRecord>>,
     /// GPS time (ms) -> wall time (ms) it was written.
     fix_wall: Mutex<HashMap<u64, u64>>,
+    /// What just happened, oldest first, for the live display (at most [`MAX_NEWS`]).
+    news: Mutex<VecDeque<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +190,19 @@ impl VehicleState {
     /// Wall time a fix with GPS time `gps_ms` was written, if it was.
     pub fn fix_wall(&self) -> HashMap<u64, u64> {
         lock(&self.fix_wall).clone()
+    }
+
+    /// Takes the news since the last call.
+    pub fn take_news(&self) -> Vec<String> {
+        lock(&self.news).drain(..).collect()
+    }
+
+    fn tell(&self, line: String) {
+        let mut news = lock(&self.news);
+        if news.len() >= MAX_NEWS {
+            news.pop_front();
+        }
+        news.push_back(line);
     }
 }
 
@@ -314,6 +361,12 @@ pub async fn run(ctx: VehicleCtx, gps: TcpListener, stop: CancellationToken) -> 
                 p.phase = "assigning";
             });
             assign(&ctx, &plan, &stop).await?;
+            ctx.state.tell(format!(
+                "{} round {round}: {} shipments released through the ERP API, first stop {}",
+                ctx.id,
+                plan.stops.len(),
+                plan.stops.first().map_or("-", |s| s.name.as_str())
+            ));
             set_ignition(&ctx, true).await;
             ignition_on = true;
             // GPS time never goes back (the agent ignores older fixes).
@@ -326,6 +379,8 @@ pub async fn run(ctx: VehicleCtx, gps: TcpListener, stop: CancellationToken) -> 
             d?;
             set_ignition(&ctx, false).await;
             ignition_on = false;
+            ctx.state
+                .tell(format!("{} back at the depot, round {round} done", ctx.id));
             ctx.state.update(|p| {
                 p.rounds_done += 1;
                 p.phase = "parked";
@@ -581,6 +636,15 @@ async fn driver_round(
             ctx.state.update(|p| p.pods_failed += 1);
             continue;
         }
+        let at = format!("{} ({}/{})", s.name, k + 1, plan.stops.len());
+        if too_early {
+            ctx.state.tell(format!(
+                "{}'s driver takes the POD for {at} before the van is there: the hub will hold it for review",
+                ctx.id
+            ));
+        } else {
+            ctx.state.tell(format!("{} arrived at {at}", ctx.id));
+        }
         // The driver walks to the door: a few seconds.
         let walk = rng.random_range(3.0..8.0) / ctx.speedup;
         tokio::select! {
@@ -590,11 +654,19 @@ async fn driver_round(
         let seed = rng.random();
         match post_pod(ctx, round, s, seed, too_early).await {
             Ok(rec) => {
+                ctx.state.tell(format!(
+                    "{} POD captured at {}: {}",
+                    ctx.id,
+                    s.name,
+                    rec.what()
+                ));
                 lock(&ctx.state.pods).push(rec);
                 ctx.state.update(|p| p.pods_posted += 1);
             }
             Err(e) => {
                 warn!(vehicle = %ctx.id, stop = %s.id, error = %e, "POD not taken");
+                ctx.state
+                    .tell(format!("{} POD at {} failed: {e}", ctx.id, s.name));
                 ctx.state.update(|p| p.pods_failed += 1);
             }
         }
@@ -683,6 +755,7 @@ async fn post_pod(
                     seq: v["seq"].as_u64().unwrap_or(0),
                     outcome,
                     blobs: files,
+                    recipient: (outcome != "refused").then_some(recipient),
                 });
             }
             Ok(r) if r.status().is_server_error() => {
