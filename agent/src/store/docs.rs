@@ -182,7 +182,7 @@ impl Store {
         let victims: &[sled::IVec] = plan.as_ref().map_or(&[], |p| &p.victims);
         let (mut crit_after, tele_after) = match &plan {
             Some(p) => super::thinned(
-                &st,
+                st,
                 p.victims.len() as u64,
                 p.freed,
                 gap_kvs.len(),

@@ -155,7 +155,7 @@ fn decode_counts(v: &[u8]) -> Result<(LaneStats, [u8; KEY_LEN]), StoreError> {
         .get(16..16 + KEY_LEN)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(bad)?;
-    if (v.len() - 16 - KEY_LEN) % (2 * KEY_LEN) != 0 {
+    if !(v.len() - 16 - KEY_LEN).is_multiple_of(2 * KEY_LEN) {
         return Err(bad());
     }
     Ok((
@@ -783,14 +783,13 @@ impl Store {
                     continue 'read;
                 };
                 let len = k.len() + v.len();
-                if let Some(f) = first {
-                    if id.epoch != f.epoch
+                if let Some(f) = first
+                    && (id.epoch != f.epoch
                         || Some(id.seq) != last_seq.checked_add(1)
                         || events.len() >= max_events
-                        || bytes + len > max_bytes
-                    {
-                        break;
-                    }
+                        || bytes + len > max_bytes)
+                {
+                    break;
                 }
                 let Ok(ev) = postcard::from_bytes::<Event>(&v) else {
                     self.inner.core.drop_corrupt(lane, k, v.len())?;
