@@ -691,10 +691,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| self.pg(e))?;
-        Ok(rows
-            .iter()
-            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
-            .collect::<Result<Vec<ShipmentRecord>, _>>()?)
+        json_rows::<ShipmentRecord>(&rows)
     }
 
     /// See [`super::Store::vehicles_shipments`]: records and facts in one query.
@@ -761,10 +758,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| self.pg(e))?;
-        Ok(rows
-            .iter()
-            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
-            .collect::<Result<Vec<ReviewItem>, _>>()?)
+        json_rows::<ReviewItem>(&rows)
     }
 
     /// See [`super::Store::reviews_of`].
@@ -777,10 +771,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| self.pg(e))?;
-        Ok(rows
-            .iter()
-            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
-            .collect::<Result<Vec<ReviewItem>, _>>()?)
+        json_rows::<ReviewItem>(&rows)
     }
 
     /// See [`super::Store::positions`].
@@ -952,10 +943,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| self.pg(e))?;
-        Ok(rows
-            .iter()
-            .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
-            .collect::<Result<Vec<DeadLetter>, _>>()?)
+        json_rows::<DeadLetter>(&rows)
     }
 
     /// See [`super::Store::replay_deadletter`].
@@ -1760,6 +1748,16 @@ async fn correlate_device(
         .await?;
     }
     Ok(Ok(()))
+}
+
+/// The JSON documents in the first column of `rows`.
+fn json_rows<T: serde::de::DeserializeOwned>(
+    rows: &[tokio_postgres::Row],
+) -> Result<Vec<T>, StoreError> {
+    Ok(rows
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)))
+        .collect::<Result<Vec<T>, _>>()?)
 }
 
 /// Writes outbox rows (those not there yet) inside a transaction.
