@@ -111,6 +111,24 @@ path = "data/hub"
 # breaker_open_ms = 30000  # ... for this long, then one probe
 # ca = "pki/erp-ca.pem"  # extra CA certificates for https (a private CA)
 
+# Partner webhooks (Standard Webhooks): subscriptions are made at POST /v1/ops/webhooks;
+# this table says how they are delivered.
+[webhooks]
+# When each attempt goes, in seconds after the one before (the first at once); after the
+# last, a dead letter at GET /v1/ops/deadletters.
+# retry_schedule_s = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+# timeout_ms = 15000
+# rate_per_s = 50          # per subscription: token bucket rate ...
+# burst = 20               # ... and size
+# breaker_failures = 5     # failures in a row open a subscription's breaker ...
+# breaker_open_ms = 30000  # ... for this long, then one probe
+# rotation_overlap_s = 86400   # the old secret still signs this long after a rotation
+# keep_delivered_s = 604800    # delivered messages kept for replays
+# max_subscriptions = 1000
+# Targets must be https:// and public; allow http:// and loopback/private addresses
+# only in a lab:
+# allow_insecure_targets = false
+
 [auth]
 # Bearer token of the operator API. Set it from a secret store via
 # FLEETSYNC_HUB_OPERATOR_TOKEN rather than writing it here in production.
@@ -135,6 +153,100 @@ pub struct Config {
     /// ERP connectors (`[[erp]]`): each hears the shipments' milestones through the outbox.
     #[serde(default)]
     pub erp: Vec<ErpConfig>,
+    /// Partner webhooks (`[webhooks]`; the subscriptions are made at /v1/ops/webhooks).
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`: how partner webhooks are delivered (Standard Webhooks).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// When each attempt goes, in seconds after the one before; the first goes at once
+    /// (so the first entry is 0); after the last, a dead letter.
+    #[serde(default = "default_webhook_schedule")]
+    pub retry_schedule_s: Vec<f64>,
+    /// Each request's deadline.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests a second to one subscription (token bucket rate) ...
+    #[serde(default = "default_webhook_rate")]
+    pub rate_per_s: f64,
+    /// ... and at once (token bucket size; also the most in flight).
+    #[serde(default = "default_webhook_burst")]
+    pub burst: u32,
+    /// Failures in a row that open a subscription's circuit breaker ...
+    #[serde(default = "default_erp_breaker_failures")]
+    pub breaker_failures: u32,
+    /// ... for this long, then one probe.
+    #[serde(default = "default_erp_breaker_open_ms")]
+    pub breaker_open_ms: u64,
+    /// After a secret rotation the old secret signs too for this long.
+    #[serde(default = "default_webhook_overlap_s")]
+    pub rotation_overlap_s: u64,
+    /// Delivered rows are kept this long for `POST /v1/ops/webhooks/{id}/replay`.
+    #[serde(default = "default_webhook_keep_s")]
+    pub keep_delivered_s: u64,
+    /// Most subscriptions.
+    #[serde(default = "default_webhook_max")]
+    pub max_subscriptions: usize,
+    /// Allow `http://` targets and loopback, private and link-local addresses (tests,
+    /// a lab; never on a hub that operators outside the company can reach).
+    #[serde(default)]
+    pub allow_insecure_targets: bool,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            retry_schedule_s: default_webhook_schedule(),
+            timeout_ms: default_webhook_timeout_ms(),
+            rate_per_s: default_webhook_rate(),
+            burst: default_webhook_burst(),
+            breaker_failures: default_erp_breaker_failures(),
+            breaker_open_ms: default_erp_breaker_open_ms(),
+            rotation_overlap_s: default_webhook_overlap_s(),
+            keep_delivered_s: default_webhook_keep_s(),
+            max_subscriptions: default_webhook_max(),
+            allow_insecure_targets: false,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// Each subscription's rate and breaker settings.
+    pub fn limits(&self) -> crate::outbox::worker::Limits {
+        crate::outbox::worker::Limits {
+            rate_per_s: self.rate_per_s,
+            burst: self.burst,
+            timeout_ms: self.timeout_ms,
+            breaker_failures: self.breaker_failures,
+            breaker_open_ms: self.breaker_open_ms,
+        }
+    }
+}
+
+fn default_webhook_schedule() -> Vec<f64> {
+    // Standard Webhooks: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+    vec![0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+}
+fn default_webhook_timeout_ms() -> u64 {
+    15_000
+}
+fn default_webhook_rate() -> f64 {
+    50.0
+}
+fn default_webhook_burst() -> u32 {
+    20
+}
+fn default_webhook_overlap_s() -> u64 {
+    86_400
+}
+fn default_webhook_keep_s() -> u64 {
+    7 * 86_400
+}
+fn default_webhook_max() -> usize {
+    1_000
 }
 
 /// `[[erp]]`: one ERP the hub tells about milestones (`POST {base_url}/events`).
@@ -708,6 +820,11 @@ impl Config {
             if !names.insert(e.name.as_str()) {
                 return Err(bad("name: two [[erp]] tables have it"));
             }
+            if e.name == crate::outbox::webhooks::STAGING {
+                return Err(bad(
+                    "name: \"webhooks\" is the partner webhooks' own outbox",
+                ));
+            }
             if !(e.base_url.starts_with("http://") || e.base_url.starts_with("https://")) {
                 return Err(bad(
                     "base_url: expected http://HOST[:PORT][/PATH] or https://...",
@@ -791,6 +908,59 @@ impl Config {
                 )));
             }
         }
+        let w = &self.webhooks;
+        let sched = &w.retry_schedule_s;
+        if sched.is_empty()
+            || sched.len() > 100
+            || sched[0] != 0.0
+            || sched.iter().any(|s| !(0.0..=7.0 * 86_400.0).contains(s))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "webhooks.retry_schedule_s = {sched:?}: expected 1 to 100 waits in seconds (0 to 604800), the first 0 (the first attempt goes at once), e.g. [0, 5, 300, 1800, 7200, 18000, 36000, 36000]"
+            )));
+        }
+        range("webhooks.timeout_ms", w.timeout_ms, 100, 300_000, " (ms)")?;
+        if !(w.rate_per_s > 0.0 && w.rate_per_s <= 10_000.0) {
+            return Err(ConfigError::Invalid(
+                "webhooks.rate_per_s: more than 0, at most 10000".into(),
+            ));
+        }
+        range("webhooks.burst", u64::from(w.burst), 1, 1_000, "")?;
+        range(
+            "webhooks.breaker_failures",
+            u64::from(w.breaker_failures),
+            1,
+            10_000,
+            "",
+        )?;
+        range(
+            "webhooks.breaker_open_ms",
+            w.breaker_open_ms,
+            10,
+            3_600_000,
+            " (ms)",
+        )?;
+        range(
+            "webhooks.rotation_overlap_s",
+            w.rotation_overlap_s,
+            0,
+            30 * 86_400,
+            " (s)",
+        )?;
+        range(
+            "webhooks.keep_delivered_s",
+            w.keep_delivered_s,
+            0,
+            365 * 86_400,
+            " (s)",
+        )?;
+        range(
+            "webhooks.max_subscriptions",
+            w.max_subscriptions as u64,
+            1,
+            100_000,
+            "",
+        )?;
         let f = self.shipments.eta_road_factor;
         if !(1.0..=5.0).contains(&f) {
             return Err(ConfigError::Invalid(format!(

@@ -126,8 +126,12 @@ impl Running {
 /// Starts every part of the hub and returns once devices can connect.
 pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Running, HubError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // Every new fact an ERP hears of gets an outbox row for it in the fact's write.
+    // Every new fact a sink hears of gets an outbox row for it in the fact's write: one
+    // per ERP, and one staged for the webhook subscriptions (fanned out after).
     cfg.store.outbox_sinks = cfg.erp.iter().map(|e| e.name.clone()).collect();
+    cfg.store
+        .outbox_sinks
+        .push(outbox::webhooks::STAGING.to_string());
     let store = store::Store::open(&cfg.store).await?;
     info!(backend = store.backend(), "store open");
     let metrics = Arc::new(metrics::Metrics::default());
@@ -236,16 +240,22 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         shutdown.clone(),
     )));
     for erp in &cfg.erp {
-        let c = outbox::erp::Connector::new(
-            erp.clone(),
-            store.clone(),
-            shipments.mappings().clone(),
-            &metrics,
-        )
-        .map_err(HubError::Sink)?;
+        let c =
+            outbox::erp::Connector::new(erp.clone(), store.clone(), shipments.mappings().clone())
+                .map_err(HubError::Sink)?;
+        let limits = c.limits();
+        let w = outbox::worker::Worker::new(c, limits, store.clone(), &metrics);
         info!(erp = %erp.name, base_url = %erp.base_url, "ERP connector started");
-        tasks.push(tokio::spawn(c.run(shutdown.clone())));
+        tasks.push(tokio::spawn(w.run(shutdown.clone())));
     }
+    outbox::webhooks::client(&cfg.webhooks).map_err(HubError::Sink)?;
+    tasks.push(tokio::spawn(outbox::webhooks::run(
+        store.clone(),
+        cfg.webhooks.clone(),
+        shipments.mappings().clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(estimate_arrivals(
         shipments.clone(),
         metrics.clone(),
@@ -263,6 +273,7 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         ready,
         dispatch,
         shipments,
+        webhooks: Arc::new(cfg.webhooks.clone()),
     });
     tasks.push(tokio::spawn(api::serve::serve(
         http,

@@ -110,6 +110,14 @@ impl Metrics {
         m.entry(name.to_string()).or_default().clone()
     }
 
+    /// Forgets sink `name` (a deleted webhook subscription).
+    pub fn drop_sink(&self, name: &str) {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);

@@ -226,6 +226,31 @@ impl Http {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `PATCH path` with a JSON body; the status and the JSON answer (null if none).
+    pub async fn patch(&self, path: &str, body: &Value) -> (reqwest::StatusCode, Value) {
+        let r = self
+            .client
+            .patch(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `DELETE path`; the status.
+    pub async fn delete(&self, path: &str) -> reqwest::StatusCode {
+        self.client
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
     /// `POST path` with a JSON body; the status and the JSON answer (null if none).
     pub async fn post(&self, path: &str, body: &Value) -> (reqwest::StatusCode, Value) {
         let r = self.post_json(path, body).await.unwrap();

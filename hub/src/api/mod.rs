@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod erp;
 pub mod outbox;
 pub mod serve;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +55,8 @@ pub struct AppState {
     pub shipments: crate::shipments::service::Shipments,
     /// Age after which a waiting shipment counts as stuck.
     pub stuck_after_ms: u64,
+    /// How partner webhooks are delivered (target checks, limits).
+    pub webhooks: Arc<crate::config::WebhooksConfig>,
 }
 
 /// An API error.
@@ -284,6 +287,15 @@ pub fn app(state: AppState) -> Router {
         .route("/deadletters", get(outbox::list))
         .route("/deadletters/replay", post(outbox::replay_many))
         .route("/deadletters/{id}/replay", post(outbox::replay))
+        .route("/webhooks", get(webhooks::list).post(webhooks::create))
+        .route(
+            "/webhooks/{id}",
+            get(webhooks::get)
+                .patch(webhooks::patch)
+                .delete(webhooks::delete),
+        )
+        .route("/webhooks/{id}/rotate-secret", post(webhooks::rotate))
+        .route("/webhooks/{id}/replay", post(webhooks::replay))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,

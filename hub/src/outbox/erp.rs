@@ -1,116 +1,27 @@
-//! The ERP connector: one worker per `[[erp]]`, delivering its outbox rows as CloudEvents.
+//! The ERP connector: one [`super::worker::Worker`] per `[[erp]]`, delivering its outbox
+//! rows as CloudEvents.
 //!
 //! ```text
-//! loop: store.outbox_due(sink)      the first row of each shipment, due now (leased on
-//!                                   PostgreSQL so two hubs never send one row at once)
-//!   -> at most `burst` at once, each after a token of the bucket (rate_per_s, burst)
-//!   -> POST {base_url}/events       Idempotency-Key: row id, X-Correlation-Id, traceparent
-//!   -> classify                     2xx, 409: done | 429, 503: Retry-After | 5xx, timeout,
-//!                                   connection: backoff with full jitter | other 4xx: dead
-//!   -> store.outbox_settle(all)     one write for the batch
+//! POST {base_url}/events   Idempotency-Key: row id, X-Correlation-Id, traceparent
+//!   2xx, 409             done (409: the ERP had applied it before)
+//!   429, 503             again after Retry-After (seconds or an HTTP date)
+//!   5xx, timeout,        again after a backoff with full jitter, capped
+//!   connection error
+//!   other 4xx            dead letter, with the ERP's answer kept
 //! ```
 //!
-//! Order per shipment holds because only a shipment's first row is ever due: a later
-//! milestone waits until the earlier one is done (or dead-lettered, which operators see at
-//! `GET /v1/ops/deadletters`). A row is given up after `max_attempts` or `max_age_s`.
-//!
-//! Circuit breaker: `breaker_failures` failures in a row (retryable ones: the ERP is down
-//! or drowning) open it; no request goes out for `breaker_open_ms`; then one probe
-//! (half-open): success closes it, failure opens it again. Rows wait meanwhile, nothing is
-//! lost and nothing counts as an attempt.
+//! A row is given up after `max_attempts` or `max_age_s`.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleetsync_protocol::json::Time;
-use rand::Rng as _;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
+use super::worker::{Answer, Gate, Limits, Target, backoff_ms, response_text, retry_after_ms};
 use super::{Delivery, OutboxRow};
 use crate::config::ErpConfig;
-use crate::metrics::{Metrics, SinkMetrics};
 use crate::shipments::{FactType, Mappings};
 use crate::store::Store;
-
-/// Most bytes of an ERP's answer kept with a dead letter.
-const MAX_RESPONSE_KEPT: usize = 4096;
-/// Pause when nothing is due, doubled while nothing stays due (each look reads the
-/// sink's rows), up to [`IDLE_MAX`].
-const IDLE: Duration = Duration::from_millis(200);
-/// See [`IDLE`].
-const IDLE_MAX: Duration = Duration::from_secs(2);
-
-/// Breaker states as the metric shows them.
-pub const BREAKER_CLOSED: u64 = 0;
-/// See [`BREAKER_CLOSED`].
-pub const BREAKER_HALF_OPEN: u64 = 1;
-/// See [`BREAKER_CLOSED`].
-pub const BREAKER_OPEN: u64 = 2;
-
-/// A token bucket.
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(rate: f64, burst: u32) -> Self {
-        Bucket {
-            rate,
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
-            at: Instant::now(),
-        }
-    }
-
-    /// Waits for a token.
-    async fn take(&mut self) {
-        loop {
-            let now = Instant::now();
-            self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
-                .min(self.burst);
-            self.at = now;
-            if self.tokens >= 1.0 {
-                self.tokens -= 1.0;
-                return;
-            }
-            let wait = (1.0 - self.tokens) / self.rate;
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-        }
-    }
-}
-
-/// What one request got, before the row's limits are applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Answer {
-    /// 2xx or 409.
-    Applied,
-    /// Retry not before this many ms (Retry-After), or after the backoff if `None`.
-    Later(Option<u64>, String),
-    /// Never (other 4xx), with the body.
-    Refused(String, String),
-}
-
-/// Parses `Retry-After`: delay-seconds or an HTTP date; ms from `now_ms`.
-pub fn retry_after_ms(value: &str, now_ms: u64) -> Option<u64> {
-    let v = value.trim();
-    if let Ok(s) = v.parse::<u64>() {
-        return Some(s.saturating_mul(1000));
-    }
-    let t = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let at = u64::try_from(t.timestamp_millis()).ok()?;
-    Some(at.saturating_sub(now_ms))
-}
-
-/// Full jitter: uniformly random in `[0, min(cap, base x 2^attempts)]`.
-pub fn backoff_ms(attempts: u32, base: u64, cap: u64) -> u64 {
-    let ceiling = base.saturating_mul(1u64 << attempts.min(40)).min(cap);
-    rand::rng().random_range(0..=ceiling)
-}
 
 /// The CloudEvents 1.0 message for a row.
 pub fn message(row: &OutboxRow, mappings: &Mappings, evidence: Option<Value>) -> Value {
@@ -163,7 +74,7 @@ pub fn traceparent(row_id: &str) -> String {
 }
 
 /// The POD evidence of a POD_CONFIRMED row: the POD event's blobs, as hub URLs.
-async fn evidence(store: &Store, row: &OutboxRow) -> Option<Value> {
+pub(super) async fn evidence(store: &Store, row: &OutboxRow) -> Option<Value> {
     // POD_CONFIRMED ids begin with the POD event's `device:epoch:seq`.
     let mut parts = row.fact.id.splitn(4, ':');
     let (device, epoch, seq) = (parts.next()?, parts.next()?, parts.next()?);
@@ -194,7 +105,6 @@ pub struct Connector {
     client: reqwest::Client,
     store: Store,
     mappings: Mappings,
-    metrics: Arc<SinkMetrics>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -209,12 +119,7 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     /// A connector for `cfg` (its client built now: a bad CA file is an error at start).
-    pub fn new(
-        cfg: ErpConfig,
-        store: Store,
-        mappings: Mappings,
-        metrics: &Metrics,
-    ) -> Result<Self, String> {
+    pub fn new(cfg: ErpConfig, store: Store, mappings: Mappings) -> Result<Self, String> {
         let auth = cfg.authorization().map_err(|e| e.to_string())?;
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
@@ -232,18 +137,36 @@ impl Connector {
         let client = b
             .build()
             .map_err(|e| format!("erp {:?}: HTTP client: {e}", cfg.name))?;
-        let metrics = metrics.sink(&cfg.name);
         Ok(Connector {
             cfg,
             auth,
             client,
             store,
             mappings,
-            metrics,
         })
     }
 
-    /// Sends one row and says what the ERP answered.
+    /// Its rate and breaker settings.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            rate_per_s: self.cfg.rate_per_s,
+            burst: self.cfg.burst,
+            timeout_ms: self.cfg.timeout_ms,
+            breaker_failures: self.cfg.breaker_failures,
+            breaker_open_ms: self.cfg.breaker_open_ms,
+        }
+    }
+}
+
+impl Target for Connector {
+    fn sink(&self) -> &str {
+        &self.cfg.name
+    }
+
+    async fn gate(&self) -> Gate {
+        Gate::Open
+    }
+
     async fn send(&self, row: &OutboxRow, now_ms: u64) -> Answer {
         let ev = if row.fact.kind == FactType::PodConfirmed {
             evidence(&self.store, row).await
@@ -263,10 +186,7 @@ impl Connector {
         if let Some(a) = &self.auth {
             req = req.header("authorization", a);
         }
-        let started = Instant::now();
-        let res = req.send().await;
-        self.metrics.observe_latency(started.elapsed());
-        let resp = match res {
+        let resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Answer::Later(None, "timed out".into()),
             Err(e) => return Answer::Later(None, format!("could not reach the ERP: {e}")),
@@ -280,12 +200,7 @@ impl Connector {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after_ms(v, now_ms));
-        let mut text = resp.text().await.unwrap_or_default();
-        let mut cut = text.len().min(MAX_RESPONSE_KEPT);
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
+        let text = response_text(resp).await;
         match status.as_u16() {
             429 | 503 => Answer::Later(after, format!("HTTP {status}")),
             500..=599 => Answer::Later(None, format!("HTTP {status}: {text}")),
@@ -293,7 +208,6 @@ impl Connector {
         }
     }
 
-    /// What an answer does to the row, given its limits.
     fn settle(&self, row: &OutboxRow, answer: Answer, now_ms: u64) -> Delivery {
         match answer {
             Answer::Applied => Delivery::Done,
@@ -320,150 +234,11 @@ impl Connector {
             }
         }
     }
-
-    /// Delivers until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let this = Arc::new(self);
-        let mut bucket = Bucket::new(this.cfg.rate_per_s, this.cfg.burst);
-        let mut failures = 0u32;
-        let mut open_until: Option<Instant> = None;
-        let mut last_depth = Instant::now() - Duration::from_secs(60);
-        let mut idle = IDLE;
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            if last_depth.elapsed() >= Duration::from_secs(5) {
-                last_depth = Instant::now();
-                if let Ok((n, oldest)) = this.store.outbox_depth(&this.cfg.name).await {
-                    this.metrics.depth.store(n, Ordering::Relaxed);
-                    let age = oldest.map_or(0, |t| crate::ingest::now_ms().saturating_sub(t));
-                    this.metrics.oldest_age_ms.store(age, Ordering::Relaxed);
-                }
-            }
-            // Breaker: open -> wait; then half-open: one probe.
-            let mut limit = this.cfg.burst as usize;
-            if let Some(until) = open_until {
-                if Instant::now() < until {
-                    this.metrics.breaker.store(BREAKER_OPEN, Ordering::Relaxed);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep_until(until.into()) => {}
-                    }
-                    continue;
-                }
-                this.metrics
-                    .breaker
-                    .store(BREAKER_HALF_OPEN, Ordering::Relaxed);
-                limit = 1;
-            }
-            let now = crate::ingest::now_ms();
-            let lease = now + 2 * this.cfg.timeout_ms + 30_000;
-            let due = match this
-                .store
-                .outbox_due(&this.cfg.name, now, lease, limit)
-                .await
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(erp = %this.cfg.name, error = %e, "could not read the outbox");
-                    Vec::new()
-                }
-            };
-            if due.is_empty() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(idle) => {}
-                }
-                idle = (idle * 2).min(IDLE_MAX);
-                continue;
-            }
-            idle = IDLE;
-            let mut sends = tokio::task::JoinSet::new();
-            for row in due {
-                bucket.take().await;
-                let c = this.clone();
-                sends.spawn(async move {
-                    let answer = c.send(&row, crate::ingest::now_ms()).await;
-                    (row, answer)
-                });
-            }
-            let mut results = Vec::new();
-            while let Some(done) = sends.join_next().await {
-                let Ok((row, answer)) = done else { continue };
-                let now = crate::ingest::now_ms();
-                let failed = matches!(answer, Answer::Later(..));
-                failures = if failed { failures + 1 } else { 0 };
-                let d = this.settle(&row, answer, now);
-                match &d {
-                    Delivery::Done => Metrics::add(&this.metrics.delivered, 1),
-                    Delivery::Retry { error, .. } => {
-                        Metrics::add(&this.metrics.retried, 1);
-                        tracing::debug!(erp = %this.cfg.name, row = %row.id, %error, "delivery will be retried");
-                    }
-                    Delivery::Dead { error, .. } => {
-                        Metrics::add(&this.metrics.dead, 1);
-                        tracing::warn!(erp = %this.cfg.name, row = %row.id, %error, "delivery given up: dead letter");
-                    }
-                }
-                results.push((row, d));
-            }
-            if failures >= this.cfg.breaker_failures {
-                if open_until.is_none() || failures == this.cfg.breaker_failures {
-                    tracing::warn!(erp = %this.cfg.name, failures, "circuit breaker open");
-                }
-                open_until = Some(Instant::now() + Duration::from_millis(this.cfg.breaker_open_ms));
-            } else if failures == 0 {
-                if open_until.is_some() {
-                    tracing::info!(erp = %this.cfg.name, "circuit breaker closed");
-                }
-                open_until = None;
-                this.metrics
-                    .breaker
-                    .store(BREAKER_CLOSED, Ordering::Relaxed);
-            }
-            if let Err(e) = this
-                .store
-                .outbox_settle(results, crate::ingest::now_ms())
-                .await
-            {
-                // The rows stay as they were (leased on PostgreSQL until the lease ends):
-                // sent again, with the same Idempotency-Key.
-                tracing::warn!(erp = %this.cfg.name, error = %e, "could not record deliveries");
-                tokio::time::sleep(IDLE).await;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_in_seconds_or_as_a_date() {
-        assert_eq!(retry_after_ms("120", 0), Some(120_000));
-        let now = 1_445_412_480_000; // Wed, 21 Oct 2015 07:28:00 GMT
-        assert_eq!(
-            retry_after_ms("Wed, 21 Oct 2015 07:28:30 GMT", now),
-            Some(30_000)
-        );
-        assert_eq!(retry_after_ms("soon", now), None);
-    }
-
-    #[test]
-    fn backoff_is_full_jitter_under_a_doubling_cap() {
-        for attempts in 0..20 {
-            let ceiling = (1000u64 << attempts).min(60_000);
-            for _ in 0..50 {
-                assert!(backoff_ms(attempts, 1000, 60_000) <= ceiling);
-            }
-        }
-        // Spread, not a fixed delay.
-        let v: std::collections::HashSet<u64> =
-            (0..50).map(|_| backoff_ms(5, 1000, 60_000)).collect();
-        assert!(v.len() > 10);
-    }
 
     #[test]
     fn traceparent_is_w3c_shaped_and_stable() {

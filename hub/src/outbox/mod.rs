@@ -20,6 +20,8 @@
 //! between is repaired by the redelivery or retry, which finds the rows already there.
 
 pub mod erp;
+pub mod webhooks;
+pub mod worker;
 
 use fleetsync_protocol::json::Time;
 use serde::{Deserialize, Serialize};

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Credential;
 use crate::config::StoreConfig;
+use crate::outbox::webhooks::Subscription;
 use crate::outbox::{DeadLetter, Delivery, OutboxRow};
 use crate::shipments::correlate::{ReviewItem, ReviewStatus};
 use crate::shipments::eta::VehiclePosition;
@@ -835,6 +836,56 @@ impl Store {
     /// Puts a dead letter back at the end of its sink's outbox under the same id.
     pub async fn replay_deadletter(&self, id: &str) -> Result<Option<OutboxRow>, StoreError> {
         both!(self, s => s.replay_deadletter(id).await)
+    }
+
+    /// Changes each time a write of this process that added outbox rows is durable
+    /// (workers wait on it instead of polling; rows another hub writes are polled for).
+    pub fn outbox_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        both!(self, s => s.outbox_signal())
+    }
+
+    /// Writes a webhook subscription (new or changed).
+    pub async fn put_webhook(&self, sub: &Subscription) -> Result<(), StoreError> {
+        both!(self, s => s.put_webhook(sub).await)
+    }
+
+    /// One webhook subscription.
+    pub async fn webhook(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        both!(self, s => s.webhook(id).await)
+    }
+
+    /// Every webhook subscription, by id.
+    pub async fn webhooks(&self) -> Result<Vec<Subscription>, StoreError> {
+        let mut v = both!(self, s => s.webhooks().await)?;
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v)
+    }
+
+    /// Deletes a subscription with its waiting rows, dead letters and delivered rows.
+    pub async fn delete_webhook(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        both!(self, s => s.delete_webhook(id).await)
+    }
+
+    /// Moves up to `limit` staged webhook rows (sink `webhooks`, oldest first) to the
+    /// subscriptions that hear of them ([`crate::outbox::webhooks::fan_out`]), in one
+    /// write; `event_type` names a row's type. Returns how many staged rows it took.
+    pub async fn webhook_fanout(
+        &self,
+        limit: usize,
+        event_type: impl Fn(&OutboxRow) -> String + Send + 'static,
+    ) -> Result<usize, StoreError> {
+        both!(self, s => s.webhook_fanout(limit, event_type).await)
+    }
+
+    /// Puts back subscription `id`'s delivered rows and dead letters recorded at or after
+    /// `since_ms`, under their ids, in their first order. Returns how many.
+    pub async fn webhook_replay(&self, id: &str, since_ms: u64) -> Result<usize, StoreError> {
+        both!(self, s => s.webhook_replay(id, since_ms).await)
+    }
+
+    /// Drops delivered subscription rows recorded before `before_ms`.
+    pub async fn prune_delivered(&self, before_ms: u64) -> Result<u64, StoreError> {
+        both!(self, s => s.prune_delivered(before_ms).await)
     }
 
     /// Whether the store answers now (readiness).

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("migrations/0004_shipments.sql")),
     (5, include_str!("migrations/0005_positions.sql")),
     (6, include_str!("migrations/0006_outbox.sql")),
+    (7, include_str!("migrations/0007_webhooks.sql")),
 ];
 
 /// The schema version this hub writes.

@@ -45,6 +45,7 @@
 mod migrations;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -65,6 +66,7 @@ use super::{
 };
 use crate::auth::{Credential, Role};
 use crate::config::StoreConfig;
+use crate::outbox::webhooks::{self, Subscription};
 use crate::outbox::{self, DeadLetter, Delivery, OutboxRow, Settled};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
@@ -76,12 +78,17 @@ const MAX_RETRIES: usize = 5;
 /// Longest wait for a connection (from the pool or a new one).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The advisory lock the webhook fan-out holds (one hub at a time).
+const FANOUT_LOCK: i64 = 0x666c_6565_7477_6831; // "fleetwh1"
+
 /// The hub's PostgreSQL store.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
     partial_limits: PartialBlobLimits,
     outbox_sinks: std::sync::Arc<Vec<String>>,
+    /// Bumped once a write of this process that added outbox rows has committed.
+    outbox_signal: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// host:port/database, for messages (never the password).
     target: String,
 }
@@ -325,6 +332,7 @@ impl PgStore {
             target,
             partial_limits: cfg.partial_blob_limits(),
             outbox_sinks: std::sync::Arc::new(cfg.outbox_sinks.clone()),
+            outbox_signal: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let mut client = store.client().await?;
         if migrate {
@@ -377,6 +385,7 @@ impl PgStore {
         let mut attempt = 0;
         loop {
             let mut client = self.client().await?;
+            let pushed = AtomicBool::new(false);
             let round = ingest_round(
                 &mut client,
                 &items,
@@ -384,9 +393,15 @@ impl PgStore {
                 recorded,
                 &self.partial_limits,
                 &self.outbox_sinks,
+                &pushed,
             );
             match round.await {
-                Ok(Ok(out)) => return Ok(out),
+                Ok(Ok(out)) => {
+                    if pushed.load(Ordering::Relaxed) {
+                        self.signal_outbox();
+                    }
+                    return Ok(out);
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
                     attempt += 1;
@@ -627,6 +642,7 @@ impl PgStore {
         }
         let rows = outbox::rows_for(&self.outbox_sinks, rec, &new, rec.updated_ms);
         insert_outbox(&tx, &rows).await.map_err(|e| self.pg(e))??;
+        let pushed = !rows.is_empty();
         let stops: Vec<&str> = rec.spec.stops.iter().map(|s| s.id.as_str()).collect();
         tx.execute(
             "INSERT INTO shipment_stops (stop_id, shipment_id) SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
@@ -635,6 +651,9 @@ impl PgStore {
         .await
         .map_err(|e| self.pg(e))?;
         tx.commit().await.map_err(|e| self.pg(e))?;
+        if pushed {
+            self.signal_outbox();
+        }
         Ok(PutShipment::Written)
     }
 
@@ -862,11 +881,26 @@ impl PgStore {
         let tx = client.transaction().await.map_err(|e| self.pg(e))?;
         for (row, d) in results {
             let seq = to_i64(row.seq).unwrap_or(i64::MAX);
+            let keep = webhooks::is_subscription_sink(&row.sink).then(|| row.clone());
             match row.settle(d, now_ms) {
                 Settled::Gone => {
                     tx.execute("DELETE FROM outbox WHERE seq = $1", &[&seq])
                         .await
                         .map_err(|e| self.pg(e))?;
+                    if let Some(row) = keep {
+                        tx.execute(
+                            "INSERT INTO outbox_sent (seq, id, sink, created_ms, row) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                            &[
+                                &seq,
+                                &row.id,
+                                &row.sink,
+                                &to_i64(row.created_ms).unwrap_or(i64::MAX),
+                                &serde_json::to_string(&row)?,
+                            ],
+                        )
+                        .await
+                        .map_err(|e| self.pg(e))?;
+                    }
                 }
                 Settled::Waiting(row) => {
                     tx.execute(
@@ -967,7 +1001,183 @@ impl PgStore {
             .await
             .map_err(|e| self.pg(e))??;
         tx.commit().await.map_err(|e| self.pg(e))?;
+        self.signal_outbox();
         Ok(Some(row))
+    }
+
+    /// See [`super::Store::outbox_signal`].
+    pub fn outbox_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox_signal.subscribe()
+    }
+
+    fn signal_outbox(&self) {
+        self.outbox_signal.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// See [`super::Store::put_webhook`].
+    pub async fn put_webhook(&self, sub: &Subscription) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO webhooks (id, record) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                &[&sub.id, &serde_json::to_string(sub)?],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(())
+    }
+
+    /// See [`super::Store::webhook`].
+    pub async fn webhook(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT record FROM webhooks WHERE id = $1", &[&id])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(json_rows::<Subscription>(&rows)?.pop())
+    }
+
+    /// See [`super::Store::webhooks`].
+    pub async fn webhooks(&self) -> Result<Vec<Subscription>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT record FROM webhooks ORDER BY id", &[])
+            .await
+            .map_err(|e| self.pg(e))?;
+        json_rows::<Subscription>(&rows)
+    }
+
+    /// See [`super::Store::delete_webhook`].
+    pub async fn delete_webhook(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        let rows = tx
+            .query(
+                "DELETE FROM webhooks WHERE id = $1 RETURNING record",
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        let Some(sub) = json_rows::<Subscription>(&rows)?.pop() else {
+            return Ok(None);
+        };
+        let sink = webhooks::sink_of(id);
+        for sql in [
+            "DELETE FROM outbox WHERE sink = $1",
+            "DELETE FROM outbox_sent WHERE sink = $1",
+            "DELETE FROM deadletters WHERE sink = $1",
+        ] {
+            tx.execute(sql, &[&sink]).await.map_err(|e| self.pg(e))?;
+        }
+        tx.commit().await.map_err(|e| self.pg(e))?;
+        Ok(Some(sub))
+    }
+
+    /// See [`super::Store::webhook_fanout`]: one hub at a time (a transaction-scoped
+    /// advisory lock; a hub that does not get it leaves the rows to the one that has it),
+    /// so the subscriptions' rows keep the staging order.
+    pub async fn webhook_fanout(
+        &self,
+        limit: usize,
+        event_type: impl Fn(&OutboxRow) -> String + Send + 'static,
+    ) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&FANOUT_LOCK])
+            .await
+            .map_err(|e| self.pg(e))?
+            .get(0);
+        if !locked {
+            return Ok(0);
+        }
+        let staged = tx
+            .query(
+                "SELECT seq, row FROM outbox WHERE sink = $1 ORDER BY seq LIMIT $2",
+                &[&webhooks::STAGING, &(limit as i64)],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        if staged.is_empty() {
+            return Ok(0);
+        }
+        let subs = json_rows::<Subscription>(
+            &tx.query("SELECT record FROM webhooks", &[])
+                .await
+                .map_err(|e| self.pg(e))?,
+        )?;
+        let mut rows = Vec::new();
+        let mut seqs: Vec<i64> = Vec::with_capacity(staged.len());
+        for r in &staged {
+            seqs.push(r.get(0));
+            let row: OutboxRow = serde_json::from_str(r.get::<_, &str>(1))?;
+            rows.extend(webhooks::fan_out(&row, &subs, &event_type(&row)));
+        }
+        insert_outbox(&tx, &rows).await.map_err(|e| self.pg(e))??;
+        tx.execute("DELETE FROM outbox WHERE seq = ANY($1)", &[&seqs])
+            .await
+            .map_err(|e| self.pg(e))?;
+        tx.commit().await.map_err(|e| self.pg(e))?;
+        if !rows.is_empty() {
+            self.signal_outbox();
+        }
+        Ok(staged.len())
+    }
+
+    /// See [`super::Store::webhook_replay`].
+    pub async fn webhook_replay(&self, id: &str, since_ms: u64) -> Result<usize, StoreError> {
+        let sink = webhooks::sink_of(id);
+        let since = to_i64(since_ms).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        let mut rows: Vec<OutboxRow> = Vec::new();
+        for r in tx
+            .query(
+                "DELETE FROM outbox_sent WHERE sink = $1 AND created_ms >= $2 RETURNING row",
+                &[&sink, &since],
+            )
+            .await
+            .map_err(|e| self.pg(e))?
+        {
+            rows.push(serde_json::from_str(r.get::<_, &str>(0))?);
+        }
+        let letters = json_rows::<DeadLetter>(
+            &tx.query("SELECT letter FROM deadletters WHERE sink = $1", &[&sink])
+                .await
+                .map_err(|e| self.pg(e))?,
+        )?;
+        let dead: Vec<DeadLetter> = letters
+            .into_iter()
+            .filter(|d| d.row.created_ms >= since_ms)
+            .collect();
+        let ids: Vec<&str> = dead.iter().map(|d| d.row.id.as_str()).collect();
+        tx.execute("DELETE FROM deadletters WHERE id = ANY($1)", &[&ids])
+            .await
+            .map_err(|e| self.pg(e))?;
+        rows.extend(dead.iter().map(|d| d.row.clone()));
+        // In their first order, under the same ids.
+        rows.sort_by_key(|r| r.seq);
+        let rows: Vec<OutboxRow> = rows.into_iter().map(OutboxRow::replayed).collect();
+        insert_outbox(&tx, &rows).await.map_err(|e| self.pg(e))??;
+        tx.commit().await.map_err(|e| self.pg(e))?;
+        if !rows.is_empty() {
+            self.signal_outbox();
+        }
+        Ok(rows.len())
+    }
+
+    /// See [`super::Store::prune_delivered`].
+    pub async fn prune_delivered(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM outbox_sent WHERE created_ms < $1",
+                &[&to_i64(before_ms).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(n)
     }
 
     /// See [`super::Store::review`].
@@ -1263,6 +1473,7 @@ async fn ingest_round(
     recorded: i64,
     limits: &PartialBlobLimits,
     sinks: &[String],
+    pushed: &AtomicBool,
 ) -> Result<Result<Vec<Outcome>, StoreError>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut new_keys = vec![false; rows.device.len()];
@@ -1413,7 +1624,7 @@ async fn ingest_round(
     // What new trip and POD events mean for the vehicles' shipments (rows locked by
     // device, then shipment id).
     for (device, events) in &corr {
-        if let Err(e) = correlate_device(&tx, device, events, recorded, sinks).await? {
+        if let Err(e) = correlate_device(&tx, device, events, recorded, sinks, pushed).await? {
             return Ok(Err(e));
         }
     }
@@ -1572,6 +1783,7 @@ async fn correlate_device(
     events: &[(u32, u64, &Event)],
     recorded: i64,
     sinks: &[String],
+    pushed: &AtomicBool,
 ) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
     let mut fresh: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
     let mut open: Vec<(ShipmentRecord, Vec<Fact>)> = Vec::new();
@@ -1727,6 +1939,9 @@ async fn correlate_device(
         rec.state = crate::shipments::facts::replay(facts, &rec.spec);
         let new = fresh.remove(&rec.id).unwrap_or_default();
         let rows = outbox::rows_for(sinks, rec, &new, recorded_ms);
+        if !rows.is_empty() {
+            pushed.store(true, Ordering::Relaxed);
+        }
         if let Err(e) = insert_outbox(tx, &rows).await? {
             return Ok(Err(e));
         }

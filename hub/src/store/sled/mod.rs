@@ -26,6 +26,9 @@
 //! tree outbox:               key  sink ++ 0x00 ++ seq: u64 BE      val  JSON(OutboxRow)
 //! tree outbox_ids:           key  outbox row id     val  seq: u64 BE
 //! tree deadletters:          key  outbox row id     val  JSON(DeadLetter)
+//! tree outbox_sent:          key  sink ++ 0x00 ++ seq: u64 BE      val  JSON(OutboxRow)
+//!                            (webhook subscriptions' delivered rows, for replays)
+//! tree webhooks:             key  subscription id   val  JSON(Subscription)
 //! ```
 //!
 //! A unit of work without sled transactions: every call that writes ends with
@@ -63,6 +66,7 @@ use std::sync::{Arc, Mutex};
 use fleetsync_protocol::{Assignment, Batch, BlobChunk, Body, Health, Sha256};
 
 use crate::auth::Credential;
+use crate::outbox::webhooks::{self, Subscription};
 use crate::outbox::{self, DeadLetter, Delivery, OutboxRow, Settled};
 use crate::shipments::correlate::{self, ReviewItem, ReviewStatus};
 use crate::shipments::eta::{self, VehiclePosition};
@@ -92,6 +96,12 @@ pub struct SledStore {
     outbox: ::sled::Tree,
     outbox_ids: ::sled::Tree,
     deadletters: ::sled::Tree,
+    outbox_sent: ::sled::Tree,
+    webhooks: ::sled::Tree,
+    /// Bumped once a write that added outbox rows is durable.
+    outbox_signal: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Set when a write adds an outbox row (one write call at a time).
+    outbox_pushed: Arc<AtomicBool>,
     quarantine: ::sled::Tree,
     quarantine_by_device: ::sled::Tree,
     assignments: ::sled::Tree,
@@ -227,6 +237,10 @@ impl SledStore {
             outbox: db.open_tree("outbox")?,
             outbox_ids: db.open_tree("outbox_ids")?,
             deadletters: db.open_tree("deadletters")?,
+            outbox_sent: db.open_tree("outbox_sent")?,
+            webhooks: db.open_tree("webhooks")?,
+            outbox_signal: Arc::new(tokio::sync::watch::Sender::new(0)),
+            outbox_pushed: Arc::new(AtomicBool::new(false)),
             quarantine: db.open_tree("quarantine")?,
             quarantine_by_device: db.open_tree("quarantine_by_device")?,
             assignments: db.open_tree("assignments")?,
@@ -321,6 +335,7 @@ impl SledStore {
             .insert(outbox_key(&row.sink, row.seq), serde_json::to_vec(&*row)?)?;
         self.outbox_ids
             .insert(row.id.as_bytes(), &row.seq.to_be_bytes())?;
+        self.outbox_pushed.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -363,8 +378,12 @@ impl SledStore {
         self.write(move |s| {
             for (row, d) in results {
                 let key = outbox_key(&row.sink, row.seq);
+                let keep = webhooks::is_subscription_sink(&row.sink).then(|| row.clone());
                 match row.settle(d, now_ms) {
                     Settled::Gone => {
+                        if let Some(row) = keep {
+                            s.outbox_sent.insert(&key, serde_json::to_vec(&row)?)?;
+                        }
                         s.outbox.remove(key)?;
                     }
                     Settled::Waiting(row) => {
@@ -437,6 +456,155 @@ impl SledStore {
         .await
     }
 
+    /// See [`super::Store::outbox_signal`].
+    pub fn outbox_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox_signal.subscribe()
+    }
+
+    /// See [`super::Store::put_webhook`].
+    pub async fn put_webhook(&self, sub: &Subscription) -> Result<(), StoreError> {
+        let (key, val) = (sub.id.clone(), serde_json::to_vec(sub)?);
+        self.write(move |s| {
+            s.webhooks.insert(key.as_bytes(), val)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Store::webhook`].
+    pub async fn webhook(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        json_get(&self.webhooks, id.as_bytes())
+    }
+
+    /// See [`super::Store::webhooks`].
+    pub async fn webhooks(&self) -> Result<Vec<Subscription>, StoreError> {
+        self.webhooks_now()
+    }
+
+    /// See [`super::Store::delete_webhook`].
+    pub async fn delete_webhook(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        let id = id.to_string();
+        self.write(move |s| {
+            let Some(sub) = json_get::<Subscription>(&s.webhooks, id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut prefix = webhooks::sink_of(&id).into_bytes();
+            prefix.push(0);
+            for tree in [&s.outbox, &s.outbox_sent] {
+                for k in tree.scan_prefix(&prefix).keys() {
+                    tree.remove(k?)?;
+                }
+            }
+            let sink = webhooks::sink_of(&id);
+            for kv in s.deadletters.iter() {
+                let (k, v) = kv?;
+                let d: DeadLetter = serde_json::from_slice(&v)?;
+                if d.row.sink == sink {
+                    s.deadletters.remove(k)?;
+                }
+            }
+            s.webhooks.remove(id.as_bytes())?;
+            Ok(Some(sub))
+        })
+        .await
+    }
+
+    /// See [`super::Store::webhook_fanout`].
+    pub async fn webhook_fanout(
+        &self,
+        limit: usize,
+        event_type: impl Fn(&OutboxRow) -> String + Send + 'static,
+    ) -> Result<usize, StoreError> {
+        let mut prefix = webhooks::STAGING.as_bytes().to_vec();
+        prefix.push(0);
+        if self.outbox.scan_prefix(&prefix).next().is_none() {
+            return Ok(0);
+        }
+        self.write(move |s| {
+            let subs = s.webhooks_now()?;
+            let mut n = 0;
+            for kv in s.outbox.scan_prefix(&prefix).take(limit) {
+                let (k, v) = kv?;
+                let staged: OutboxRow = serde_json::from_slice(&v)?;
+                for mut row in webhooks::fan_out(&staged, &subs, &event_type(&staged)) {
+                    // Written before (a crash after the rows, before the removal): skip.
+                    if !s.outbox_ids.contains_key(row.id.as_bytes())? {
+                        s.push_outbox(&mut row)?;
+                    }
+                }
+                s.outbox.remove(k)?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    fn webhooks_now(&self) -> Result<Vec<Subscription>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.webhooks.iter().values() {
+            out.push(serde_json::from_slice(&v?)?);
+        }
+        Ok(out)
+    }
+
+    /// See [`super::Store::webhook_replay`].
+    pub async fn webhook_replay(&self, id: &str, since_ms: u64) -> Result<usize, StoreError> {
+        let sink = webhooks::sink_of(id);
+        self.write(move |s| {
+            let mut prefix = sink.clone().into_bytes();
+            prefix.push(0);
+            // Delivered rows and dead letters, in their first order.
+            let mut rows: Vec<(Option<Vec<u8>>, OutboxRow)> = Vec::new();
+            for kv in s.outbox_sent.scan_prefix(&prefix) {
+                let (k, v) = kv?;
+                let row: OutboxRow = serde_json::from_slice(&v)?;
+                if row.created_ms >= since_ms {
+                    rows.push((Some(k.to_vec()), row));
+                }
+            }
+            for v in s.deadletters.iter().values() {
+                let d: DeadLetter = serde_json::from_slice(&v?)?;
+                if d.row.sink == sink && d.row.created_ms >= since_ms {
+                    rows.push((None, d.row));
+                }
+            }
+            rows.sort_by_key(|(_, r)| r.seq);
+            let n = rows.len();
+            for (sent_key, row) in rows {
+                match sent_key {
+                    Some(k) => {
+                        s.outbox_sent.remove(k)?;
+                    }
+                    None => {
+                        s.deadletters.remove(row.id.as_bytes())?;
+                    }
+                }
+                let mut row = row.replayed();
+                s.push_outbox(&mut row)?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// See [`super::Store::prune_delivered`].
+    pub async fn prune_delivered(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.write(move |s| {
+            let mut n = 0;
+            for kv in s.outbox_sent.iter() {
+                let (k, v) = kv?;
+                let row: OutboxRow = serde_json::from_slice(&v)?;
+                if row.created_ms < before_ms {
+                    s.outbox_sent.remove(k)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
     /// See [`super::Store::outbox_pending`].
     pub async fn outbox_pending(
         &self,
@@ -494,6 +662,9 @@ impl SledStore {
                     path: s.path.clone(),
                     source,
                 });
+            }
+            if s.outbox_pushed.swap(false, Ordering::Relaxed) {
+                s.outbox_signal.send_modify(|n| *n = n.wrapping_add(1));
             }
             Ok(out)
         })
