@@ -146,6 +146,11 @@ impl FakeErp {
         self.with(name, |e| e.secrets = secrets);
     }
 
+    /// The secrets receiver `name` accepts.
+    pub fn hook_secrets(&self, name: &str) -> Vec<String> {
+        self.with(name, |e| e.secrets.clone())
+    }
+
     /// Answers receiver `name`'s next requests with `faults`, in order, then normally.
     pub fn plan_hook(&self, name: &str, faults: impl IntoIterator<Item = Fault>) {
         self.with(name, |e| e.plan.extend(faults));

@@ -81,6 +81,8 @@ pub struct Faults {
     pub quota_bursts: u32,
     /// Vehicles with a skewed GPS clock.
     pub clock_skews: u32,
+    /// Webhook secrets rotated mid-run.
+    pub secret_rotations: u32,
 }
 
 /// The chaos report.
@@ -264,13 +266,20 @@ pub async fn chaos(
         .map_err(setup)?;
     // The ERP: a fake that applies each Idempotency-Key once and answers from a seeded
     // plan of faults (throttling, outages, 500s, a timeout after it applied the call).
+    // The same server hosts the partners' webhook receivers, each with its own plan
+    // (and one outage of several seconds: an hour-long one, compressed in time).
     let erp = FakeErp::start().await.map_err(setup)?;
     erp.plan(erp_faults(opts.seed, 400));
+    for (i, r) in RECEIVERS.iter().enumerate() {
+        erp.plan_hook(r, erp_faults(opts.seed ^ (i as u64 + 1), 400));
+    }
     std::fs::write(
         &hub_toml,
         format!(
             "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n\
-             [[erp]]\nname = \"{ERP_NAME}\"\nbase_url = \"{erp_url}\"\ntimeout_ms = 1000\nbackoff_ms = 100\nbackoff_cap_ms = 2000\nbreaker_failures = 5\nbreaker_open_ms = 2000\nrate_per_s = 100\nburst = 8\n",
+             [[erp]]\nname = \"{ERP_NAME}\"\nbase_url = \"{erp_url}\"\ntimeout_ms = 1000\nbackoff_ms = 100\nbackoff_cap_ms = 2000\nbreaker_failures = 5\nbreaker_open_ms = 2000\nrate_per_s = 100\nburst = 8\n\
+             [webhooks]\nallow_insecure_targets = true\ntimeout_ms = 1000\nretry_schedule_s = {schedule:?}\nbreaker_failures = 5\nbreaker_open_ms = 2000\n",
+            schedule = [[0.0].as_slice(), &[0.5, 1.0], &[2.0; 60]].concat(),
             ca = pki.join("ca.pem").display(),
             cert = pki.join("hub.pem").display(),
             key = pki.join("hub-key.pem").display(),
@@ -372,6 +381,17 @@ pub async fn chaos(
         ..Faults::default()
     };
     let erp_token = make_erp_credential(&client, &hub_http).await?;
+    // Two partners: one hears of everything, one of CHAOS's milestones but estimates.
+    let mut subs = Vec::new();
+    for (i, receiver) in RECEIVERS.iter().enumerate() {
+        let hears_eta = i == 0;
+        let sub = subscribe(&client, &hub_http, &erp_token, &erp, receiver, hears_eta).await?;
+        subs.push(oracle::Subscription {
+            id: sub,
+            receiver: receiver.to_string(),
+            hears_eta,
+        });
+    }
     for v in &vehicles {
         if !wait_ok(
             &client,
@@ -436,6 +456,15 @@ pub async fn chaos(
     let mut next_hub_kill = opts.duration.as_secs_f64() * rng.random_range(0.3..0.45);
     let mut hub_kills_left = 2;
     let t0 = Instant::now();
+    // Half way, the first partner's secret is rotated: both sign during the overlap, and
+    // its receiver accepts either, as a partner switching over would.
+    let rotation = tokio::spawn(rotate_later(
+        client.clone(),
+        hub_http.clone(),
+        erp.clone(),
+        subs[0].clone(),
+        opts.duration / 2,
+    ));
     while Instant::now() < run_until && !shutdown.is_cancelled() {
         tokio::time::sleep(fault_gap.min(run_until.saturating_duration_since(Instant::now())))
             .await;
@@ -524,6 +553,12 @@ pub async fn chaos(
     for t in tasks {
         let _ = t.await;
     }
+    if !rotation.await.unwrap_or(false) {
+        return Err(ChaosError::Setup(
+            "could not rotate the webhook secret in 30 s".into(),
+        ));
+    }
+    faults.secret_rotations += 1;
     let drained = oracle::wait_drained(
         &client,
         &vehicles.iter().map(|v| v.api).collect::<Vec<_>>(),
@@ -550,12 +585,13 @@ pub async fn chaos(
     )
     .await;
     let shipments: Vec<String> = vehicles.iter().map(|v| shipment_id(&v.id)).collect();
-    oracle::check_erp(
+    oracle::check_sinks(
         &client,
         &hub_http,
         OPERATOR_TOKEN,
         &erp,
         ERP_NAME,
+        &subs,
         &shipments,
         &mut verdict,
     )
@@ -572,19 +608,109 @@ pub async fn chaos(
 /// The chaos ERP's name in the hub config.
 const ERP_NAME: &str = "chaos-erp";
 
+/// The fake webhook receivers' names (one per subscription).
+const RECEIVERS: [&str; 2] = ["partner-all", "partner-milestones"];
+
 /// A seeded plan of `n` answers: mostly normal, with 503 and 429 asking to come back in
-/// a second, 500s, and calls applied but answered only after the hub's 1 s timeout.
+/// a second, 500s, slow answers, calls applied but answered only after the hub's 1 s
+/// timeout, and one outage of 8 s (every request a 503) somewhere in the first 150.
 fn erp_faults(seed: u64, n: usize) -> Vec<Fault> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xe4b);
+    let outage = rng.random_range(20..150);
     (0..n)
-        .map(|_| match rng.random_range(0..100) {
-            0..70 => Fault::Ok,
-            70..78 => Fault::RetryAfter(503, 1),
-            78..84 => Fault::RetryAfter(429, 1),
-            84..93 => Fault::Status(500),
-            _ => Fault::ApplyThenStall(Duration::from_millis(1500)),
+        .map(|i| {
+            if i == outage {
+                return Fault::Down(Duration::from_secs(8));
+            }
+            match rng.random_range(0..100) {
+                0..64 => Fault::Ok,
+                64..70 => Fault::Slow(Duration::from_millis(rng.random_range(100..700))),
+                70..78 => Fault::RetryAfter(503, 1),
+                78..84 => Fault::RetryAfter(429, 1),
+                84..93 => Fault::Status(500),
+                _ => Fault::ApplyThenStall(Duration::from_millis(1500)),
+            }
         })
         .collect()
+}
+
+/// Subscribes receiver `name` of `fake` (every event type, or every one but arrival
+/// estimates, of customer CHAOS; the types from the ERP API's mapping tables) and gives
+/// the receiver the secret; the id.
+async fn subscribe(
+    client: &reqwest::Client,
+    hub: &str,
+    erp_token: &str,
+    fake: &FakeErp,
+    name: &str,
+    hears_eta: bool,
+) -> Result<String, ChaosError> {
+    let mut body = json!({"url": fake.hook_url(name), "description": name});
+    if !hears_eta {
+        let m: Value = client
+            .get(format!("{hub}/v1/erp/mappings"))
+            .bearer_auth(erp_token)
+            .send()
+            .await
+            .map_err(setup)?
+            .json()
+            .await
+            .map_err(setup)?;
+        let types: Vec<&str> = m["states"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["webhook_type"].as_str())
+            .collect();
+        body["event_types"] = json!(types);
+        body["customer_id"] = json!("CHAOS");
+    }
+    let r = client
+        .post(format!("{hub}/v1/ops/webhooks"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .map_err(setup)?;
+    let v: Value = r.json().await.map_err(setup)?;
+    let (Some(id), Some(secret)) = (v["id"].as_str(), v["secret"].as_str()) else {
+        return Err(ChaosError::Setup(format!("no webhook subscription: {v}")));
+    };
+    fake.set_hook_secrets(name, vec![secret.to_string()]);
+    Ok(id.to_string())
+}
+
+/// After `after`, rotates `sub`'s secret (retried while the hub is down); its receiver
+/// then accepts the old and the new one. Whether it was done.
+async fn rotate_later(
+    client: reqwest::Client,
+    hub: String,
+    fake: FakeErp,
+    sub: oracle::Subscription,
+    after: Duration,
+) -> bool {
+    tokio::time::sleep(after).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let r = client
+            .post(format!("{hub}/v1/ops/webhooks/{}/rotate-secret", sub.id))
+            .bearer_auth(OPERATOR_TOKEN)
+            .send()
+            .await;
+        if let Ok(r) = r
+            && r.status().is_success()
+            && let Ok(v) = r.json::<Value>().await
+            && let Some(new) = v["secret"].as_str()
+        {
+            // The old one is the first the receiver has (never rotated before).
+            let mut secrets = vec![new.to_string()];
+            secrets.extend(fake.hook_secrets(&sub.receiver));
+            fake.set_hook_secrets(&sub.receiver, secrets);
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -719,10 +845,13 @@ async fn driver(v: Arc<Vehicle>, client: reqwest::Client, stop: CancellationToke
 /// Posts `n` positions through the agent's API (telemetry) and records the 201s.
 async fn burst(v: &Vehicle, client: &reqwest::Client, n: usize) {
     let base = format!("http://{}/v1/events", v.api);
-    let t = fleetsync_agent::now_ms();
     let mut accepted: HashMap<(u64, u64), u64> = HashMap::new();
+    // Each position is stamped when it is posted (strictly increasing), so its time and
+    // its seq at the agent agree however long the burst takes on a loaded machine (the
+    // oracle relates a missing fix to the quota gaps by both).
+    let mut time = 0;
     for i in 0..n {
-        let time = t + i as u64;
+        time = fleetsync_agent::now_ms().max(time + 1);
         let body = json!({"kind": "position", "event_time": fleetsync_protocol::json::Time(time).to_rfc3339(),
             "lat": 10.0 + i as f64 * 1e-5, "lon": 10.0});
         if let Ok(r) = client
@@ -792,6 +921,17 @@ pub fn print_summary(r: &ChaosReport) {
         o.erp_requests,
         o.erp_faults,
         o.erp_dead_letters
+    );
+    println!(
+        "webhooks: {} milestones expected over {} subscriptions, {} applied exactly once, in order per shipment: {}; {} requests ({} faults answered), {} bad signatures, {} secret rotated",
+        o.webhooks_expected,
+        RECEIVERS.len(),
+        o.webhooks_applied,
+        o.webhooks_in_order,
+        o.webhook_requests,
+        o.webhook_faults,
+        o.webhook_bad_signatures,
+        f.secret_rotations
     );
     println!(
         "latency capture -> hub (critical events): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",

@@ -29,6 +29,7 @@ use fleetsync_protocol::json::Time;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::fake_erp::Request;
 use crate::route::SimFix;
 
 /// Something an agent answered 201 to.
@@ -134,8 +135,20 @@ pub struct Verdict {
     pub erp_requests: u64,
     /// Of them, answered with a planned fault.
     pub erp_faults: u64,
-    /// Dead letters at the hub (the plan forces none).
+    /// Dead letters at the hub, any sink (the plan forces none).
     pub erp_dead_letters: u64,
+    /// Milestones the webhook subscriptions must hear, summed over subscriptions.
+    pub webhooks_expected: u64,
+    /// Of them, applied by the fake receivers.
+    pub webhooks_applied: u64,
+    /// Whether every subscription heard each shipment's milestones in the hub's order.
+    pub webhooks_in_order: bool,
+    /// Requests the fake receivers got in all.
+    pub webhook_requests: u64,
+    /// Of them, answered with a planned fault.
+    pub webhook_faults: u64,
+    /// Requests whose signature did not verify (must be 0).
+    pub webhook_bad_signatures: u64,
     /// Capture to hub record time of critical events (skewed clocks left out).
     pub latency_ms: Latency,
     /// What failed (first 20).
@@ -152,70 +165,67 @@ fn erp_hears(m: &Value) -> bool {
     }
 }
 
-/// The outbox reached the ERP: every milestone of the chaos shipments the ERP hears of
-/// was applied exactly once (the fake applies a key once and answers 409 after; a second
-/// key for one fact would show as an unexpected application), in the hub's order per
-/// shipment (the `sequence` each carries), nothing else applied, no dead letter. Waits
-/// up to 90 s for the outbox to drain (its retries back off up to 2 s, its breaker
-/// pauses 2 s).
-pub async fn check_erp(
+/// What one sink (the ERP, one webhook subscription) must have applied, by key:
+/// `{sink}/{shipment}/{fact id}` of each milestone of the chaos shipments that `hears`
+/// admits.
+async fn expected_keys(
     client: &reqwest::Client,
     hub: &str,
     token: &str,
-    erp: &crate::fake_erp::FakeErp,
     sink: &str,
     shipments: &[String],
-    v: &mut Verdict,
-) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let (mut expected, mut applied_keys);
-    loop {
-        expected = HashSet::new();
-        for sid in shipments {
-            let Ok(r) = client
-                .get(format!("{hub}/v1/ops/shipments/{sid}"))
-                .bearer_auth(token)
-                .send()
-                .await
-            else {
-                continue;
-            };
-            let sh: Value = r.json().await.unwrap_or_default();
-            for m in sh["milestones"].as_array().into_iter().flatten() {
-                if erp_hears(m)
-                    && let Some(id) = m["id"].as_str()
-                {
-                    expected.insert(format!("{sink}/{sid}/{id}"));
-                }
+    hears: impl Fn(&Value) -> bool,
+) -> HashSet<String> {
+    let mut expected = HashSet::new();
+    for sid in shipments {
+        let Ok(r) = client
+            .get(format!("{hub}/v1/ops/shipments/{sid}"))
+            .bearer_auth(token)
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let sh: Value = r.json().await.unwrap_or_default();
+        for m in sh["milestones"].as_array().into_iter().flatten() {
+            if hears(m)
+                && let Some(id) = m["id"].as_str()
+            {
+                expected.insert(format!("{sink}/{sid}/{id}"));
             }
         }
-        applied_keys = erp
-            .applied()
-            .into_iter()
-            .map(|r| r.key)
-            .collect::<HashSet<String>>();
-        if expected == applied_keys || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let applied = erp.applied();
-    let requests = erp.requests();
-    v.erp_expected = expected.len() as u64;
-    v.erp_applied = applied_keys.intersection(&expected).count() as u64;
-    v.erp_requests = requests.len() as u64;
-    v.erp_faults = requests
-        .iter()
-        .filter(|r| !matches!(r.status, 200 | 409))
-        .count() as u64;
-    let missing: Vec<&String> = expected.difference(&applied_keys).collect();
-    let unexpected: Vec<&String> = applied_keys.difference(&expected).collect();
+    expected
+}
+
+/// What the oracle found at one sink.
+struct SinkVerdict {
+    expected: u64,
+    applied: u64,
+    in_order: bool,
+    requests: u64,
+    faults: u64,
+}
+
+/// Checks one sink: `applied` (in order of application) is exactly `expected`, each key
+/// once (the fakes apply a key once; a second key for one fact would be an unexpected
+/// application), in the hub's order per shipment (the `sequence` each carries).
+fn check_sink(
+    label: &str,
+    expected: &HashSet<String>,
+    applied: &[Request],
+    requests: &[Request],
+    v: &mut Verdict,
+) -> SinkVerdict {
+    let keys: HashSet<String> = applied.iter().map(|r| r.key.clone()).collect();
+    let missing: Vec<&String> = expected.difference(&keys).collect();
+    let unexpected: Vec<&String> = keys.difference(expected).collect();
     if !missing.is_empty() {
         v.lost += missing.len() as u64;
         fail(
             v,
             format!(
-                "ERP: {} milestones never applied, e.g. {:?}",
+                "{label}: {} milestones never applied, e.g. {:?}",
                 missing.len(),
                 &missing[..missing.len().min(3)]
             ),
@@ -226,16 +236,15 @@ pub async fn check_erp(
         fail(
             v,
             format!(
-                "ERP: {} applications of no milestone the hub holds, e.g. {:?}",
+                "{label}: {} applications of no milestone the hub holds, e.g. {:?}",
                 unexpected.len(),
                 &unexpected[..unexpected.len().min(3)]
             ),
         );
     }
-    // Per shipment, the order of application is the hub's order.
-    v.erp_in_order = true;
+    let mut in_order = true;
     let mut last: HashMap<String, u64> = HashMap::new();
-    for r in &applied {
+    for r in applied {
         let subject = r.body["subject"].as_str().unwrap_or_default().to_string();
         let seq: u64 = r.body["sequence"]
             .as_str()
@@ -244,10 +253,109 @@ pub async fn check_erp(
         if let Some(prev) = last.insert(subject.clone(), seq)
             && prev >= seq
         {
-            v.erp_in_order = false;
+            in_order = false;
             fail(
                 v,
-                format!("ERP: {subject}: sequence {seq} applied after {prev}"),
+                format!("{label}: {subject}: sequence {seq} applied after {prev}"),
+            );
+        }
+    }
+    SinkVerdict {
+        expected: expected.len() as u64,
+        applied: keys.intersection(expected).count() as u64,
+        in_order,
+        requests: requests.len() as u64,
+        faults: requests
+            .iter()
+            .filter(|r| !matches!(r.status, 200 | 409))
+            .count() as u64,
+    }
+}
+
+/// A webhook subscription the chaos run made: its id, the fake receiver's name, and
+/// whether it hears of arrival estimates (the other one names every other type).
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// Its id at the hub.
+    pub id: String,
+    /// The fake receiver's name.
+    pub receiver: String,
+    /// Whether it hears of ETA estimates.
+    pub hears_eta: bool,
+}
+
+/// The outbox reached the ERP and every webhook subscription: every milestone of the
+/// chaos shipments a sink hears of was applied there exactly once, in the hub's order
+/// per shipment, nothing else applied, every webhook signature valid, no dead letter.
+/// Waits up to 120 s for the outbox to drain (retries back off up to 2 s, breakers pause
+/// 2 s, a receiver may still be in its planned outage).
+#[allow(clippy::too_many_arguments)]
+pub async fn check_sinks(
+    client: &reqwest::Client,
+    hub: &str,
+    token: &str,
+    fake: &crate::fake_erp::FakeErp,
+    erp_sink: &str,
+    subs: &[Subscription],
+    shipments: &[String],
+    v: &mut Verdict,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let hook_sink = |id: &str| format!("webhook:{id}");
+    loop {
+        let erp = expected_keys(client, hub, token, erp_sink, shipments, erp_hears).await;
+        let mut done = erp == fake.applied().into_iter().map(|r| r.key).collect();
+        for s in subs {
+            let eta = s.hears_eta;
+            let want = expected_keys(client, hub, token, &hook_sink(&s.id), shipments, |m| {
+                erp_hears(m) && (eta || m["type"] != "ETA")
+            })
+            .await;
+            done &= want
+                == fake
+                    .hook_applied(&s.receiver)
+                    .into_iter()
+                    .map(|r| r.key)
+                    .collect();
+        }
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let expected = expected_keys(client, hub, token, erp_sink, shipments, erp_hears).await;
+    let e = check_sink("ERP", &expected, &fake.applied(), &fake.requests(), v);
+    v.erp_expected = e.expected;
+    v.erp_applied = e.applied;
+    v.erp_in_order = e.in_order;
+    v.erp_requests = e.requests;
+    v.erp_faults = e.faults;
+    v.webhooks_in_order = true;
+    for s in subs {
+        let eta = s.hears_eta;
+        let expected = expected_keys(client, hub, token, &hook_sink(&s.id), shipments, |m| {
+            erp_hears(m) && (eta || m["type"] != "ETA")
+        })
+        .await;
+        let label = format!("webhook {}", s.receiver);
+        let w = check_sink(
+            &label,
+            &expected,
+            &fake.hook_applied(&s.receiver),
+            &fake.hook_requests(&s.receiver),
+            v,
+        );
+        v.webhooks_expected += w.expected;
+        v.webhooks_applied += w.applied;
+        v.webhooks_in_order &= w.in_order;
+        v.webhook_requests += w.requests;
+        v.webhook_faults += w.faults;
+        let bad = fake.bad_signatures(&s.receiver);
+        v.webhook_bad_signatures += bad;
+        if bad > 0 {
+            fail(
+                v,
+                format!("{label}: {bad} requests with no valid signature"),
             );
         }
     }
@@ -264,8 +372,8 @@ pub async fn check_erp(
                 fail(
                     v,
                     format!(
-                        "ERP: {} dead letters the fault plan did not force",
-                        v.erp_dead_letters
+                        "{} dead letters the fault plan did not force, e.g. {}",
+                        v.erp_dead_letters, l[0]
                     ),
                 );
             }
