@@ -11,6 +11,7 @@
 pub mod credentials;
 pub mod erp;
 pub mod outbox;
+pub mod portal;
 pub mod serve;
 
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub shipments: crate::shipments::service::Shipments,
     /// Age after which a waiting shipment counts as stuck.
     pub stuck_after_ms: u64,
+    /// The experience layer (portal API, tracking links, stream).
+    pub portal: crate::portal::Portal,
 }
 
 /// An API error.
@@ -301,6 +304,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/v1/ops", ops)
         .nest("/v1/erp", erp)
+        .merge(portal::routes(state.clone()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
