@@ -560,3 +560,29 @@ async fn rate_limited_per_credential() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_covers_the_portal() {
+    let hub = TestHub::start(&[]).await;
+    let doc = hub.http.get_json("/v1/openapi.json").await;
+    for (path, method) in [
+        ("/v1/portal/statuses", "get"),
+        ("/v1/portal/shipments", "get"),
+        ("/v1/portal/shipments/{id}", "get"),
+        ("/v1/portal/shipments/{id}/links", "post"),
+        ("/v1/portal/stream", "get"),
+        ("/t/{token}/json", "get"),
+        ("/t/{token}/stream", "get"),
+        ("/p/{token}", "get"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing"
+        );
+    }
+    assert!(doc["components"]["schemas"]["PortalShipment"].is_object());
+    assert_eq!(
+        doc["components"]["securitySchemes"]["customer"]["scheme"],
+        "bearer"
+    );
+}
