@@ -49,8 +49,8 @@ max_connections = 1024
 header_timeout_ms = 10000
 
 [portal]
-# The customer portal (/portal/, /v1/portal), tracking links (/t/...) and the operator
-# console (/console/) are served on [http] listen.
+# The customer portal's API (/v1/portal), tracking links (/t/...) and POD image URLs
+# (/p/...) are served on [http] listen.
 # Keys that sign tracking links and POD image URLs (HMAC-SHA256), each a random secret
 # of at least 32 characters. New links are signed with the first; links signed with any
 # of them work. Rotate: put a new key first, drop the old one once its links expired
