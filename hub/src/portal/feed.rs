@@ -2,7 +2,7 @@
 //! store so that it works the same with several hub replicas on one PostgreSQL.
 //!
 //! ```text
-//! every poll_ms, one task per hub:
+//! every poll_ms, one task per hub, while any client is connected (no client: no read):
 //!   shipments with updated_ms > watermark - SLACK_MS, by (updated_ms, id)   store query
 //!     new (id, rev) only -> PortalShipment of it -> its customer's channel  (if any client)
 //!     its vehicle is "dirty": which stop it drives to next is looked up again
@@ -105,6 +105,12 @@ impl Channels {
         }
     }
 
+    /// Whether any customer has clients now.
+    pub fn any(&self) -> bool {
+        let map = self.by_customer.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().any(|tx| tx.receiver_count() > 0)
+    }
+
     fn send(&self, customer: &str, c: Change) {
         let map = self.by_customer.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = map.get(customer) {
@@ -156,6 +162,17 @@ pub async fn run(portal: Portal, shutdown: CancellationToken) {
 async fn poll(portal: &Portal, st: &mut PollState) -> Result<(), StoreError> {
     let store = &portal.store;
     let now = crate::ingest::now_ms();
+    if !portal.channels.any() {
+        // Nobody to tell: the store is not read. A first client gets the last SLACK_MS
+        // from its backlog read, and the vehicles' next stops are looked up afresh.
+        st.watermark = now.saturating_sub(SLACK_MS);
+        st.seen.clear();
+        st.next.clear();
+        st.dirty.clear();
+        st.sent_fix.clear();
+        st.first = true;
+        return Ok(());
+    }
     let from = st.watermark.saturating_sub(SLACK_MS);
     let mut after: Option<(u64, String)> = None;
     let mut high = st.watermark;
