@@ -48,6 +48,24 @@ listen = "127.0.0.1:8080"
 max_connections = 1024
 header_timeout_ms = 10000
 
+[portal]
+# The customer portal's API (/v1/portal), tracking links (/t/...) and POD image URLs
+# (/p/...) are served on [http] listen.
+# Keys that sign tracking links and POD image URLs (HMAC-SHA256), each a random secret
+# of at least 32 characters. New links are signed with the first; links signed with any
+# of them work. Rotate: put a new key first, drop the old one once its links expired
+# (dropping a key revokes every link it signed). Unset: a random key per start (links
+# die with the process and work on one replica only).
+# link_keys = ["change-me-to-32-or-more-random-characters"]
+# max_link_ttl_s = 2592000   # longest life of a tracking link
+# pod_url_ttl_s = 600        # life of a signature or photo URL
+# rate_per_s = 10            # requests a second per customer credential or link ...
+# burst = 40                 # ... and at once (then 429 with Retry-After)
+# poll_ms = 250              # the live stream reads the store's changes this often
+# heartbeat_s = 15           # a comment on each open stream this often
+# stream_buffer = 64         # changes a slow stream client may lag before it is dropped
+# max_streams = 10000        # live streams open at once (then 503)
+
 [store]
 # Where the hub keeps events, devices, blobs and assignments. Events are acked to
 # devices only once they are durable here. Exactly one of:
@@ -156,6 +174,9 @@ pub struct Config {
     /// Partner webhooks (`[webhooks]`; the subscriptions are made at /v1/ops/webhooks).
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    /// The customer portal, tracking links and the live stream (`[portal]`).
+    #[serde(default)]
+    pub portal: crate::portal::PortalConfig,
 }
 
 /// `[webhooks]`: how partner webhooks are delivered (Standard Webhooks).
@@ -705,6 +726,7 @@ impl Config {
                 "auth.operator_token must be at least 16 characters".into(),
             ));
         }
+        self.portal.validate().map_err(ConfigError::Invalid)?;
         let range = |key: &str, v: u64, lo: u64, hi: u64, unit: &str| {
             if (lo..=hi).contains(&v) {
                 Ok(())

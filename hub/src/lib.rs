@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod outbox;
 pub mod pki;
+pub mod portal;
 pub mod presence;
 pub mod shipments;
 pub mod store;
@@ -264,7 +265,18 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         shutdown.clone(),
     )));
     let stuck_after_ms = cfg.shipments.stuck_after_s * 1000;
+    let portal = portal::Portal::new(
+        cfg.portal.clone(),
+        store.clone(),
+        shipments.mappings().clone(),
+        shutdown.clone(),
+    );
+    tasks.push(tokio::spawn(portal::feed::run(
+        portal.clone(),
+        shutdown.clone(),
+    )));
     let app = api::app(api::AppState {
+        portal,
         stuck_after_ms,
         store: store.clone(),
         registry,

@@ -11,6 +11,7 @@
 pub mod credentials;
 pub mod erp;
 pub mod outbox;
+pub mod portal;
 pub mod serve;
 pub mod webhooks;
 
@@ -57,6 +58,8 @@ pub struct AppState {
     pub stuck_after_ms: u64,
     /// How partner webhooks are delivered (target checks, limits).
     pub webhooks: Arc<crate::config::WebhooksConfig>,
+    /// The experience layer (portal API, tracking links, stream).
+    pub portal: crate::portal::Portal,
 }
 
 /// An API error.
@@ -313,6 +316,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/v1/ops", ops)
         .nest("/v1/erp", erp)
+        .merge(portal::routes(state.clone()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

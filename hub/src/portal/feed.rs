@@ -1,0 +1,380 @@
+//! The change feed behind `/v1/portal/stream` and `/t/{token}/stream`, read from the
+//! store so that it works the same with several hub replicas on one PostgreSQL.
+//!
+//! ```text
+//! every poll_ms, one task per hub, while any client is connected (no client: no read):
+//!   shipments with updated_ms > watermark - SLACK_MS, by (updated_ms, id)   store query
+//!     new (id, rev) only -> PortalShipment of it -> its customer's channel  (if any client)
+//!     its vehicle is "dirty": which stop it drives to next is looked up again
+//!   positions of the vehicles whose next stop is a delivery stop of a shipment whose
+//!     customer has clients -> newer fix -> Position change to that customer's channel
+//! channel per customer: tokio broadcast of PER_CLIENT_BUFFER changes (made by the first
+//!   client, dropped with the last); a client that falls that far behind is dropped
+//!   (RecvError::Lagged), never buffered without bound; it reconnects and resumes
+//! ```
+//!
+//! Event ids are store cursors: `{updated_ms}-{shipment_id}` of the last shipment change
+//! sent (a position event adds `~p{fix time}`). A client that comes back with
+//! `Last-Event-ID` gets, from the store, every shipment of its customer written after
+//! `updated_ms - SLACK_MS`, then the live changes. Events carry the whole view of a
+//! shipment with its `rev`, so a change sent twice (the slack, two polls) changes nothing
+//! on the page: delivery is at least once, and idempotent.
+//!
+//! A second replica: its own poller reads the same shared store, so a change committed
+//! through either replica reaches the clients of both within a poll (plus the commit
+//! delay the slack covers: a write stamped `updated_ms` before a poll but committed after
+//! it is seen by the next polls, which look `SLACK_MS` back). A client can reconnect to
+//! any replica with its `Last-Event-ID`, since the id names a place in the store, not in
+//! one hub's memory. Positions come from the store's per-vehicle position rows, which
+//! every replica's ingest writes. Nothing here holds state another replica needs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::Portal;
+use super::view::{self, PortalShipment, VehicleView};
+use crate::shipments::spec::StopKind;
+use crate::store::{ShipmentQuery, StoreError};
+
+/// How far back each poll looks, for writes committed after the poll that read past
+/// their `updated_ms` (and for clock skew between replicas).
+pub const SLACK_MS: u64 = 5_000;
+/// Shipment changes read per store page.
+const PAGE: usize = 500;
+/// Most shipments sent to a resuming client from the store before the live changes.
+pub const MAX_RESUME: usize = 1000;
+
+/// One change, as every client of the customer gets it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A shipment's new view.
+    Shipment {
+        /// Its cursor `(updated_ms, id)`.
+        cursor: (u64, String),
+        /// The whole view.
+        view: Arc<PortalShipment>,
+    },
+    /// The vehicle on its way to a shipment's delivery stop moved.
+    Position {
+        /// The shipment.
+        shipment_id: String,
+        /// Where the vehicle is.
+        vehicle: VehicleView,
+    },
+}
+
+impl Change {
+    /// The shipment it is about.
+    pub fn shipment_id(&self) -> &str {
+        match self {
+            Change::Shipment { cursor, .. } => &cursor.1,
+            Change::Position { shipment_id, .. } => shipment_id,
+        }
+    }
+}
+
+/// Clients' channels by customer.
+#[derive(Debug, Default)]
+pub struct Channels {
+    by_customer: Mutex<HashMap<String, broadcast::Sender<Arc<Change>>>>,
+}
+
+impl Channels {
+    /// A receiver of `customer`'s changes (the channel is made by its first client).
+    pub fn subscribe(&self, customer: &str, buffer: usize) -> broadcast::Receiver<Arc<Change>> {
+        let mut map = self.by_customer.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(customer.to_string())
+            .or_insert_with(|| broadcast::channel(buffer.max(1)).0)
+            .subscribe()
+    }
+
+    /// Whether `customer` has clients now; drops its channel once it has none.
+    pub fn listening(&self, customer: &str) -> bool {
+        let mut map = self.by_customer.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(customer) {
+            Some(tx) if tx.receiver_count() > 0 => true,
+            Some(_) => {
+                map.remove(customer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Whether any customer has clients now.
+    pub fn any(&self) -> bool {
+        let map = self.by_customer.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().any(|tx| tx.receiver_count() > 0)
+    }
+
+    fn send(&self, customer: &str, c: Change) {
+        let map = self.by_customer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(customer) {
+            // No receiver left: nobody to tell.
+            let _ = tx.send(Arc::new(c));
+        }
+    }
+}
+
+/// Per vehicle: the stop it drives to next and the shipments (id, customer) for which it
+/// is a delivery stop.
+type NextStops = BTreeMap<String, Vec<(String, String)>>;
+
+/// The poller's memory (rebuilt from the store after a restart).
+#[derive(Debug, Default)]
+struct PollState {
+    watermark: u64,
+    /// `(id -> (rev, updated_ms))` of the changes seen within the slack.
+    seen: HashMap<String, (u64, u64)>,
+    next: NextStops,
+    /// Vehicles whose next stop must be looked up again.
+    dirty: HashSet<String>,
+    first: bool,
+    /// Newest fix time sent per vehicle.
+    sent_fix: HashMap<String, u64>,
+}
+
+/// Runs the poller until `shutdown`.
+pub async fn run(portal: Portal, shutdown: CancellationToken) {
+    let every = Duration::from_millis(portal.cfg.poll_ms.max(50));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut st = PollState {
+        watermark: crate::ingest::now_ms().saturating_sub(SLACK_MS),
+        first: true,
+        ..Default::default()
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = poll(&portal, &mut st).await {
+            tracing::warn!(error = %e, "portal change feed: store poll failed; trying again");
+        }
+    }
+}
+
+async fn poll(portal: &Portal, st: &mut PollState) -> Result<(), StoreError> {
+    let store = &portal.store;
+    let now = crate::ingest::now_ms();
+    if !portal.channels.any() {
+        // Nobody to tell: the store is not read. A first client gets the last SLACK_MS
+        // from its backlog read, and the vehicles' next stops are looked up afresh.
+        st.watermark = now.saturating_sub(SLACK_MS);
+        st.seen.clear();
+        st.next.clear();
+        st.dirty.clear();
+        st.sent_fix.clear();
+        st.first = true;
+        return Ok(());
+    }
+    let from = st.watermark.saturating_sub(SLACK_MS);
+    let mut after: Option<(u64, String)> = None;
+    let mut high = st.watermark;
+    loop {
+        let rows = store
+            .shipments(&ShipmentQuery {
+                updated_after: Some(from),
+                after: after.clone(),
+                limit: PAGE,
+                ..Default::default()
+            })
+            .await?;
+        let full = rows.len() == PAGE;
+        for r in rows {
+            after = Some((r.updated_ms, r.id.clone()));
+            high = high.max(r.updated_ms);
+            if st.seen.get(&r.id).is_some_and(|(rev, _)| *rev >= r.rev) {
+                continue;
+            }
+            st.seen.insert(r.id.clone(), (r.rev, r.updated_ms));
+            if let Some(v) = &r.vehicle {
+                st.dirty.insert(v.clone());
+            }
+            if !portal.channels.listening(&r.spec.customer_id) {
+                continue;
+            }
+            let Some((rec, facts)) = store.shipment(&r.id).await? else {
+                continue;
+            };
+            let customer = rec.spec.customer_id.clone();
+            let cursor = (rec.updated_ms, rec.id.clone());
+            let loaded = view::load(store, rec, facts).await?;
+            let v = view::customer_view(portal.ctx(now), &loaded);
+            portal.channels.send(
+                &customer,
+                Change::Shipment {
+                    cursor,
+                    view: Arc::new(v),
+                },
+            );
+        }
+        if !full {
+            break;
+        }
+    }
+    st.watermark = high.max(now.saturating_sub(SLACK_MS));
+    let floor = st.watermark.saturating_sub(2 * SLACK_MS);
+    st.seen.retain(|_, (_, t)| *t >= floor);
+
+    if st.first {
+        st.first = false;
+        st.dirty.extend(store.shipment_vehicles().await?);
+    }
+    if !st.dirty.is_empty() {
+        let dirty: Vec<String> = st.dirty.drain().collect();
+        for v in &dirty {
+            st.next.remove(v);
+        }
+        let all = store.vehicles_shipments(&dirty).await?;
+        for (vehicle, open) in all {
+            let Ok(a) = crate::shipments::build_assignment(&open, 0) else {
+                continue;
+            };
+            let Some(stop) = a.stops.first() else {
+                continue;
+            };
+            let here: Vec<(String, String)> = open
+                .iter()
+                .filter(|(r, _)| {
+                    stop.shipment_ids.iter().any(|i| i.as_str() == r.id)
+                        && r.spec
+                            .stops
+                            .iter()
+                            .any(|s| s.id == stop.id.as_str() && s.kind == StopKind::Delivery)
+                })
+                .map(|(r, _)| (r.id.clone(), r.spec.customer_id.clone()))
+                .collect();
+            if !here.is_empty() {
+                st.next.insert(vehicle, here);
+            }
+        }
+    }
+    let watched: Vec<String> = st
+        .next
+        .iter()
+        .filter(|(_, ships)| ships.iter().any(|(_, c)| portal.channels.listening(c)))
+        .map(|(v, _)| v.clone())
+        .collect();
+    if watched.is_empty() {
+        return Ok(());
+    }
+    let positions = store.positions(&watched).await?;
+    for (vehicle, p) in positions {
+        if now.saturating_sub(p.time_ms) >= crate::shipments::eta::STALE_AFTER_MS
+            || st.sent_fix.get(&vehicle).is_some_and(|t| *t >= p.time_ms)
+        {
+            continue;
+        }
+        st.sent_fix.insert(vehicle.clone(), p.time_ms);
+        for (shipment_id, customer) in st.next.get(&vehicle).into_iter().flatten() {
+            portal.channels.send(
+                customer,
+                Change::Position {
+                    shipment_id: shipment_id.clone(),
+                    vehicle: VehicleView::of(&p),
+                },
+            );
+        }
+    }
+    st.sent_fix.retain(|v, _| st.next.contains_key(v));
+    Ok(())
+}
+
+/// The shipments of `customer` written after `from_ms` (at most [`MAX_RESUME`]), as
+/// views with their cursors: what a (re)connecting client gets before the live changes.
+pub async fn backlog(
+    portal: &Portal,
+    customer: &str,
+    only: Option<&str>,
+    from_ms: u64,
+) -> Result<Vec<Change>, StoreError> {
+    let now = crate::ingest::now_ms();
+    let rows = portal
+        .store
+        .shipments(&ShipmentQuery {
+            updated_after: Some(from_ms),
+            customer_id: Some(customer.to_string()),
+            limit: MAX_RESUME,
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        if only.is_some_and(|id| id != r.id) {
+            continue;
+        }
+        let Some((rec, facts)) = portal.store.shipment(&r.id).await? else {
+            continue;
+        };
+        let cursor = (rec.updated_ms, rec.id.clone());
+        let loaded = view::load(&portal.store, rec, facts).await?;
+        out.push(Change::Shipment {
+            cursor,
+            view: Arc::new(view::customer_view(portal.ctx(now), &loaded)),
+        });
+    }
+    Ok(out)
+}
+
+/// Parses a `Last-Event-ID` into the `updated_ms` it names.
+pub fn parse_event_id(id: &str) -> Option<u64> {
+    let base = id.split('~').next()?;
+    base.split_once('-')?.0.parse().ok()
+}
+
+/// Formats an event id: the cursor, and `~p{n}` for a position event.
+pub fn event_id(cursor: &(u64, String), position: Option<u64>) -> String {
+    match position {
+        Some(t) => format!("{}-{}~p{t}", cursor.0, cursor.1),
+        None => format!("{}-{}", cursor.0, cursor.1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_store_cursors() {
+        let c = (1_700_000_000_123, "S-1~x".to_string());
+        assert_eq!(parse_event_id(&event_id(&c, None)), Some(c.0));
+        assert_eq!(parse_event_id(&event_id(&c, Some(5))), Some(c.0));
+        assert_eq!(parse_event_id("junk"), None);
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_lags_and_is_told_so() {
+        let ch = Channels::default();
+        let mut rx = ch.subscribe("ACME", 4);
+        assert!(ch.listening("ACME"));
+        for i in 0..10 {
+            ch.send(
+                "ACME",
+                Change::Position {
+                    shipment_id: format!("S{i}"),
+                    vehicle: VehicleView {
+                        time: fleetsync_protocol::json::Time(i),
+                        lat: 0.0,
+                        lon: 0.0,
+                        speed_mps: None,
+                    },
+                },
+            );
+        }
+        assert!(matches!(
+            rx.recv().await,
+            Err(broadcast::error::RecvError::Lagged(6))
+        ));
+        drop(rx);
+        assert!(
+            !ch.listening("ACME"),
+            "the last client gone, the channel goes"
+        );
+    }
+}
