@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Http;
+use crate::fake_erp::FakeErp;
 use super::vehicle::VehicleState;
 
 /// Redraw period on a terminal, and how often news is printed.
@@ -144,13 +145,41 @@ impl Milestones {
     }
 }
 
+/// What the ERP applied since the last call, as news ("ERP: SO-1003 POD_CONFIRMED ->
+/// INVOICE_READY, billing released").
+fn erp_news(erp: &FakeErp, seen: &mut usize) -> Vec<String> {
+    let applied = erp.applied();
+    let news = applied
+        .iter()
+        .skip(*seen)
+        .filter(|r| r.body["data"]["milestone"] != "ETA")
+        .map(|r| {
+            let d = &r.body["data"];
+            let billing = if d["billing_release"] == true {
+                ", billing released"
+            } else {
+                ""
+            };
+            format!(
+                "ERP: {} {} -> {}{billing}",
+                d["reference"].as_str().unwrap_or("?"),
+                d["milestone"].as_str().unwrap_or("?"),
+                d["erp_status"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    *seen = applied.len();
+    news
+}
+
 /// Draws until `stop`.
-pub async fn run(rows: Vec<Row>, ops: Http, stop: CancellationToken) {
+pub async fn run(rows: Vec<Row>, ops: Http, erp: FakeErp, stop: CancellationToken) {
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
     let mut tick = tokio::time::interval(REDRAW);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut milestones = Milestones::default();
+    let mut erp_seen = 0;
     let mut looked: Option<Instant> = None;
     let mut plain_at: Option<Instant> = None;
     let mut drawn = false;
@@ -164,6 +193,7 @@ pub async fn run(rows: Vec<Row>, ops: Http, stop: CancellationToken) {
             looked = Some(Instant::now());
             news.extend(milestones.look(&ops).await);
         }
+        news.extend(erp_news(&erp, &mut erp_seen));
         let t = start.elapsed().as_secs();
         let mut out = String::new();
         if tty {

@@ -248,6 +248,21 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
     cfg.mqtt.key = pki.join("hub-key.pem");
     cfg.store = fleetsync_hub::config::StoreConfig::sled(root.join("hub"));
     cfg.auth.operator_token = operator_token.clone();
+    // The ERP the hub tells about milestones: a fake one in this process, whose
+    // applications the display shows ("ERP: SO-1003 POD_CONFIRMED -> ...").
+    let fake_erp = crate::fake_erp::FakeErp::start()
+        .await
+        .map_err(|source| SimError::Io {
+            what: "start the demo's fake ERP".into(),
+            source,
+        })?;
+    cfg.erp = vec![
+        toml::from_str(&format!(
+            "name = \"demo-erp\"\nbase_url = \"{}\"",
+            fake_erp.base_url()
+        ))
+        .map_err(|e| SimError::Options(format!("demo ERP config: {e}")))?,
+    ];
     cfg.validate()
         .map_err(|e| SimError::Options(e.to_string()))?;
     let hub_sd = CancellationToken::new();
@@ -323,7 +338,14 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
         })
         .collect();
     let display = (!opts.no_progress)
-        .then(|| tokio::spawn(display::run(rows, ops.clone(), display_sd.clone())));
+        .then(|| {
+            tokio::spawn(display::run(
+                rows,
+                ops.clone(),
+                fake_erp.clone(),
+                display_sd.clone(),
+            ))
+        });
     match opts.duration {
         Some(s) => {
             tokio::select! {

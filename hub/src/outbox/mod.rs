@@ -1,5 +1,6 @@
-//! The transactional outbox: what each sink (an ERP; partner webhooks next) must hear,
-//! written in the same store write as the fact that causes it.
+//! The transactional outbox: what each sink (an ERP, the partner webhooks) must hear,
+//! written in the same store write as the fact that causes it. [`worker`] delivers a
+//! sink's rows; [`erp`] and [`webhooks`] say what a delivery is.
 //!
 //! ```text
 //! a new fact of shipment S (device event, ERP call, operator decision, estimate round)
@@ -13,6 +14,9 @@
 //! Which facts: the actual (ACT) facts but the ERP's own acts (CANCELLED and CLOSED come
 //! from its calls), and arrival estimates (EST). Retractions are not sent: a rejected
 //! review item withdraws a POD that was never confirmed.
+//!
+//! The webhooks get one row per fact in sink `webhooks` here, which their fan-out turns
+//! into one row per matching subscription (see [`webhooks`]).
 //!
 //! Rows are keyed by their id, so writing a fact again (a redelivered device event, a
 //! retried call) adds no row. On sled, where a write is not one transaction, rows are
@@ -164,6 +168,13 @@ pub fn rows_for(
     now_ms: u64,
 ) -> Vec<OutboxRow> {
     let mut out = Vec::new();
+    for f in new_facts.iter().filter(|f| wanted(f)) {
+        // The correlation id (the fact's id: the device event's `device:epoch:seq` for
+        // what a vehicle reported) follows the row to every sink's request: the
+        // `outbox.deliver` span, X-Correlation-Id, the CloudEvent's `correlationid`.
+        tracing::debug!(correlation_id = %f.id, shipment = %rec.id,
+            milestone = f.kind.as_str(), sinks = sinks.len(), "outbox rows written");
+    }
     for sink in sinks {
         for f in new_facts.iter().filter(|f| wanted(f)) {
             out.push(OutboxRow {
