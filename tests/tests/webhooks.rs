@@ -444,7 +444,8 @@ async fn on_postgres() {
     webhooks(fake, hub, false).await;
 }
 
-/// Without `allow_insecure_targets`, plain HTTP and loopback targets are refused.
+/// Without `allow_insecure_targets`, plain HTTP and loopback targets are refused; the
+/// OpenAPI document covers the webhook calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_targets_are_refused() {
     let hub = TestHub::start(&["V1"]).await;
@@ -465,4 +466,21 @@ async fn insecure_targets_are_refused() {
         assert_eq!(st, 422, "{url}: {v}");
         assert_eq!(v["field"], "url", "{v}");
     }
+    // The OpenAPI document has every webhook call and the delivery itself.
+    let doc = hub.http.get_json("/v1/openapi.json").await;
+    for (path, method) in [
+        ("/v1/ops/webhooks", "get"),
+        ("/v1/ops/webhooks", "post"),
+        ("/v1/ops/webhooks/{id}", "get"),
+        ("/v1/ops/webhooks/{id}", "patch"),
+        ("/v1/ops/webhooks/{id}", "delete"),
+        ("/v1/ops/webhooks/{id}/rotate-secret", "post"),
+        ("/v1/ops/webhooks/{id}/replay", "post"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing"
+        );
+    }
+    assert!(doc["webhooks"]["partnerEvent"]["post"].is_object());
 }
