@@ -69,6 +69,8 @@ pub struct Request {
     pub body: Value,
     /// What it got.
     pub status: u16,
+    /// When it arrived (ms since the epoch).
+    pub received_ms: u64,
 }
 
 #[derive(Default)]
@@ -133,6 +135,11 @@ impl FakeErp {
     /// Every ERP application (a key's first 2xx), in order.
     pub fn applied(&self) -> Vec<Request> {
         self.with(ERP, |e| e.applied.clone())
+    }
+
+    /// How many ERP applications so far (cheaper than [`FakeErp::applied`]).
+    pub fn applied_count(&self) -> usize {
+        self.with(ERP, |e| e.applied.len())
     }
 
     /// The URL of webhook receiver `name`.
@@ -246,6 +253,7 @@ async fn answer(inner: &Endpoints, name: &str, headers: &HeaderMap, raw: Bytes) 
         raw,
         body,
         status: 0,
+        received_ms: fleetsync_agent::now_ms(),
     };
     let (fault, status) = {
         let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());

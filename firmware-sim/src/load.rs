@@ -44,6 +44,8 @@ pub struct LoadOptions {
     pub dir: Option<PathBuf>,
     /// PostgreSQL URL for the hub's store (sled in the working directory if `None`).
     pub store: Option<String>,
+    /// Measure partner webhooks too (see [`webhook_setup`]).
+    pub webhooks: bool,
 }
 
 /// The load report.
@@ -82,6 +84,14 @@ pub struct LoadReport {
     pub client_errors: u64,
     /// The same errors by message (most frequent first, at most 5 kinds).
     pub client_error_kinds: Vec<(String, u64)>,
+    /// `--webhooks`: arrivals sent in the window, each an ARRIVED milestone a webhook must
+    /// carry.
+    pub webhook_expected: u64,
+    /// Of them, received by the subscription's receiver.
+    pub webhook_received: u64,
+    /// From the hub's record of the arrival (the fact's `recordedtime`, taken as its
+    /// ingest round starts, before the commit) to the webhook request's arrival.
+    pub webhook_latency_ms: Latency,
     /// Oracle verdict.
     pub ok: bool,
 }
@@ -106,6 +116,10 @@ struct Shared {
     acked_window: AtomicU64,
     latencies: std::sync::Mutex<Vec<u32>>,
     hub_latencies: std::sync::Mutex<Vec<u32>>,
+    /// When the window began (ms), for the vehicles' arrivals.
+    window_start_ms: AtomicU64,
+    /// Arrivals sent in the window.
+    trips: AtomicU64,
 }
 
 fn proc_stat(pid: u32) -> Option<(u64, u64)> {
@@ -158,7 +172,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     std::fs::write(
         &toml,
         format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
             pki.join("ca.pem").display(),
             pki.join("hub.pem").display(),
             pki.join("hub-key.pem").display(),
@@ -205,6 +219,10 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         return Err(LoadError("hub did not become ready".into()));
     }
 
+    let receiver = match opts.webhooks {
+        true => Some(webhook_setup(&client, &base).await?),
+        false => None,
+    };
     let shared = Arc::new(Shared::default());
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
@@ -218,18 +236,28 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             &pki.join("devices").join(id).join("key.pem"),
         )
         .map_err(e)?;
+        // With --webhooks, each vehicle arrives once at its stop, spread over the window.
+        let trip = receiver.as_ref().map(|_| {
+            opts.duration
+                .mul_f64(0.05 + 0.75 * (i as f64 + 0.5) / ids.len() as f64)
+        });
         tasks.push(tokio::spawn(vehicle(
             id.clone(),
             mqtt,
             Arc::new(tls),
             opts.rate,
+            trip,
             shared.clone(),
             stop.clone(),
         )));
     }
     // Settle, then measure.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    if receiver.is_some() {
+        release_shipments(&client, &base, &ids).await?;
+    }
     let before = proc_stat(pid);
+    shared.window_start_ms.store(now_ms(), Ordering::SeqCst);
     shared.measuring.store(true, Ordering::SeqCst);
     let t = Instant::now();
     tokio::select! {
@@ -278,6 +306,11 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             }
         }
     }
+    let trips = shared.trips.load(Ordering::SeqCst);
+    let (webhook_received, webhook_latency_ms) = match &receiver {
+        Some(fake) => webhook_latencies(fake, trips).await,
+        None => (0, Latency::default()),
+    };
     let _ = hub.kill();
     let _ = hub.wait();
     let take = |m: &std::sync::Mutex<Vec<u32>>| {
@@ -311,7 +344,10 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             v.truncate(5);
             v
         },
-        ok: lost == 0 && duplicated == 0 && sent_total > 0,
+        webhook_expected: trips,
+        webhook_received,
+        webhook_latency_ms,
+        ok: lost == 0 && duplicated == 0 && sent_total > 0 && webhook_received == trips,
     })
 }
 
@@ -319,14 +355,141 @@ fn now_ms() -> u64 {
     fleetsync_agent::now_ms()
 }
 
+/// The webhook receiver's name.
+const RECEIVER: &str = "load";
+
+/// `--webhooks`: a receiver in this process, subscribed to every event type.
+async fn webhook_setup(
+    client: &reqwest::Client,
+    base: &str,
+) -> Result<crate::fake_erp::FakeErp, LoadError> {
+    let fake = crate::fake_erp::FakeErp::start().await.map_err(e)?;
+    let r = client
+        .post(format!("{base}/v1/ops/webhooks"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&serde_json::json!({"url": fake.hook_url(RECEIVER), "description": "load"}))
+        .send()
+        .await
+        .map_err(e)?;
+    let v: serde_json::Value = r.json().await.map_err(e)?;
+    let secret = v["secret"]
+        .as_str()
+        .ok_or_else(|| LoadError(format!("no webhook subscription: {v}")))?;
+    fake.set_hook_secrets(RECEIVER, vec![secret.to_string()]);
+    Ok(fake)
+}
+
+/// The delivery stop of vehicle `id`'s shipment.
+fn stop_of(id: &str) -> String {
+    format!("{id}-stop")
+}
+
+/// Releases one shipment per vehicle through the ERP API (16 at a time; a vehicle the
+/// hub has not heard from yet is retried).
+async fn release_shipments(
+    client: &reqwest::Client,
+    base: &str,
+    ids: &[String],
+) -> Result<(), LoadError> {
+    let r = client
+        .post(format!("{base}/v1/ops/credentials"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&serde_json::json!({"role": "erp", "name": "load ERP"}))
+        .send()
+        .await
+        .map_err(e)?;
+    let v: serde_json::Value = r.json().await.map_err(e)?;
+    let token = v["token"]
+        .as_str()
+        .ok_or_else(|| LoadError(format!("no ERP credential: {v}")))?
+        .to_string();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ids = Arc::new(ids.to_vec());
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (client, base, token, next, ids) = (
+            client.clone(),
+            base.to_string(),
+            token.clone(),
+            next.clone(),
+            ids.clone(),
+        );
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = ids.get(i) else {
+                    return Ok(());
+                };
+                let body = serde_json::json!({
+                    "reference": format!("SO-{id}"), "customer_id": "LOAD", "vehicle": id,
+                    "stops": [{"id": stop_of(id), "kind": "delivery", "name": "Customer",
+                               "location": {"lat": 52.37, "lon": 4.89}, "radius_m": 50}]});
+                let mut tries = 0;
+                loop {
+                    let r = client
+                        .put(format!("{base}/v1/erp/shipments/LS-{id}"))
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await
+                        .map_err(e)?;
+                    if r.status().is_success() {
+                        break;
+                    }
+                    tries += 1;
+                    if tries > 50 {
+                        return Err(LoadError(format!(
+                            "shipment of {id}: {}",
+                            r.text().await.unwrap_or_default()
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(e)??;
+    }
+    Ok(())
+}
+
+/// Waits (30 s at most) for the webhook of each of `trips` arrivals; how many came and
+/// the latency of each from the hub's record of the arrival.
+async fn webhook_latencies(fake: &crate::fake_erp::FakeErp, trips: u64) -> (u64, Latency) {
+    let arrivals = || {
+        fake.hook_applied(RECEIVER)
+            .into_iter()
+            .filter(|r| r.body["data"]["milestone"] == "ARRIVED")
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (arrivals().len() as u64) < trips && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = arrivals();
+    let lat: Vec<u32> = got
+        .iter()
+        .filter_map(|r| {
+            let t = r.body["recordedtime"].as_str()?;
+            let at = chrono::DateTime::parse_from_rfc3339(t).ok()?;
+            let at = u64::try_from(at.timestamp_millis()).ok()?;
+            Some(r.received_ms.saturating_sub(at).min(u64::from(u32::MAX)) as u32)
+        })
+        .collect();
+    (got.len() as u64, percentiles(lat))
+}
+
 async fn vehicle(
     id: String,
     port: u16,
     tls: Arc<rustls::ClientConfig>,
     rate: f64,
+    trip: Option<Duration>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let mut trip = trip;
     let mut opts = MqttOptions::new(id.clone(), "localhost", port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(256 * 1024, 256 * 1024);
@@ -369,6 +532,24 @@ async fn vehicle(
                 shared.sent.fetch_add(1, Ordering::Relaxed);
                 if shared.measuring.load(Ordering::Relaxed) {
                     shared.sent_window.fetch_add(1, Ordering::Relaxed);
+                    // --webhooks: the arrival at this vehicle's stop, once, when due.
+                    let start = shared.window_start_ms.load(Ordering::Relaxed);
+                    if let Some(after) = trip
+                        && now_ms() >= start + after.as_millis() as u64
+                        && let Ok(stop_id) = fleetsync_protocol::BoundedString::try_from_str(&stop_of(&id))
+                    {
+                        trip = None;
+                        pending.push(Event {
+                            time_ms: now_ms(),
+                            body: Body::Trip(fleetsync_protocol::Trip {
+                                kind: fleetsync_protocol::TripKind::Arrived,
+                                stop_id: Some(stop_id),
+                            }),
+                        });
+                        // Not in `sent`: the oracle counts positions.
+                        shared.trips.fetch_add(1, Ordering::Relaxed);
+                        shared.sent_window.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             _ = send.tick(), if subscribed => {
@@ -480,6 +661,13 @@ pub fn print_summary(r: &LoadReport) {
     );
     for (kind, n) in &r.client_error_kinds {
         println!("  {n:>6} x {kind}");
+    }
+    if r.webhook_expected > 0 {
+        let l = &r.webhook_latency_ms;
+        println!(
+            "webhooks: {} of {} arrivals delivered; hub record -> webhook request: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+            r.webhook_received, r.webhook_expected, l.p50, l.p90, l.p99, l.max
+        );
     }
     println!(
         "oracle: captured {}, stored at the hub {}, lost {}, duplicated {}: {}",

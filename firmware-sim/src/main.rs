@@ -70,6 +70,11 @@ struct LoadArgs {
     /// instead of sled.
     #[arg(long)]
     store: Option<String>,
+    /// Also measure partner webhooks: a shipment per vehicle, one arrival per vehicle
+    /// during the window, a webhook subscription to a receiver in this process; reports
+    /// the latency from the hub's record of each arrival to its webhook request.
+    #[arg(long)]
+    webhooks: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
                     exe,
                     dir: a.dir,
                     store: a.store,
+                    webhooks: a.webhooks,
                 };
                 match fleetsync_sim::load::load(opts, shutdown).await {
                     Ok(r) => {

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Http;
-use crate::fake_erp::FakeErp;
 use super::vehicle::VehicleState;
+use crate::fake_erp::FakeErp;
 
 /// Redraw period on a terminal, and how often news is printed.
 const REDRAW: Duration = Duration::from_secs(1);

@@ -337,15 +337,14 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
             link: v.link.clone(),
         })
         .collect();
-    let display = (!opts.no_progress)
-        .then(|| {
-            tokio::spawn(display::run(
-                rows,
-                ops.clone(),
-                fake_erp.clone(),
-                display_sd.clone(),
-            ))
-        });
+    let display = (!opts.no_progress).then(|| {
+        tokio::spawn(display::run(
+            rows,
+            ops.clone(),
+            fake_erp.clone(),
+            display_sd.clone(),
+        ))
+    });
     match opts.duration {
         Some(s) => {
             tokio::select! {
