@@ -879,27 +879,22 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.pg(e))?;
+        // Delivered rows (the common case) go in two statements for the whole batch.
+        let mut gone: Vec<i64> = Vec::new();
+        let (mut kept_seq, mut kept_id, mut kept_sink, mut kept_created, mut kept_row) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for (row, d) in results {
             let seq = to_i64(row.seq).unwrap_or(i64::MAX);
             let keep = webhooks::is_subscription_sink(&row.sink).then(|| row.clone());
             match row.settle(d, now_ms) {
                 Settled::Gone => {
-                    tx.execute("DELETE FROM outbox WHERE seq = $1", &[&seq])
-                        .await
-                        .map_err(|e| self.pg(e))?;
+                    gone.push(seq);
                     if let Some(row) = keep {
-                        tx.execute(
-                            "INSERT INTO outbox_sent (seq, id, sink, created_ms, row) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                            &[
-                                &seq,
-                                &row.id,
-                                &row.sink,
-                                &to_i64(row.created_ms).unwrap_or(i64::MAX),
-                                &serde_json::to_string(&row)?,
-                            ],
-                        )
-                        .await
-                        .map_err(|e| self.pg(e))?;
+                        kept_seq.push(seq);
+                        kept_created.push(to_i64(row.created_ms).unwrap_or(i64::MAX));
+                        kept_row.push(serde_json::to_string(&row)?);
+                        kept_id.push(row.id);
+                        kept_sink.push(row.sink);
                     }
                 }
                 Settled::Waiting(row) => {
@@ -933,6 +928,19 @@ impl PgStore {
                         .map_err(|e| self.pg(e))?;
                 }
             }
+        }
+        tx.execute("DELETE FROM outbox WHERE seq = ANY($1)", &[&gone])
+            .await
+            .map_err(|e| self.pg(e))?;
+        if !kept_seq.is_empty() {
+            tx.execute(
+                "INSERT INTO outbox_sent (seq, id, sink, created_ms, row) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[]) \
+                 ON CONFLICT DO NOTHING",
+                &[&kept_seq, &kept_id, &kept_sink, &kept_created, &kept_row],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
         }
         tx.commit().await.map_err(|e| self.pg(e))?;
         Ok(())
