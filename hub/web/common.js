@@ -187,7 +187,9 @@ window.FS = (function () {
   // spec: {stops: [{lat, lon, label, cls}], track: [[lat, lon]], vehicles: [{lat, lon,
   // label, cls}], label: text for screen readers, minSpanM}
   function drawMap(spec) {
-    const W = 640, H = 400, PAD = 44;
+    // Narrow screens get a smaller canvas, so labels keep their size when it is scaled.
+    const W = spec.width || (window.innerWidth < 600 ? 340 : 640);
+    const H = Math.round(W * 0.625), PAD = W < 600 ? 30 : 44;
     const pts = [];
     for (const s of spec.stops || []) pts.push([s.lat, s.lon]);
     for (const v of spec.vehicles || []) pts.push([v.lat, v.lon]);

@@ -73,7 +73,7 @@
     });
     const box = $('fleet-map');
     clear(box);
-    box.append(map, el('ul', { class: 'legend' }, el('li', {}, '● connected (blue)'), el('li', {}, '● not connected (grey)')));
+    box.append(map, el('ul', { class: 'legend' }, el('li', {}, el('span', { class: 'dot on', 'aria-hidden': 'true' }), 'connected'), el('li', {}, el('span', { class: 'dot off', 'aria-hidden': 'true' }), 'not connected')));
     const ul = $('devices');
     clear(ul);
     for (const d of devices) {

@@ -210,6 +210,12 @@
       input.focus();
       input.select();
     });
+    let resized = null;
+    window.addEventListener('resize', () => {
+      clearTimeout(resized);
+      // The map's canvas follows the screen's width.
+      resized = setTimeout(() => { const v = openId && views.get(openId); if (v) renderDetail(v); }, 150);
+    });
     window.addEventListener('hashchange', () => {
       const t = FS.tokenFor(KEY);
       if (t && t !== token) {

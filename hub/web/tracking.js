@@ -12,6 +12,7 @@
   const track = [];
 
   function gone() {
+    view = null;
     if (stream) { stream.close(); stream = null; }
     clear($('shipment'));
     $('loading').hidden = true;
@@ -41,6 +42,12 @@
     render();
     return true;
   }
+
+  let resized = null;
+  window.addEventListener('resize', () => {
+    clearTimeout(resized);
+    resized = setTimeout(render, 150);
+  });
 
   document.addEventListener('DOMContentLoaded', async () => {
     if (!(await load())) return;
