@@ -269,10 +269,23 @@ impl Browser {
     /// `target/screenshots/{name}-phone.png` and `-desktop.png`, then goes back to the
     /// desktop size (the viewport as it is scrolled).
     pub async fn screenshots(&mut self, name: &str) {
+        self.screenshots_at(name, None).await;
+    }
+
+    /// The same, scrolled to the element `css` first (at each size: a resize may lay the
+    /// page out anew).
+    pub async fn screenshots_at(&mut self, name: &str, css: Option<&str>) {
         let dir = screenshot_dir();
         for (label, size) in [("phone", PHONE), ("desktop", DESKTOP)] {
             self.resize(size).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Some(css) = css {
+                self.js(
+                    "const e = document.querySelector(arguments[0]); if (e) e.scrollIntoView();",
+                    vec![json!(css)],
+                )
+                .await;
+            }
             let png = self.driver.screenshot_as_png().await.expect("a screenshot");
             let path = dir.join(format!("{name}-{label}.png"));
             std::fs::write(&path, png).expect("screenshot written");

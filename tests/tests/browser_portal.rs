@@ -520,6 +520,7 @@ async fn pod_signature_and_photo_render() {
     );
     assert_not_reloaded(&b).await;
     b.screenshots("portal-pod").await;
+    b.screenshots_at("portal-pod-images", Some("#pod")).await;
     assert_clean_console(&mut b, &[]).await;
     b.quit().await;
 }
