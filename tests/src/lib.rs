@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub mod browser;
-
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
 pub const DRIVER_TOKEN: &str = "driver-token-for-tests-0123456789";
 

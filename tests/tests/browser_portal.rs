@@ -17,14 +17,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod browser;
+
 use std::time::{Duration, Instant};
 
+use browser::{Browser, chromedriver};
 use fleetsync_protocol::topic::{Channel, Layout};
 use fleetsync_protocol::{
     BlobChunk, BlobRef, Body, BoundedString, BoundedVec, Downlink, Event, Fix, MediaType, Outcome,
     Pod, Point, TripKind, Uplink, frame,
 };
-use fleetsync_tests::browser::{Browser, chromedriver};
 use fleetsync_tests::{Http, TestHub, device_client, device_topics, publish_batch, trip_event};
 use rumqttc::{Event as MqttEvent, Packet, QoS};
 use serde_json::{Value, json};

@@ -1,4 +1,6 @@
-//! A real browser for the page tests: headless Chromium driven through chromedriver
+//! A real browser for the page tests (a module of each `browser_*.rs`, not of the
+//! fixtures' library: thirtyfour's `impl Add<Key> for String` would change how `+` on
+//! strings type-checks in every other test): headless Chromium driven through chromedriver
 //! (WebDriver, with the `thirtyfour` client), one chromedriver per test on a free port.
 //!
 //! The driver comes from `FLEETSYNC_TEST_CHROMEDRIVER` (`.ci/browser-deps` sets it) or
@@ -18,12 +20,12 @@ use thirtyfour::prelude::*;
 use thirtyfour::{CapabilitiesHelper, ChromeCapabilities, ChromiumLikeCapabilities};
 
 /// The two sizes every screenshot is taken at: a phone and a desktop (CSS pixels).
-pub const PHONE: (u32, u32) = (360, 740);
+pub(crate) const PHONE: (u32, u32) = (360, 740);
 /// See [`PHONE`].
-pub const DESKTOP: (u32, u32) = (1280, 800);
+pub(crate) const DESKTOP: (u32, u32) = (1280, 800);
 
 /// The chromedriver to use, or `None` (outside CI only) when there is none.
-pub fn chromedriver() -> Option<PathBuf> {
+pub(crate) fn chromedriver() -> Option<PathBuf> {
     let from_env = std::env::var_os("FLEETSYNC_TEST_CHROMEDRIVER")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
@@ -50,7 +52,7 @@ pub fn chromedriver() -> Option<PathBuf> {
 }
 
 /// Where screenshots go: `target/screenshots/` of the build running the test.
-pub fn screenshot_dir() -> PathBuf {
+pub(crate) fn screenshot_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target
     let exe = std::env::current_exe().expect("the test knows its executable");
     let target = exe
@@ -80,18 +82,18 @@ impl FormatRequestData for BrowserLog {
 
 /// A chromedriver process (its own process group, so Chromium goes with it) and one
 /// browser session.
-pub struct Browser {
-    pub driver: WebDriver,
+pub(crate) struct Browser {
+    pub(crate) driver: WebDriver,
     driver_proc: Child,
     /// Console entries read so far (errors are asserted on at the end).
-    pub console: Vec<Value>,
+    pub(crate) console: Vec<Value>,
 }
 
 impl Browser {
     /// Starts chromedriver on a free port and a headless Chromium at the desktop size.
-    pub async fn start(chromedriver: &std::path::Path) -> Browser {
+    pub(crate) async fn start(chromedriver: &std::path::Path) -> Browser {
         use std::os::unix::process::CommandExt;
-        let port = crate::free_port();
+        let port = fleetsync_tests::free_port();
         let child = Command::new(chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -100,7 +102,7 @@ impl Browser {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
         let base = format!("http://127.0.0.1:{port}");
-        let ready = crate::wait_for(Duration::from_secs(20), || {
+        let ready = fleetsync_tests::wait_for(Duration::from_secs(20), || {
             let url = format!("{base}/status");
             async move {
                 let v: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
@@ -151,7 +153,7 @@ impl Browser {
     }
 
     /// Sets the viewport to `(w, h)` CSS pixels (a phone: touch and a mobile viewport).
-    pub async fn resize(&mut self, (w, h): (u32, u32)) {
+    pub(crate) async fn resize(&mut self, (w, h): (u32, u32)) {
         let cdp = ChromeDevTools::new(self.driver.handle.clone());
         let mobile = w < 600;
         cdp.execute_cdp_with_params(
@@ -163,12 +165,12 @@ impl Browser {
     }
 
     /// Opens `url` (absolute).
-    pub async fn goto(&mut self, url: &str) {
+    pub(crate) async fn goto(&mut self, url: &str) {
         self.driver.goto(url).await.expect("the page opens");
     }
 
     /// Runs `script` (a function body; `arguments` are `args`) and returns its value.
-    pub async fn js(&self, script: &str, args: Vec<Value>) -> Value {
+    pub(crate) async fn js(&self, script: &str, args: Vec<Value>) -> Value {
         self.driver
             .execute(script, args)
             .await
@@ -178,7 +180,7 @@ impl Browser {
     }
 
     /// The text of the first element matching `css` ("" if none).
-    pub async fn text(&self, css: &str) -> String {
+    pub(crate) async fn text(&self, css: &str) -> String {
         self.js(
             "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
             vec![json!(css)],
@@ -191,7 +193,7 @@ impl Browser {
 
     /// Waits (`timeout` at most) until `check` (a script returning truthy) holds; panics
     /// with `what` and the page's text otherwise.
-    pub async fn wait_js(&self, what: &str, timeout: Duration, check: &str) -> Value {
+    pub(crate) async fn wait_js(&self, what: &str, timeout: Duration, check: &str) -> Value {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let v = self.js(check, vec![]).await;
@@ -214,7 +216,7 @@ impl Browser {
     }
 
     /// Waits until the element `css` exists and its text contains `want`.
-    pub async fn wait_text(&self, css: &str, want: &str, timeout: Duration) {
+    pub(crate) async fn wait_text(&self, css: &str, want: &str, timeout: Duration) {
         let check = format!(
             "const e = document.querySelector({}); return !!e && !e.closest('[hidden]') && e.innerText.includes({});",
             json!(css),
@@ -225,14 +227,14 @@ impl Browser {
     }
 
     /// Types `text` into the element `css` (focused by a click, as a person would).
-    pub async fn type_into(&self, css: &str, text: &str) {
+    pub(crate) async fn type_into(&self, css: &str, text: &str) {
         let e = self.driver.find(By::Css(css)).await.expect("the field");
         e.click().await.expect("the field takes focus");
         e.send_keys(text).await.expect("typing");
     }
 
     /// Clicks the element `css`.
-    pub async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         self.driver
             .find(By::Css(css))
             .await
@@ -243,7 +245,7 @@ impl Browser {
     }
 
     /// Reads the browser console's new entries into [`Browser::console`].
-    pub async fn read_console(&mut self) {
+    pub(crate) async fn read_console(&mut self) {
         let r = self
             .driver
             .handle
@@ -256,7 +258,7 @@ impl Browser {
     }
 
     /// Console entries at SEVERE level (errors, failed loads, CSP violations).
-    pub async fn console_errors(&mut self) -> Vec<Value> {
+    pub(crate) async fn console_errors(&mut self) -> Vec<Value> {
         self.read_console().await;
         self.console
             .iter()
@@ -268,13 +270,13 @@ impl Browser {
     /// Saves the page at the phone and the desktop size as
     /// `target/screenshots/{name}-phone.png` and `-desktop.png`, then goes back to the
     /// desktop size (the viewport as it is scrolled).
-    pub async fn screenshots(&mut self, name: &str) {
+    pub(crate) async fn screenshots(&mut self, name: &str) {
         self.screenshots_at(name, None).await;
     }
 
     /// The same, scrolled to the element `css` first (at each size: a resize may lay the
     /// page out anew).
-    pub async fn screenshots_at(&mut self, name: &str, css: Option<&str>) {
+    pub(crate) async fn screenshots_at(&mut self, name: &str, css: Option<&str>) {
         let dir = screenshot_dir();
         for (label, size) in [("phone", PHONE), ("desktop", DESKTOP)] {
             self.resize(size).await;
@@ -294,7 +296,7 @@ impl Browser {
     }
 
     /// Ends the session and the driver.
-    pub async fn quit(self) {
+    pub(crate) async fn quit(self) {
         let _ = self.driver.clone().quit().await;
     }
 }
