@@ -10,6 +10,7 @@
 //! dispatch: assignments to devices (send, resend, acks)
 //! store: the interface; sled (embedded) or PostgreSQL (several hubs) behind it
 //! api (axum): operator API over the store, /healthz, /readyz, /metrics
+//! web: the portal, tracking and console pages over those APIs (assets embedded)
 //! ```
 
 pub mod api;
@@ -26,6 +27,7 @@ pub mod presence;
 pub mod shipments;
 pub mod store;
 pub mod tls;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

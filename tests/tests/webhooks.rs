@@ -300,7 +300,7 @@ async fn webhooks(fake: FakeErp, hub: TestHub, reference: bool) {
             sig
         ));
         assert!(signature_valid(
-            &[new_secret.clone()],
+            std::slice::from_ref(&new_secret),
             &r.key,
             t,
             &r.raw,

@@ -15,6 +15,7 @@
 
 pub mod display;
 pub mod plan;
+pub mod portal;
 pub mod report;
 pub mod vehicle;
 
@@ -263,6 +264,8 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
         ))
         .map_err(|e| SimError::Options(format!("demo ERP config: {e}")))?,
     ];
+    // Tracking links signed with a key of this run (the hub warns without one).
+    cfg.portal.link_keys = vec![format!("{}{}", random_token(), random_token())];
     cfg.validate()
         .map_err(|e| SimError::Options(e.to_string()))?;
     let hub_sd = CancellationToken::new();
@@ -306,6 +309,11 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
         }
     }
 
+    // The web pages: a customer of the first van's first stop signs in to the portal.
+    let customer = match vehicles.first() {
+        Some(v) => Some(portal::customer(&ops, &v.ctx).await?),
+        None => None,
+    };
     print_intro(
         &opts,
         &root,
@@ -314,6 +322,7 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
         &hub,
         &ops,
         &vehicles,
+        customer.as_ref(),
     );
 
     // Drive.
@@ -327,6 +336,19 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
         }
     }
     tracker.close();
+    if let Some(c) = &customer {
+        // Once the first van's round is released (a few seconds).
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            r = portal::tracking_link(c, Duration::from_secs(30)) => match r {
+                Ok(url) => println!(
+                    "  tracking link   {url}\n                  ({}'s delivery {}: no sign-in, valid {} h)\n",
+                    c.name, c.shipment_id, portal::LINK_TTL_S / 3600
+                ),
+                Err(e) => warn!(error = %e, "no tracking link for the demo"),
+            },
+        }
+    }
     let display_sd = CancellationToken::new();
     let rows = vehicles
         .iter()
@@ -544,6 +566,7 @@ async fn shipments_at_hub(ops: &Http) -> (std::collections::BTreeMap<String, u64
     (by_state, open)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn print_intro(
     opts: &DemoOptions,
     root: &Path,
@@ -552,6 +575,7 @@ fn print_intro(
     hub: &fleetsync_hub::Running,
     ops: &Http,
     vehicles: &[Started],
+    customer: Option<&portal::Customer>,
 ) {
     let base = &ops.base;
     let token = &ops.token;
@@ -592,7 +616,19 @@ fn print_intro(
     s.push_str(&format!(
         "    curl -s -H 'Authorization: Bearer {token}' '{base}/v1/ops/shipments?limit=20'   (then /v1/ops/shipments/ID: its milestones)\n"
     ));
-    s.push_str("  (the hub has no customer portal yet: shipments and milestones are in the operator and ERP APIs)\n");
+    s.push_str("  web pages (open in a browser; the tokens stay in the tab):\n");
+    if let Some(c) = customer {
+        s.push_str(&format!(
+            "    portal        {}\n                  (signed in as customer {}: {}'s shipments, live)\n",
+            portal::portal_url(c),
+            c.id,
+            c.name
+        ));
+    }
+    s.push_str(&format!(
+        "    console       {}\n                  (the operator: fleet map, stuck shipments, review queue, dead letters)\n",
+        portal::console_url(ops)
+    ));
     s.push_str("  vehicles (the driver's local API: GET /v1/jobs, GET /v1/status, POST /v1/stops/{stop}/pod):\n");
     for v in vehicles {
         s.push_str(&format!(

@@ -317,6 +317,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/v1/ops", ops)
         .nest("/v1/erp", erp)
         .merge(portal::routes(state.clone()))
+        .merge(crate::web::routes())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -497,7 +497,7 @@ pub(super) async fn stream(
 
 /// The shipment a tracking link names, if the link is genuine, unexpired, its credential
 /// not revoked, and the shipment still its customer's; the same `None` for every failure.
-async fn link_target(
+pub(crate) async fn link_target(
     st: &AppState,
     token: &str,
 ) -> Result<Option<(LinkClaims, ShipmentRecord, Vec<crate::shipments::Fact>)>, ApiError> {
@@ -526,7 +526,7 @@ fn link_not_found() -> ApiError {
 }
 
 /// The rate check of a tracking link (keyed by its nonce).
-fn link_rate(st: &AppState, c: &LinkClaims) -> Option<Response> {
+pub(crate) fn link_rate(st: &AppState, c: &LinkClaims) -> Option<Response> {
     st.portal
         .limiter
         .check(&format!("link:{}", c.nonce))

@@ -8,7 +8,7 @@
 //! limit.rs  token buckets per credential / link (429 + Retry-After)
 //! ```
 //!
-//! The HTTP side is `api/portal.rs` (the web pages of issue 12 item 2 are not written yet).
+//! The HTTP side is `api/portal.rs`; the pages over it are in `web/`.
 
 pub mod feed;
 pub mod limit;
