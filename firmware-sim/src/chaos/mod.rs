@@ -845,13 +845,10 @@ async fn driver(v: Arc<Vehicle>, client: reqwest::Client, stop: CancellationToke
 /// Posts `n` positions through the agent's API (telemetry) and records the 201s.
 async fn burst(v: &Vehicle, client: &reqwest::Client, n: usize) {
     let base = format!("http://{}/v1/events", v.api);
+    let t = fleetsync_agent::now_ms();
     let mut accepted: HashMap<(u64, u64), u64> = HashMap::new();
-    // Each position is stamped when it is posted (strictly increasing), so its time and
-    // its seq at the agent agree however long the burst takes on a loaded machine (the
-    // oracle relates a missing fix to the quota gaps by both).
-    let mut time = 0;
     for i in 0..n {
-        time = fleetsync_agent::now_ms().max(time + 1);
+        let time = t + i as u64;
         let body = json!({"kind": "position", "event_time": fleetsync_protocol::json::Time(time).to_rfc3339(),
             "lat": 10.0 + i as f64 * 1e-5, "lon": 10.0});
         if let Ok(r) = client

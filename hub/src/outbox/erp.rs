@@ -17,7 +17,7 @@ use std::time::Duration;
 use fleetsync_protocol::json::Time;
 use serde_json::{Value, json};
 
-use super::worker::{Answer, Gate, Limits, Target, backoff_ms, response_text, retry_after_ms};
+use super::worker::{Answer, Gate, Limits, Target, backoff_ms, reply};
 use super::{Delivery, OutboxRow};
 use crate::config::ErpConfig;
 use crate::shipments::{FactType, Mappings};
@@ -186,21 +186,13 @@ impl Target for Connector {
         if let Some(a) = &self.auth {
             req = req.header("authorization", a);
         }
-        let resp = match req.send().await {
+        let (status, after, text) = match reply(req.send().await, now_ms, "the ERP").await {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Answer::Later(None, "timed out".into()),
-            Err(e) => return Answer::Later(None, format!("could not reach the ERP: {e}")),
+            Err(retry) => return retry,
         };
-        let status = resp.status();
         if status.is_success() || status.as_u16() == 409 {
             return Answer::Applied;
         }
-        let after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| retry_after_ms(v, now_ms));
-        let text = response_text(resp).await;
         match status.as_u16() {
             429 | 503 => Answer::Later(after, format!("HTTP {status}")),
             500..=599 => Answer::Later(None, format!("HTTP {status}: {text}")),

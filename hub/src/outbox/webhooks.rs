@@ -49,7 +49,7 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::worker::{Answer, Gate, Target, Worker, response_text, retry_after_ms};
+use super::worker::{Answer, Gate, Target, Worker, reply};
 use super::{Delivery, OutboxRow};
 use crate::config::WebhooksConfig;
 use crate::metrics::Metrics;
@@ -442,7 +442,7 @@ impl Target for Hook {
             .signing(now_ms)
             .filter_map(|s| sign(&s.key, &row.id, ts, &body))
             .collect();
-        let resp = self
+        let sent = self
             .client
             .post(&sub.url)
             .header("content-type", "application/json")
@@ -454,21 +454,13 @@ impl Target for Hook {
             .body(body)
             .send()
             .await;
-        let resp = match resp {
+        let (status, after, text) = match reply(sent, now_ms, "the target").await {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Answer::Later(None, "timed out".into()),
-            Err(e) => return Answer::Later(None, format!("could not reach the target: {e}")),
+            Err(retry) => return retry,
         };
-        let status = resp.status();
         if status.is_success() {
             return Answer::Applied;
         }
-        let after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| retry_after_ms(v, now_ms));
-        let text = response_text(resp).await;
         match status.as_u16() {
             410 => {
                 let at = chrono::DateTime::from_timestamp_millis(now_ms as i64)

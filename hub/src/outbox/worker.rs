@@ -166,6 +166,28 @@ pub async fn response_text(resp: reqwest::Response) -> String {
     text
 }
 
+/// What a sink answered to a request: its status, its `Retry-After` (ms from `now_ms`)
+/// and the start of its body. `Err`: no answer came (a timeout, no connection), and the
+/// retry that makes (`who` names the sink in the error).
+pub async fn reply(
+    sent: Result<reqwest::Response, reqwest::Error>,
+    now_ms: u64,
+    who: &str,
+) -> Result<(reqwest::StatusCode, Option<u64>, String), Answer> {
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => return Err(Answer::Later(None, "timed out".into())),
+        Err(e) => return Err(Answer::Later(None, format!("could not reach {who}: {e}"))),
+    };
+    let status = resp.status();
+    let after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry_after_ms(v, now_ms));
+    Ok((status, after, response_text(resp).await))
+}
+
 /// A sink's delivery loop.
 pub struct Worker<T> {
     target: Arc<T>,
