@@ -8,7 +8,8 @@
 //!   allows GPS group commit) and fixes a quota `Gap` accounts for: one whose dropped seq
 //!   range reaches into the seqs of the positions stored within 2 s of the missing fix
 //!   (and the nearest one each side; an API burst's positions take their seqs in store
-//!   order, not time order), and in all no more missing fixes than the gaps declare;
+//!   order, not time order), or between the seqs of the GPS fixes stored before and after
+//!   it, and in all no more missing fixes than the gaps declare;
 //! - no content is stored twice; every POD's blobs are at the hub byte-identical; every
 //!   assignment is acknowledged; every backlog drained;
 //! - the shipment the ERP released for each vehicle holds every accepted POD as exactly
@@ -586,6 +587,8 @@ pub async fn check(
         let mut position_times: HashSet<u64> = HashSet::new();
         // (GPS time, epoch, seq) of every position at the hub.
         let mut positions: Vec<(u64, u64, u64)> = Vec::new();
+        // (time, epoch, seq) of the positions that came from the GPS feed.
+        let mut gps_positions: Vec<(u64, u64, u64)> = Vec::new();
         // (dropped epoch, first seq, last seq) of every quota gap.
         let mut quota_gaps: Vec<(u64, u64, u64)> = Vec::new();
         let mut gaps: Vec<(u64, u64, u64)> = Vec::new();
@@ -614,6 +617,11 @@ pub async fn check(
                     if let Some(t) = ms(&e["event_time"]) {
                         position_times.insert(t);
                         positions.push((t, id.0, id.1));
+                        // The quota bursts post positions at lon 10.0; the route's fixes
+                        // are elsewhere.
+                        if e["lon"].as_f64() != Some(10.0) {
+                            gps_positions.push((t, id.0, id.1));
+                        }
                     }
                     format!("g:{}:{}:{}", e["event_time"], e["lat"], e["lon"])
                 }
@@ -762,7 +770,31 @@ pub async fn check(
         // burst's spread: the interval is that of the positions stored within
         // `BURST_SPREAD_MS` of the fix, plus the nearest one on each side.
         const BURST_SPREAD_MS: u64 = 2_000;
+        // Or by the GPS fixes around it: the feed is sequential, so a missing fix's seq
+        // lies after that of the GPS fix stored before it (by time) and before that of
+        // the one after it, in their epochs; a quota gap reaching into that interval
+        // accounts for it.
+        gps_positions.sort_unstable();
+        let between_gps_fixes = |t: u64| {
+            let i = gps_positions.partition_point(|p| p.0 < t);
+            let before = i.checked_sub(1).map(|j| gps_positions[j]);
+            let after = gps_positions.get(i).copied();
+            quota_gaps
+                .iter()
+                .any(|&(e, first, last)| match (before, after) {
+                    (Some((_, eb, sb)), Some((_, ea, sa))) if eb == ea => {
+                        e == eb && last > sb && first < sa
+                    }
+                    (b, a) => {
+                        b.is_some_and(|(_, eb, sb)| e == eb && last > sb)
+                            || a.is_some_and(|(_, ea, sa)| e == ea && first < sa)
+                    }
+                })
+        };
         let gap_covers = |t: u64| {
+            if between_gps_fixes(t) {
+                return true;
+            }
             let lo = positions.partition_point(|p| p.0 < t.saturating_sub(BURST_SPREAD_MS));
             let hi = positions.partition_point(|p| p.0 <= t + BURST_SPREAD_MS);
             let from = lo.saturating_sub(1);
