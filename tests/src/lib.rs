@@ -506,24 +506,61 @@ pub async fn publish_batch(
     first_seq: u64,
     events: &[fleetsync_protocol::Event],
 ) {
-    use fleetsync_protocol::topic::{Channel, Layout};
+    use fleetsync_protocol::topic::Channel;
     use fleetsync_protocol::{Batch, BoundedVec, Downlink, Uplink, frame};
-    use rumqttc::{Event as MqttEvent, Packet, QoS};
-    let (client, mut el) = device_client(&hub.pki, device, device, hub.running_mqtt);
-    let up = Layout::Embedded
-        .topic(device, Channel::Up)
-        .unwrap()
-        .to_string();
-    let down = Layout::Embedded
-        .topic(device, Channel::Down)
-        .unwrap()
-        .to_string();
     let frame = frame::encode(&Uplink::Batch(Batch {
         epoch: 1,
         first_seq,
         events: BoundedVec::try_from_slice(events).unwrap(),
     }))
     .unwrap();
+    let acked = |d: &Downlink| matches!(d, Downlink::Ack(a) if a.ranges.iter().any(|r| r.first <= first_seq && first_seq <= r.last));
+    publish_until(
+        hub,
+        device,
+        Channel::Up,
+        frame,
+        acked,
+        &format!("batch at seq {first_seq}"),
+    )
+    .await;
+}
+
+/// Publishes one blob of at most 16 KiB as a single chunk, as `device`, and waits for its
+/// `BlobAck` (30 s at most); its sha256.
+pub async fn publish_blob(hub: &TestHub, device: &str, data: &[u8]) -> [u8; 32] {
+    use fleetsync_protocol::topic::Channel;
+    use fleetsync_protocol::{BlobChunk, BoundedVec, Downlink, Uplink, frame};
+    use sha2::Digest;
+    let sha: [u8; 32] = sha2::Sha256::digest(data).into();
+    let frame = frame::encode(&Uplink::BlobChunk(BlobChunk {
+        sha256: sha,
+        offset: 0,
+        total_len: data.len() as u32,
+        data: BoundedVec::try_from_slice(data).unwrap(),
+    }))
+    .unwrap();
+    let acked = |d: &Downlink| matches!(d, Downlink::BlobAck(a) if a.sha256 == sha);
+    publish_until(hub, device, Channel::Blob, frame, acked, "blob").await;
+    sha
+}
+
+/// Publishes `frame` on `device`'s `channel` with its certificate, as a device would,
+/// until the hub sends a downlink `acked` says is its ack (30 s at most).
+async fn publish_until(
+    hub: &TestHub,
+    device: &str,
+    channel: fleetsync_protocol::topic::Channel,
+    frame: Vec<u8>,
+    acked: impl Fn(&fleetsync_protocol::Downlink) -> bool,
+    what: &str,
+) {
+    use fleetsync_protocol::topic::{Channel, Layout};
+    use fleetsync_protocol::{Downlink, frame};
+    use rumqttc::{Event as MqttEvent, Packet, QoS};
+    let (client, mut el) = device_client(&hub.pki, device, device, hub.running_mqtt);
+    let topic = |ch| Layout::Embedded.topic(device, ch).unwrap().to_string();
+    let (up, down) = (topic(channel), topic(Channel::Down));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(500), el.poll()).await {
@@ -539,21 +576,17 @@ pub async fn publish_batch(
                     .await
                     .unwrap();
             }
-            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
-                if let Ok(Downlink::Ack(a)) = frame::decode::<Downlink>(&p.payload)
-                    && a.ranges
-                        .iter()
-                        .any(|r| r.first <= first_seq && first_seq <= r.last)
-                {
-                    let _ = client.disconnect().await;
-                    return;
-                }
+            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p))))
+                if frame::decode::<Downlink>(&p.payload).is_ok_and(|d| acked(&d)) =>
+            {
+                let _ = client.disconnect().await;
+                return;
             }
             Ok(Err(e)) => panic!("{device}: {e}"),
             _ => {}
         }
     }
-    panic!("{device}: batch at seq {first_seq} never acked");
+    panic!("{device}: {what} never acked");
 }
 
 /// A trip event (arrival, departure) at `stop`.

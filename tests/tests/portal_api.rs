@@ -13,15 +13,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fleetsync_protocol::topic::{Channel, Layout};
 use fleetsync_protocol::{
-    BlobChunk, BlobRef, Body, BoundedString, BoundedVec, Downlink, Event, Fix, MediaType, Outcome,
-    Pod, Point, TripKind, Uplink, frame,
+    BlobRef, Body, BoundedString, BoundedVec, Event, Fix, MediaType, Outcome, Pod, Point, TripKind,
 };
-use fleetsync_tests::{Http, TestHub, device_client, device_topics, publish_batch, trip_event};
-use rumqttc::{Event as MqttEvent, Packet, QoS};
+use fleetsync_tests::{Http, TestHub, publish_batch, publish_blob, trip_event};
 use serde_json::{Value, json};
 
 const DEPOT: (f64, f64) = (51.5601, 5.0831);
@@ -60,53 +57,6 @@ fn fix(at: (f64, f64), time_ms: u64) -> Event {
             satellites: Some(9),
         }),
     }
-}
-
-/// Publishes one blob of at most 16 KiB as a single chunk and waits for its `BlobAck`.
-async fn publish_blob(hub: &TestHub, device: &str, data: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    let sha: [u8; 32] = sha2::Sha256::digest(data).into();
-    let f = frame::encode(&Uplink::BlobChunk(BlobChunk {
-        sha256: sha,
-        offset: 0,
-        total_len: data.len() as u32,
-        data: BoundedVec::try_from_slice(data).unwrap(),
-    }))
-    .unwrap();
-    let (client, mut el) = device_client(&hub.pki, device, device, hub.running_mqtt);
-    let topic = Layout::Embedded
-        .topic(device, Channel::Blob)
-        .unwrap()
-        .to_string();
-    let (_, down) = device_topics(device);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(500), el.poll()).await {
-            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
-                client
-                    .subscribe(down.as_str(), QoS::AtLeastOnce)
-                    .await
-                    .unwrap();
-            }
-            Ok(Ok(MqttEvent::Incoming(Packet::SubAck(_)))) => {
-                client
-                    .publish(topic.as_str(), QoS::AtLeastOnce, false, f.clone())
-                    .await
-                    .unwrap();
-            }
-            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
-                if let Ok(Downlink::BlobAck(a)) = frame::decode::<Downlink>(&p.payload)
-                    && a.sha256 == sha
-                {
-                    let _ = client.disconnect().await;
-                    return sha;
-                }
-            }
-            Ok(Err(e)) => panic!("{device}: {e}"),
-            _ => {}
-        }
-    }
-    panic!("{device}: blob never acked");
 }
 
 /// A Server-Sent Events reader over a streaming response.
