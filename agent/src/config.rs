@@ -25,6 +25,10 @@ cert = "pki/devices/V1/cert.pem"
 key = "pki/devices/V1/key.pem"
 # A batch the hub has not acked by then is sent again.
 ack_timeout_ms = 10000
+# "embedded" (default): url is a hub's own device endpoint. "external": url is a broker
+# (Mosquitto, EMQX) in front of hub replicas; the agent then keeps a persistent session
+# there (downlinks wait for it while it is offline) and publishes its presence.
+# broker = "embedded"
 
 [store]
 # Events stay here until the hub acks them.
@@ -129,6 +133,21 @@ pub struct HubConfig {
     /// Resend deadline.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// Which broker `url` is: the hub's embedded one, or an external broker in front of
+    /// hub replicas (another topic layout, a persistent session, presence messages).
+    #[serde(default)]
+    pub broker: BrokerKind,
+}
+
+/// `[hub] broker`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// The hub's own broker (`/tenants/{id}/...`).
+    #[default]
+    Embedded,
+    /// An external broker (`fleet/v1/{id}/...`), shared by hub replicas.
+    External,
 }
 
 /// `[store]`

@@ -247,7 +247,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         batch_max_events: cfg.uplink.batch_max_events,
         max_inflight: cfg.uplink.max_inflight,
         batch_max_delay: Duration::from_millis(cfg.uplink.batch_max_delay_ms),
-        layout: Layout::Embedded,
+        layout: match cfg.hub.broker {
+            config::BrokerKind::Embedded => Layout::Embedded,
+            config::BrokerKind::External => Layout::External,
+        },
         assignments: assign_tx,
     };
     tasks.push(tokio::spawn(uplink::run(

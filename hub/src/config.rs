@@ -15,8 +15,8 @@ use crate::store::{MAX_BLOB_BYTES, PartialBlobLimits};
 /// A complete, commented config that runs as is after `fleetsync-hub pki init --dir pki`.
 pub const EXAMPLE: &str = r#"# fleetsync-hub configuration. Unknown keys are errors.
 # Environment overrides: FLEETSYNC_HUB_OPERATOR_TOKEN, FLEETSYNC_HUB_HTTP_LISTEN,
-# FLEETSYNC_HUB_MQTT_LISTEN, FLEETSYNC_HUB_STORE_PATH, FLEETSYNC_HUB_STORE_URL (either
-# store override replaces the file's store choice).
+# FLEETSYNC_HUB_MQTT_LISTEN, FLEETSYNC_HUB_BROKER_URL, FLEETSYNC_HUB_STORE_PATH,
+# FLEETSYNC_HUB_STORE_URL (either store override replaces the file's store choice).
 # Relative paths are relative to this file's directory.
 
 [mqtt]
@@ -39,6 +39,20 @@ max_handshakes = 1024
 max_handshakes_per_source = 64
 # Largest MQTT packet a device may send (event batches, blob chunks).
 max_packet_bytes = 262144
+
+[broker]
+# Where devices connect. "embedded" (the default): the hub's own broker, set up by [mqtt]
+# above, for one hub process. "external": hub replicas share a broker (Mosquitto 2, EMQX,
+# any MQTT 5 broker with shared subscriptions) and a PostgreSQL store; remove [mqtt]
+# then. `fleetsync-hub broker-config mosquitto --pki pki` writes a Mosquitto config and
+# ACL that tie each device's topics to its certificate.
+# kind = "external"
+# url = "mqtts://broker.example.net:8883"   # or FLEETSYNC_HUB_BROKER_URL
+# ca = "pki/ca.pem"                          # signs the broker's server certificate
+# cert = "pki/hubs/hub-a/cert.pem"           # `fleetsync-hub pki issue-hub --name hub-a`,
+# key = "pki/hubs/hub-a/key.pem"             # one per replica: it is its client id too
+# shared_group = "fleetsync-hub"             # replicas of a group split the devices' traffic
+# max_packet_bytes = 262144
 
 [http]
 # Operator API, /healthz, /readyz, /metrics.
@@ -157,8 +171,12 @@ operator_token = "change-me-operator-token"
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Device-facing MQTT.
-    pub mqtt: MqttConfig,
+    /// Where devices connect: the embedded broker or an external one (`[broker]`).
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Device-facing MQTT of the embedded broker (`[mqtt]`; absent with an external one).
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
     /// HTTP APIs.
     pub http: HttpConfig,
     /// Storage.
@@ -177,6 +195,95 @@ pub struct Config {
     /// The customer portal, tracking links and the live stream (`[portal]`).
     #[serde(default)]
     pub portal: crate::portal::PortalConfig,
+}
+
+/// Which broker devices connect to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// The hub's own (rumqttd behind the TLS gateway, `[mqtt]`): one hub process.
+    #[default]
+    Embedded,
+    /// A broker (cluster) the hub replicas connect to as MQTT 5 clients.
+    External,
+}
+
+/// `[broker]`: the embedded broker (default) or an external broker shared by replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `embedded` or `external`.
+    #[serde(default)]
+    pub kind: BrokerKind,
+    /// External: `mqtts://host[:port]` (port 8883 if left out).
+    pub url: Option<String>,
+    /// External: the CA that signs the broker's server certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// External: this hub's client certificate (`fleetsync-hub pki issue-hub`).
+    pub cert: Option<PathBuf>,
+    /// External: its private key.
+    pub key: Option<PathBuf>,
+    /// External: the shared subscription group the replicas split device traffic in.
+    #[serde(default = "default_shared_group")]
+    pub shared_group: String,
+    /// External: largest MQTT packet (a device's batch or blob chunk).
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            kind: BrokerKind::Embedded,
+            url: None,
+            ca: None,
+            cert: None,
+            key: None,
+            shared_group: default_shared_group(),
+            max_packet_bytes: default_max_packet_bytes(),
+        }
+    }
+}
+
+fn default_shared_group() -> String {
+    "fleetsync-hub".to_string()
+}
+
+/// Where an external broker is, parsed from [`BrokerConfig::url`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerEndpoint {
+    /// Host name or address (also the TLS server name).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl BrokerConfig {
+    /// The external broker's host and port, or why `url` is not `mqtts://host[:port]`.
+    pub fn endpoint(&self) -> Result<BrokerEndpoint, String> {
+        let url = self
+            .url
+            .as_deref()
+            .ok_or("broker.url: required with kind = \"external\"")?;
+        let rest = url.strip_prefix("mqtts://").ok_or_else(|| {
+            format!("broker.url = {url:?}: expected mqtts://HOST[:PORT] (TLS is required)")
+        })?;
+        let rest = rest.trim_end_matches('/');
+        let bad = || format!("broker.url = {url:?}: expected mqtts://HOST[:PORT]");
+        let (host, port) = match rest.rsplit_once(':') {
+            // An IPv6 literal without a port: [::1]
+            Some((h, p)) if !p.ends_with(']') => (h, p.parse::<u16>().map_err(|_| bad())?),
+            _ => (rest, 8883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') || port == 0 {
+            return Err(bad());
+        }
+        Ok(BrokerEndpoint {
+            host: host.to_string(),
+            port,
+        })
+    }
 }
 
 /// `[webhooks]`: how partner webhooks are delivered (Standard Webhooks).
@@ -688,7 +795,18 @@ impl Config {
             self.http.listen = addr("FLEETSYNC_HUB_HTTP_LISTEN", v)?;
         }
         if let Some(v) = get("FLEETSYNC_HUB_MQTT_LISTEN") {
-            self.mqtt.listen = addr("FLEETSYNC_HUB_MQTT_LISTEN", v)?;
+            let listen = addr("FLEETSYNC_HUB_MQTT_LISTEN", v)?;
+            match self.mqtt.as_mut() {
+                Some(m) => m.listen = listen,
+                None => {
+                    return Err(ConfigError::Invalid(
+                        "FLEETSYNC_HUB_MQTT_LISTEN is set but the config has no [mqtt] (an external broker is used)".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = get("FLEETSYNC_HUB_BROKER_URL") {
+            self.broker.url = Some(v);
         }
         if let Some(v) = get("FLEETSYNC_HUB_STORE_PATH") {
             self.store.path = Some(v.into());
@@ -704,10 +822,17 @@ impl Config {
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         let store = self.store.path.as_mut();
-        for p in [&mut self.mqtt.ca, &mut self.mqtt.cert, &mut self.mqtt.key]
+        let mqtt = self
+            .mqtt
+            .as_mut()
+            .map(|m| [&mut m.ca, &mut m.cert, &mut m.key])
             .into_iter()
-            .chain(store)
-        {
+            .flatten();
+        let b = &mut self.broker;
+        let broker = [b.ca.as_mut(), b.cert.as_mut(), b.key.as_mut()]
+            .into_iter()
+            .flatten();
+        for p in mqtt.chain(broker).chain(store) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -717,6 +842,67 @@ impl Config {
                 *ca = base.join(&*ca);
             }
         }
+    }
+
+    /// `[broker]` and `[mqtt]` agree: the embedded broker needs `[mqtt]` and none of the
+    /// external keys; an external one needs its URL and TLS material and no `[mqtt]`.
+    fn validate_broker(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let b = &self.broker;
+        match b.kind {
+            BrokerKind::Embedded => {
+                if self.mqtt.is_none() {
+                    return bad("[mqtt] is required with the embedded broker (where devices connect, and its TLS material); or set [broker] kind = \"external\"".into());
+                }
+                for (key, set) in [
+                    ("url", b.url.is_some()),
+                    ("ca", b.ca.is_some()),
+                    ("cert", b.cert.is_some()),
+                    ("key", b.key.is_some()),
+                ] {
+                    if set {
+                        return bad(format!(
+                            "broker.{key} is for an external broker; set broker.kind = \"external\" or remove it"
+                        ));
+                    }
+                }
+            }
+            BrokerKind::External => {
+                if self.mqtt.is_some() {
+                    return bad("[mqtt] configures the embedded broker; with broker.kind = \"external\" devices connect to the broker: remove [mqtt]".into());
+                }
+                b.endpoint().map_err(ConfigError::Invalid)?;
+                for (key, set) in [
+                    ("ca", b.ca.is_some()),
+                    ("cert", b.cert.is_some()),
+                    ("key", b.key.is_some()),
+                ] {
+                    if !set {
+                        return bad(format!(
+                            "broker.{key}: required with an external broker (`fleetsync-hub pki issue-hub` makes the hub's certificate)"
+                        ));
+                    }
+                }
+                let g = &b.shared_group;
+                if g.is_empty()
+                    || g.len() > 64
+                    || !g
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+                {
+                    return bad(format!(
+                        "broker.shared_group = {g:?}: 1 to 64 letters, digits, '-' or '_'"
+                    ));
+                }
+                if !(16 * 1024..=16 << 20).contains(&b.max_packet_bytes) {
+                    return bad(format!(
+                        "broker.max_packet_bytes = {}: must be from 16384 to 16777216 (bytes)",
+                        b.max_packet_bytes
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks values a type cannot.
@@ -736,41 +922,44 @@ impl Config {
                 )))
             }
         };
-        range(
-            "mqtt.handshake_timeout_ms",
-            self.mqtt.handshake_timeout_ms,
-            100,
-            60_000,
-            " (ms)",
-        )?;
-        range(
-            "mqtt.max_packet_bytes",
-            self.mqtt.max_packet_bytes as u64,
-            16 * 1024,
-            16 << 20,
-            " (bytes)",
-        )?;
-        range(
-            "mqtt.max_connections",
-            self.mqtt.max_connections as u64,
-            1,
-            1_000_000,
-            "",
-        )?;
-        range(
-            "mqtt.max_handshakes",
-            self.mqtt.max_handshakes as u64,
-            1,
-            100_000,
-            "",
-        )?;
-        range(
-            "mqtt.max_handshakes_per_source",
-            self.mqtt.max_handshakes_per_source as u64,
-            1,
-            self.mqtt.max_handshakes as u64,
-            " (at most mqtt.max_handshakes)",
-        )?;
+        self.validate_broker()?;
+        if let Some(mqtt) = &self.mqtt {
+            range(
+                "mqtt.handshake_timeout_ms",
+                mqtt.handshake_timeout_ms,
+                100,
+                60_000,
+                " (ms)",
+            )?;
+            range(
+                "mqtt.max_packet_bytes",
+                mqtt.max_packet_bytes as u64,
+                16 * 1024,
+                16 << 20,
+                " (bytes)",
+            )?;
+            range(
+                "mqtt.max_connections",
+                mqtt.max_connections as u64,
+                1,
+                1_000_000,
+                "",
+            )?;
+            range(
+                "mqtt.max_handshakes",
+                mqtt.max_handshakes as u64,
+                1,
+                100_000,
+                "",
+            )?;
+            range(
+                "mqtt.max_handshakes_per_source",
+                mqtt.max_handshakes_per_source as u64,
+                1,
+                mqtt.max_handshakes as u64,
+                " (at most mqtt.max_handshakes)",
+            )?;
+        }
         range(
             "http.max_connections",
             self.http.max_connections as u64,
@@ -1137,6 +1326,68 @@ mod tests {
     }
 
     #[test]
+    fn an_external_broker_needs_its_url_and_certificate_and_no_mqtt_section() {
+        let external = r#"
+[broker]
+kind = "external"
+url = "mqtts://broker.example.net"
+ca = "pki/ca.pem"
+cert = "pki/hubs/a/cert.pem"
+key = "pki/hubs/a/key.pem"
+[http]
+listen = "127.0.0.1:8080"
+[store]
+url = "postgres://db/fleet"
+[auth]
+operator_token = "0123456789abcdef"
+"#;
+        let cfg = Config::parse(external).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.mqtt.is_none());
+        assert_eq!(
+            cfg.broker.endpoint().unwrap(),
+            BrokerEndpoint {
+                host: "broker.example.net".into(),
+                port: 8883
+            }
+        );
+        let err = |text: &str| {
+            Config::parse(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(&external.replace("cert = \"pki/hubs/a/cert.pem\"\n", "")).contains("broker.cert")
+        );
+        assert!(
+            err(&external.replace("mqtts://broker.example.net", "mqtt://broker:1883"))
+                .contains("TLS is required")
+        );
+        assert!(err(&external.replace("broker.example.net", "b:99999")).contains("broker.url"));
+        let both = format!(
+            "{external}[mqtt]\nlisten = \"0.0.0.0:8883\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n"
+        );
+        assert!(err(&both).contains("remove [mqtt]"));
+        let no_mqtt = external.replace("kind = \"external\"", "kind = \"embedded\"");
+        assert!(err(&no_mqtt).contains("[mqtt] is required"));
+        assert!(
+            err(&external.replace(
+                "kind = \"external\"",
+                "kind = \"external\"\nshared_group = \"a/b\""
+            ))
+            .contains("broker.shared_group")
+        );
+        let ipv6 = BrokerConfig {
+            url: Some("mqtts://[::1]:1884".into()),
+            ..BrokerConfig::default()
+        };
+        assert_eq!(ipv6.endpoint().unwrap().host, "::1");
+        assert_eq!(ipv6.endpoint().unwrap().port, 1884);
+    }
+
+    #[test]
     fn example_parses_and_minimal_config_defaults_the_rest() {
         let cfg = Config::parse(EXAMPLE).unwrap();
         cfg.validate().unwrap();
@@ -1154,8 +1405,9 @@ mod tests {
             operator_token = "0123456789abcdef"
         "#;
         let cfg = Config::parse(minimal).unwrap();
-        assert_eq!(cfg.mqtt.max_packet_bytes, 256 * 1024);
-        assert_eq!(cfg.mqtt.handshake_timeout(), Duration::from_secs(5));
+        let mqtt = cfg.mqtt.as_ref().unwrap();
+        assert_eq!(mqtt.max_packet_bytes, 256 * 1024);
+        assert_eq!(mqtt.handshake_timeout(), Duration::from_secs(5));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! device --TLS--> broker::gateway (mTLS, prefix guard) --> broker::embedded (rumqttd)
 //!        --> ingest (decode, one store round: dedup + write, durable) --> ack on the
 //!            device's down topic
+//!   or   --TLS--> external broker (its ACL ties topics to certificates; see
+//!            broker::external) --> shared subscription --> ingest of one replica
 //! dispatch: assignments to devices (send, resend, acks)
 //! store: the interface; sled (embedded) or PostgreSQL (several hubs) behind it
 //! api (axum): operator API over the store, /healthz, /readyz, /metrics
@@ -68,6 +70,9 @@ pub enum HubError {
     /// An outbox sink could not be set up.
     #[error("{0}")]
     Sink(String),
+    /// The configuration cannot be run as it is.
+    #[error("invalid config: {0}")]
+    Config(String),
 }
 
 impl HubError {
@@ -78,7 +83,7 @@ impl HubError {
         use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, PermissionDenied};
         match self {
             HubError::Store(e) => e.is_config(),
-            HubError::Tls(_) | HubError::Sink(_) => true,
+            HubError::Tls(_) | HubError::Sink(_) | HubError::Config(_) => true,
             HubError::Bind { source, .. } => {
                 matches!(
                     source.kind(),
@@ -96,13 +101,44 @@ impl HubError {
 /// [`Config::validate`] (sled) or when it is opened (PostgreSQL).
 pub fn preflight(cfg: &Config) -> Result<(), HubError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tls::device_tls(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
-    for addr in [cfg.mqtt.listen, cfg.http.listen] {
+    let mut listen = vec![cfg.http.listen];
+    match cfg.broker.kind {
+        config::BrokerKind::Embedded => {
+            let mqtt = embedded_mqtt(cfg)?;
+            tls::device_tls(&mqtt.ca, &mqtt.cert, &mqtt.key)?;
+            listen.push(mqtt.listen);
+        }
+        config::BrokerKind::External => {
+            external_tls(&cfg.broker)?;
+        }
+    }
+    for addr in listen {
         if addr.port() != 0 {
             std::net::TcpListener::bind(addr).map_err(|source| HubError::Bind { addr, source })?;
         }
     }
     Ok(())
+}
+
+fn embedded_mqtt(cfg: &Config) -> Result<&config::MqttConfig, HubError> {
+    cfg.mqtt
+        .as_ref()
+        .ok_or_else(|| HubError::Config("[mqtt] is required with the embedded broker".into()))
+}
+
+/// The hub's client TLS for an external broker.
+fn external_tls(b: &config::BrokerConfig) -> Result<Arc<rustls::ClientConfig>, HubError> {
+    let need = |p: &Option<std::path::PathBuf>, key: &str| {
+        p.clone().ok_or_else(|| {
+            HubError::Config(format!("broker.{key}: required with an external broker"))
+        })
+    };
+    let (ca, cert, key) = (
+        need(&b.ca, "ca")?,
+        need(&b.cert, "cert")?,
+        need(&b.key, "key")?,
+    );
+    Ok(Arc::new(tls::client_tls(&ca, &cert, &key)?))
 }
 
 /// A started hub.
@@ -129,6 +165,11 @@ impl Running {
 /// Starts every part of the hub and returns once devices can connect.
 pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Running, HubError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if cfg.broker.kind == config::BrokerKind::External && cfg.store.url.is_none() {
+        tracing::warn!(
+            "external broker with the sled store: run only ONE hub process so (replicas must share a PostgreSQL store, store.url)"
+        );
+    }
     // Every new fact a sink hears of gets an outbox row for it in the fact's write: one
     // per ERP, and one staged for the webhook subscriptions (fanned out after).
     cfg.store.outbox_sinks = cfg.erp.iter().map(|e| e.name.clone()).collect();
@@ -140,25 +181,46 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = Arc::new(presence::Registry::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let device_tls = tls::device_tls(&cfg.mqtt.ca, &cfg.mqtt.cert, &cfg.mqtt.key)?;
-
-    let (max_packet, max_conn) = (cfg.mqtt.max_packet_bytes, cfg.mqtt.max_connections);
-    let broker = tokio::task::spawn_blocking(move || broker::embedded::start(max_packet, max_conn))
-        .await
-        .map_err(|e| broker::embedded::BrokerError::Start(e.to_string()))??;
-
     let mut tasks = Vec::new();
-    let ingest_cfg = ingest::IngestConfig {
-        host: broker.addr.ip().to_string(),
-        port: broker.addr.port(),
-        username: broker::embedded::HUB_USER.to_string(),
-        password: broker.secret.clone(),
-        layout: Layout::Embedded,
-        max_packet_bytes: cfg.mqtt.max_packet_bytes,
-    };
     let (downlink_tx, downlink_rx) = tokio::sync::mpsc::channel(dispatch::DOWNLINK_QUEUE);
     let (listening_tx, listening_rx) = tokio::sync::mpsc::channel(dispatch::DOWNLINK_QUEUE);
-    let dispatch = dispatch::Dispatch::new(store.clone(), Layout::Embedded, downlink_tx);
+    let (layout, link, max_packet_bytes) = match cfg.broker.kind {
+        config::BrokerKind::Embedded => {
+            let mqtt = embedded_mqtt(&cfg)?;
+            let (max_packet, max_conn) = (mqtt.max_packet_bytes, mqtt.max_connections);
+            let broker =
+                tokio::task::spawn_blocking(move || broker::embedded::start(max_packet, max_conn))
+                    .await
+                    .map_err(|e| broker::embedded::BrokerError::Start(e.to_string()))??;
+            let link = ingest::Link::Embedded {
+                host: broker.addr.ip().to_string(),
+                port: broker.addr.port(),
+                username: broker::embedded::HUB_USER.to_string(),
+                password: broker.secret.clone(),
+            };
+            (Layout::Embedded, (link, Some(broker)), max_packet)
+        }
+        config::BrokerKind::External => {
+            let ep = cfg.broker.endpoint().map_err(HubError::Config)?;
+            let link = ingest::Link::External(ingest::ExternalLink {
+                host: ep.host,
+                port: ep.port,
+                tls: external_tls(&cfg.broker)?,
+                group: cfg.broker.shared_group.clone(),
+                client_id: format!("fleetsync-hub-{}", random_suffix()),
+                presence: registry.clone(),
+                listening: listening_tx.clone(),
+            });
+            (Layout::External, (link, None), cfg.broker.max_packet_bytes)
+        }
+    };
+    let (link, embedded) = link;
+    let ingest_cfg = ingest::IngestConfig {
+        link,
+        layout,
+        max_packet_bytes,
+    };
+    let dispatch = dispatch::Dispatch::new(store.clone(), layout, downlink_tx);
     tasks.push(tokio::spawn(ingest::run(
         ingest_cfg,
         store.clone(),
@@ -186,36 +248,53 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.mqtt.listen)
-        .await
-        .map_err(|source| HubError::Bind {
-            addr: cfg.mqtt.listen,
-            source,
-        })?;
-    let mqtt_addr = listener.local_addr().map_err(|source| HubError::Bind {
-        addr: cfg.mqtt.listen,
-        source,
-    })?;
-    broker::gateway::log_listening(mqtt_addr);
-    let gw_cfg = broker::gateway::GatewayConfig {
-        handshake_timeout: cfg.mqtt.handshake_timeout(),
-        max_connections: cfg.mqtt.max_connections,
-        max_handshakes: cfg.mqtt.max_handshakes,
-        max_handshakes_per_source: cfg.mqtt.max_handshakes_per_source,
-        max_packet_bytes: cfg.mqtt.max_packet_bytes,
-        upstream: broker.addr,
-        secret: broker.secret.clone(),
-        listening: listening_tx,
-        verifier: device_tls.verifier.clone(),
+    let mqtt_addr = match (embedded, cfg.mqtt.as_ref()) {
+        (Some(broker), Some(mqtt)) => {
+            let device_tls = tls::device_tls(&mqtt.ca, &mqtt.cert, &mqtt.key)?;
+            let listener = tokio::net::TcpListener::bind(mqtt.listen)
+                .await
+                .map_err(|source| HubError::Bind {
+                    addr: mqtt.listen,
+                    source,
+                })?;
+            let mqtt_addr = listener.local_addr().map_err(|source| HubError::Bind {
+                addr: mqtt.listen,
+                source,
+            })?;
+            broker::gateway::log_listening(mqtt_addr);
+            let gw_cfg = broker::gateway::GatewayConfig {
+                handshake_timeout: mqtt.handshake_timeout(),
+                max_connections: mqtt.max_connections,
+                max_handshakes: mqtt.max_handshakes,
+                max_handshakes_per_source: mqtt.max_handshakes_per_source,
+                max_packet_bytes: mqtt.max_packet_bytes,
+                upstream: broker.addr,
+                secret: broker.secret.clone(),
+                listening: listening_tx,
+                verifier: device_tls.verifier.clone(),
+            };
+            tasks.push(tokio::spawn(broker::gateway::run(
+                listener,
+                TlsAcceptor::from(device_tls.config.clone()),
+                gw_cfg,
+                registry.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )));
+            mqtt_addr
+        }
+        _ => {
+            // Devices connect to the external broker; this is where it is.
+            let ep = cfg.broker.endpoint().map_err(HubError::Config)?;
+            let found = tokio::net::lookup_host((ep.host.as_str(), ep.port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next());
+            found.ok_or_else(|| {
+                HubError::Config(format!("broker.url: cannot resolve {}", ep.host))
+            })?
+        }
     };
-    tasks.push(tokio::spawn(broker::gateway::run(
-        listener,
-        TlsAcceptor::from(device_tls.config.clone()),
-        gw_cfg,
-        registry.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    )));
 
     let http = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -302,6 +381,13 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         store,
         tasks,
     })
+}
+
+/// 12 random hex digits: a replica's MQTT client id differs from every other's.
+fn random_suffix() -> String {
+    use rand::Rng as _;
+    let bytes: [u8; 6] = rand::rng().random();
+    hex::encode(bytes)
 }
 
 /// Judges delivered PODs every 2 s ([`shipments::service::Shipments::confirm_pods`])

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use fleetsync_hub::broker::external;
 use fleetsync_hub::{Config, config, pki};
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,45 @@ enum Cmd {
         #[command(subcommand)]
         cmd: StoreCmd,
     },
+    /// Configuration for an external broker that ties each device's topics to its
+    /// certificate (for `[broker] kind = "external"`).
+    BrokerConfig {
+        #[command(subcommand)]
+        cmd: BrokerCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BrokerCmd {
+    /// A Mosquitto 2 config and ACL: TLS 1.3 with client certificates, the certificate CN
+    /// as user name and client id, each device limited to its own topics, the hub
+    /// replicas of DIR/hubs/ (`pki issue-hub`) to every device's up, blob, status and down.
+    /// Printed (config, then ACL), or written into --out.
+    Mosquitto {
+        /// The PKI directory (from `pki init`); the broker serves DIR/hub.pem.
+        #[arg(long)]
+        pki: PathBuf,
+        /// Listener port.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// Listener address.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Write DIR/mosquitto.conf and DIR/acl (and keep the broker's data in DIR/data)
+        /// instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where the broker keeps its sessions (default: OUT/data, or /var/lib/mosquitto).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The replicas' shared subscription group (`[broker] shared_group`).
+        #[arg(long, default_value = "fleetsync-hub")]
+        shared_group: String,
+        /// The account Mosquitto runs as when started as root (default: its own,
+        /// `mosquitto`); it must be able to read PKI/hub-key.pem.
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +123,16 @@ enum PkiCmd {
         #[arg(long = "san")]
         sans: Vec<String>,
     },
+    /// Issue a hub replica's client certificate for an external broker into
+    /// DIR/hubs/NAME/ (identity hub:NAME; one per replica).
+    IssueHub {
+        /// The PKI directory (from `pki init`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replica name (1-64 of A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+    },
     /// Issue a device certificate into DIR/devices/ID/.
     IssueDevice {
         /// The PKI directory (from `pki init`).
@@ -107,6 +157,64 @@ fn config_and_runtime(
         ExitCode::FAILURE
     })?;
     Ok((cfg, rt))
+}
+
+/// `broker-config mosquitto`: prints the config and ACL, or writes them into `out`.
+/// `opts.data_dir` empty: OUT/data or /var/lib/mosquitto; `opts.acl_path` is set here.
+fn broker_config(mut opts: external::MosquittoOptions, out: Option<PathBuf>) -> ExitCode {
+    opts.acl_path = match &out {
+        Some(o) => o.join("acl"),
+        None => PathBuf::from("/etc/mosquitto/fleetsync.acl"),
+    };
+    if opts.data_dir.as_os_str().is_empty() {
+        opts.data_dir = match &out {
+            Some(o) => o.join("data"),
+            None => PathBuf::from("/var/lib/mosquitto"),
+        };
+    }
+    let (acl_path, data_dir) = (opts.acl_path.clone(), opts.data_dir.clone());
+    let generated = match external::mosquitto(&opts) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if generated.hubs.is_empty() {
+        eprintln!(
+            "warning: no hub certificate under {}/hubs yet: no hub may read the devices' topics (`fleetsync-hub pki issue-hub --name NAME`, then run this again)",
+            opts.pki.display()
+        );
+    }
+    let Some(out) = out else {
+        println!("# ---- mosquitto.conf\n{}", generated.config);
+        println!("# ---- {}\n{}", acl_path.display(), generated.acl);
+        return ExitCode::SUCCESS;
+    };
+    let conf = out.join("mosquitto.conf");
+    let written = std::fs::create_dir_all(&data_dir)
+        .and_then(|()| std::fs::write(&conf, &generated.config))
+        .and_then(|()| std::fs::write(&acl_path, &generated.acl));
+    match written {
+        Ok(()) => {
+            println!(
+                "{} and {} written (hubs: {}); start: mosquitto -c {}",
+                conf.display(),
+                acl_path.display(),
+                if generated.hubs.is_empty() {
+                    "none".to_string()
+                } else {
+                    generated.hubs.join(", ")
+                },
+                conf.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot write into {}: {e}", out.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing(json: bool) {
@@ -180,6 +288,46 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Pki {
+            cmd: PkiCmd::IssueHub { dir, name },
+        } => match pki::issue_hub(&dir, &name) {
+            Ok(out) => {
+                println!(
+                    "{}/cert.pem and key.pem written for hub replica {name} (broker user {})",
+                    out.display(),
+                    pki::hub_identity(&name)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::BrokerConfig {
+            cmd:
+                BrokerCmd::Mosquitto {
+                    pki,
+                    port,
+                    bind,
+                    out,
+                    data,
+                    shared_group,
+                    user,
+                },
+        } => broker_config(
+            external::MosquittoOptions {
+                pki,
+                bind,
+                port,
+                acl_path: PathBuf::new(),
+                data_dir: data.unwrap_or_default(),
+                shared_group,
+                max_packet_bytes: config::BrokerConfig::default().max_packet_bytes,
+                user,
+            },
+            out,
+        ),
         Cmd::Store {
             cmd: StoreCmd::Migrate { config },
         } => {

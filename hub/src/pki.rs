@@ -4,11 +4,17 @@
 //! DIR/ca.pem  DIR/ca-key.pem            CA (key mode 0600)
 //! DIR/hub.pem DIR/hub-key.pem           hub server cert: SANs localhost, 127.0.0.1, --san ...
 //! DIR/devices/{id}/cert.pem, key.pem    device client cert: subject O = device id, CN = device id
+//! DIR/hubs/{name}/cert.pem, key.pem     hub replica's client cert for an external broker:
+//!                                       CN = O = "hub:{name}"
 //! ```
 //!
 //! The device id is the certificate subject's O (organization) field: that is the form the
 //! broker-side tenant check (rumqttd's `validate-tenant-prefix`) reads, and the one the hub's
-//! gateway reads. Keys are written to files with mode 0600 and never printed.
+//! gateway reads. It is the CN too, which is what an external broker takes as the user name
+//! (Mosquitto's `use_identity_as_username`, EMQX's `peer_cert_as_username = cn`), and the
+//! ACL ties the topics `fleet/v1/{user}/...` to it. A hub replica's identity has a colon,
+//! which no device id can have, so no device certificate can ever carry a hub's rights.
+//! Keys are written to files with mode 0600 and never printed.
 
 use std::fs;
 use std::io::Write as _;
@@ -135,6 +141,46 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<PkiPaths, PkiError> {
     Ok(paths)
 }
 
+/// The user name (certificate CN) of hub replica `name` at an external broker.
+pub fn hub_identity(name: &str) -> String {
+    format!("hub:{name}")
+}
+
+/// Issues hub replica `name`'s client certificate (for an external broker) into
+/// `dir/hubs/{name}/`. Each replica has its own: the broker takes the identity as the
+/// client id, so two replicas with one certificate would push each other off.
+pub fn issue_hub(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
+    validate_device_id(name).map_err(|_| PkiError::BadDeviceId(name.to_string()))?;
+    let out = dir.join("hubs").join(name);
+    issue_client(
+        dir,
+        &hub_identity(name),
+        &out,
+        rcgen::date_time_ymd(2034, 1, 1).into(),
+    )?;
+    Ok(out)
+}
+
+/// Names of the hub replicas issued in `dir` (`dir/hubs/*/cert.pem`), sorted.
+pub fn hub_names(dir: &Path) -> Result<Vec<String>, PkiError> {
+    let hubs = dir.join("hubs");
+    let mut names = Vec::new();
+    let entries = match fs::read_dir(&hubs) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+        Err(e) => return Err(io(&hubs)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(&hubs))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().join("cert.pem").is_file() && validate_device_id(&name).is_ok() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// Issues a client certificate for `device` into `dir/devices/{device}/`.
 pub fn issue_device(dir: &Path, device: &str) -> Result<PathBuf, PkiError> {
     issue_device_until(dir, device, rcgen::date_time_ymd(2034, 1, 1).into())
@@ -148,6 +194,18 @@ pub fn issue_device_until(
     not_after: std::time::SystemTime,
 ) -> Result<PathBuf, PkiError> {
     validate_device_id(device).map_err(|_| PkiError::BadDeviceId(device.to_string()))?;
+    let out = dir.join("devices").join(device);
+    issue_client(dir, device, &out, not_after)?;
+    Ok(out)
+}
+
+/// Issues a client certificate with subject CN = O = `identity` into `out/`.
+fn issue_client(
+    dir: &Path,
+    identity: &str,
+    out: &Path,
+    not_after: std::time::SystemTime,
+) -> Result<(), PkiError> {
     let ca_pem_path = dir.join("ca.pem");
     let ca_key_path = dir.join("ca-key.pem");
     let ca_pem = fs::read_to_string(&ca_pem_path).map_err(io(&ca_pem_path))?;
@@ -157,15 +215,14 @@ pub fn issue_device_until(
 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name = dn(device, device);
+    params.distinguished_name = dn(identity, identity);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = time::OffsetDateTime::from(not_after);
     let cert = params.signed_by(&key, &issuer)?;
 
-    let out = dir.join("devices").join(device);
-    fs::create_dir_all(&out).map_err(io(&out))?;
+    fs::create_dir_all(out).map_err(io(out))?;
     write_file(&out.join("key.pem"), &key.serialize_pem(), true)?;
     write_file(&out.join("cert.pem"), &cert.pem(), false)?;
-    Ok(out)
+    Ok(())
 }

@@ -1,11 +1,12 @@
-//! Presence: which devices have an open connection to this hub process.
+//! Presence: which devices are connected.
 //!
 //! The embedded layout knows it first-hand: the TLS gateway opens and closes each
-//! device's connection and tells the [`Registry`]. It is this process's view and is kept
-//! in memory (a connection does not outlive its process). With several hub processes
-//! behind an external broker (the scale-out issue) presence comes from the broker's
-//! retained status messages instead, which every process sees alike; the API asks this
-//! module either way, so only this module changes then.
+//! device's connection and tells the [`Registry`] ([`Registry::opened`],
+//! [`Registry::closed`]). It is this process's view and is kept in memory (a connection
+//! does not outlive its process). With several hub replicas behind an external broker,
+//! presence comes from the devices' retained `status` messages (`online`, and `offline`
+//! as the last will), which every replica reads alike ([`Registry::set`]); the API asks
+//! this module either way.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -34,6 +35,21 @@ impl Registry {
                 m.remove(device);
             }
         }
+    }
+
+    /// Sets `device`'s presence from its broker status (external broker).
+    pub(crate) fn set(&self, device: &str, online: bool) {
+        let mut m = self.lock();
+        if online {
+            m.insert(device.to_string(), 1);
+        } else {
+            m.remove(device);
+        }
+    }
+
+    /// Forgets every device (the link to the broker is lost: nothing is known).
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
     }
 
     /// Whether `device` has an open connection.

@@ -116,6 +116,27 @@ fn config_with(
     Ok(cfg)
 }
 
+/// TLS 1.3 client config of the hub's own connection to an external broker: trust `ca`
+/// (the broker's), present the hub's certificate. The agent has the same helper for its
+/// device certificate (`fleetsync_agent::client_tls`); both behave alike.
+pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| pem_err(ca, e))?;
+    }
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => pem_err(
+                key,
+                format!("not the private key of the certificate {}", cert.display()),
+            ),
+            other => TlsError::Rustls(other),
+        })
+}
+
 /// When a certificate stops being valid (its notAfter), if it can be read.
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
@@ -130,4 +151,38 @@ pub fn device_id_of(cert: &CertificateDer<'_>) -> Option<String> {
     let org = parsed.subject().iter_organization().next()?.as_str().ok()?;
     fleetsync_protocol::topic::validate_device_id(org).ok()?;
     Some(org.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hub's client TLS (for an external broker) takes what the agent's takes
+    /// (`fleetsync_agent::client_tls`) and refuses what it refuses: a key that is not the
+    /// certificate's is named, so is a missing file.
+    #[test]
+    fn client_tls_loads_a_hub_certificate_and_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        crate::pki::init(&pki, &[]).unwrap();
+        let a = crate::pki::issue_hub(&pki, "a").unwrap();
+        let b = crate::pki::issue_hub(&pki, "b").unwrap();
+        let ca = pki.join("ca.pem");
+        let cfg = client_tls(&ca, &a.join("cert.pem"), &a.join("key.pem")).unwrap();
+        assert!(cfg.client_auth_cert_resolver.has_certs());
+        let wrong = client_tls(&ca, &a.join("cert.pem"), &b.join("key.pem")).unwrap_err();
+        assert!(wrong.to_string().contains("not the private key"), "{wrong}");
+        assert!(
+            wrong
+                .to_string()
+                .contains(&b.join("key.pem").display().to_string())
+        );
+        let missing = client_tls(
+            &pki.join("nope.pem"),
+            &a.join("cert.pem"),
+            &a.join("key.pem"),
+        )
+        .unwrap_err();
+        assert!(missing.to_string().contains("nope.pem"), "{missing}");
+    }
 }

@@ -7,7 +7,12 @@
 //!   /tenants/{device_id}/down    Downlink::*          hub -> device
 //! external broker (its ACL ties the prefix to the certificate identity)
 //!   fleet/v1/{device_id}/up | blob | down
+//!   fleet/v1/{device_id}/status  retained "online" | "offline" (the last will), device -> every hub
 //! ```
+//!
+//! With an external broker the hub replicas split the `up` and `blob` traffic through an
+//! MQTT 5 shared subscription, `$share/{group}/` + [`Layout::hub_filter`]; `status` is read
+//! by every replica (presence).
 //!
 //! A device id is 1..=64 bytes of `[A-Za-z0-9._-]`, so it can never contain a topic
 //! separator or wildcard. The hub takes the device identity from the topic (which the
@@ -36,7 +41,15 @@ pub enum Channel {
     Blob,
     /// Acks, assignments, config, commands, hub to device.
     Down,
+    /// Presence, device to every hub: retained `online`, and `offline` as the last will
+    /// (external broker only; the embedded gateway knows presence first-hand).
+    Status,
 }
+
+/// The `status` payload of a connected device.
+pub const STATUS_ONLINE: &[u8] = b"online";
+/// The `status` payload of a device that is gone (its last will, or a clean stop).
+pub const STATUS_OFFLINE: &[u8] = b"offline";
 
 impl Channel {
     /// The last topic level.
@@ -45,6 +58,7 @@ impl Channel {
             Channel::Up => "up",
             Channel::Blob => "blob",
             Channel::Down => "down",
+            Channel::Status => "status",
         }
     }
 }
@@ -57,7 +71,7 @@ pub enum TopicError {
     WrongPrefix,
     /// The device id is empty, too long, or has a character outside `[A-Za-z0-9._-]`.
     BadDeviceId,
-    /// The last level is not `up`, `blob` or `down`.
+    /// The last level is not `up`, `blob`, `down` or `status`.
     UnknownChannel,
 }
 
@@ -66,7 +80,7 @@ impl fmt::Display for TopicError {
         f.write_str(match self {
             TopicError::WrongPrefix => "topic is not under the fleet prefix",
             TopicError::BadDeviceId => "device id must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
-            TopicError::UnknownChannel => "topic channel is not up, blob or down",
+            TopicError::UnknownChannel => "topic channel is not up, blob, down or status",
         })
     }
 }
@@ -101,15 +115,18 @@ impl Layout {
         Ok(t)
     }
 
-    /// The filter the hub subscribes to for `channel` of every device.
+    /// The filter matching `channel` of every device. The hub subscribes to it as is
+    /// (embedded), or shared among its replicas (external: `$share/{group}/` before it).
     pub fn hub_filter(self, channel: Channel) -> &'static str {
         match (self, channel) {
             (Layout::Embedded, Channel::Up) => "/tenants/+/up",
             (Layout::Embedded, Channel::Blob) => "/tenants/+/blob",
             (Layout::Embedded, Channel::Down) => "/tenants/+/down",
-            (Layout::External, Channel::Up) => "$share/fleetsync-hub/fleet/v1/+/up",
-            (Layout::External, Channel::Blob) => "$share/fleetsync-hub/fleet/v1/+/blob",
+            (Layout::Embedded, Channel::Status) => "/tenants/+/status",
+            (Layout::External, Channel::Up) => "fleet/v1/+/up",
+            (Layout::External, Channel::Blob) => "fleet/v1/+/blob",
             (Layout::External, Channel::Down) => "fleet/v1/+/down",
+            (Layout::External, Channel::Status) => "fleet/v1/+/status",
         }
     }
 
@@ -124,6 +141,7 @@ impl Layout {
             "up" => Channel::Up,
             "blob" => Channel::Blob,
             "down" => Channel::Down,
+            "status" => Channel::Status,
             _ => return Err(TopicError::UnknownChannel),
         };
         Ok((device, channel))
@@ -153,7 +171,7 @@ mod tests {
     #[test]
     fn topics_round_trip_in_both_layouts() {
         for layout in [Layout::Embedded, Layout::External] {
-            for ch in [Channel::Up, Channel::Blob, Channel::Down] {
+            for ch in [Channel::Up, Channel::Blob, Channel::Down, Channel::Status] {
                 let t = layout.topic("truck-07", ch).unwrap();
                 assert_eq!(layout.parse(&t).unwrap(), ("truck-07", ch));
             }

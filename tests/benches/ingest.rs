@@ -447,7 +447,9 @@ async fn through_hub_with(
     let setup = Instant::now();
     let hub = TestHub::start_with(&id_refs, pg, |cfg| {
         cfg.shipments.eta_interval_s = 5;
-        cfg.mqtt.max_connections = devices + 64;
+        if let Some(m) = cfg.mqtt.as_mut() {
+            m.max_connections = devices + 64;
+        }
     })
     .await;
     println!(

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod replicas;
+
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
 pub const DRIVER_TOKEN: &str = "driver-token-for-tests-0123456789";
 

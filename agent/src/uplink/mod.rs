@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fleetsync_protocol::limits::MAX_CHUNK_BYTES;
-use fleetsync_protocol::topic::{Channel, Layout};
+use fleetsync_protocol::topic::{Channel, Layout, STATUS_OFFLINE, STATUS_ONLINE};
 use fleetsync_protocol::{
     Assignment, Batch, BlobChunk, BoundedVec, Downlink, Lane, LinkStats, Sha256, Uplink, frame,
 };
@@ -119,7 +119,29 @@ pub async fn run(
 ) {
     let mut opts = MqttOptions::new(cfg.device_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
+    // An external broker keeps this device's session (its downlink subscription, and the
+    // acks and assignments sent while it was away) until it is back; its `status` is
+    // `offline` (the will) until it says `online` again. The embedded broker's gateway
+    // knows presence itself and allows no will.
+    let status = match cfg.layout {
+        Layout::External => match cfg.layout.topic(&cfg.device_id, Channel::Status) {
+            Ok(t) => Some(t.to_string()),
+            Err(e) => {
+                warn!(error = %e, "bad device id; uplink not started");
+                return;
+            }
+        },
+        Layout::Embedded => None,
+    };
+    opts.set_clean_session(status.is_none());
+    if let Some(topic) = &status {
+        opts.set_last_will(rumqttc::LastWill::new(
+            topic.clone(),
+            STATUS_OFFLINE,
+            QoS::AtLeastOnce,
+            true,
+        ));
+    }
     opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         cfg.tls.clone(),
@@ -142,7 +164,7 @@ pub async fn run(
     let pump = tokio::spawn(pump(
         eventloop,
         client.clone(),
-        down,
+        Topics { down, status },
         tx,
         link.clone(),
         shutdown.clone(),
@@ -151,10 +173,18 @@ pub async fn run(
     let _ = pump.await;
 }
 
+/// The topics the pump subscribes and announces on.
+struct Topics {
+    /// This device's downlinks.
+    down: String,
+    /// Its presence (external broker only).
+    status: Option<String>,
+}
+
 async fn pump(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    down_topic: String,
+    topics: Topics,
     tx: mpsc::Sender<FromPump>,
     link: Arc<LinkState>,
     shutdown: CancellationToken,
@@ -170,13 +200,20 @@ async fn pump(
                 backoff = Duration::from_millis(250);
                 link.connected.store(true, Ordering::SeqCst);
                 link.connects.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = client.try_subscribe(down_topic.clone(), QoS::AtLeastOnce) {
+                if let Err(e) = client.try_subscribe(topics.down.clone(), QoS::AtLeastOnce) {
                     warn!(error = %e, "subscribe request failed");
                 }
                 info!("connected to hub");
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
-                // Only now can acks reach us: start (re)sending.
+                // Only now can acks reach us: say so to every hub replica (which sends
+                // what this device has not acknowledged at once), and start (re)sending.
+                if let Some(status) = &topics.status
+                    && let Err(e) =
+                        client.try_publish(status.clone(), QoS::AtLeastOnce, true, STATUS_ONLINE)
+                {
+                    warn!(error = %e, "presence not published");
+                }
                 if tx.send(FromPump::Connected).await.is_err() {
                     return;
                 }

@@ -242,11 +242,14 @@ pub async fn demo(opts: DemoOptions, shutdown: CancellationToken) -> Result<Repo
     let operator_token = random_token();
     let mut cfg =
         fleetsync_hub::Config::parse(fleetsync_hub::config::EXAMPLE).map_err(SimError::Options)?;
-    cfg.mqtt.listen = pick_addr(opts.mqtt, "device endpoint", &mut notes);
+    let mqtt = cfg.mqtt.as_mut().ok_or_else(|| {
+        SimError::Options("the example config has no [mqtt] (embedded broker)".into())
+    })?;
+    mqtt.listen = pick_addr(opts.mqtt, "device endpoint", &mut notes);
+    mqtt.ca = pki.join("ca.pem");
+    mqtt.cert = pki.join("hub.pem");
+    mqtt.key = pki.join("hub-key.pem");
     cfg.http.listen = pick_addr(opts.http, "operator API", &mut notes);
-    cfg.mqtt.ca = pki.join("ca.pem");
-    cfg.mqtt.cert = pki.join("hub.pem");
-    cfg.mqtt.key = pki.join("hub-key.pem");
     cfg.store = fleetsync_hub::config::StoreConfig::sled(root.join("hub"));
     cfg.auth.operator_token = operator_token.clone();
     // The ERP the hub tells about milestones: a fake one in this process, whose

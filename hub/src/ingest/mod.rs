@@ -23,12 +23,14 @@ use std::time::Duration;
 
 use fleetsync_protocol::topic::{Channel, Layout};
 use fleetsync_protocol::{Ack, BlobAck, BoundedVec, Downlink, SeqRange, Uplink, frame};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::dispatch::{Dispatch, DownlinkRx, RESEND_MS};
+
+mod external;
 use crate::metrics::Metrics;
 use crate::store::{ChunkOutcome, Item, Outcome, Quarantined, Store, StoreError, chunk_invalid};
 
@@ -42,21 +44,90 @@ const CLIENT_QUEUE: usize = 8192;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Where the ingest connects.
+/// How the ingest reaches the broker.
 #[derive(Debug, Clone)]
-pub struct IngestConfig {
-    /// Broker host.
+pub enum Link {
+    /// The embedded broker on loopback, logged in as the hub (MQTT 3.1.1).
+    Embedded {
+        /// Broker host.
+        host: String,
+        /// Broker port.
+        port: u16,
+        /// Login.
+        username: String,
+        /// Password.
+        password: String,
+    },
+    /// An external broker (MQTT 5 over TLS, the hub's client certificate), shared with the
+    /// other replicas.
+    External(ExternalLink),
+}
+
+/// An external broker link: the replicas of `group` split the devices' `up` and `blob`
+/// traffic (a shared subscription); every replica reads every device's `status`.
+#[derive(Debug, Clone)]
+pub struct ExternalLink {
+    /// Broker host (also the TLS server name).
     pub host: String,
     /// Broker port.
     pub port: u16,
-    /// Login.
-    pub username: String,
-    /// Password.
-    pub password: String,
+    /// TLS: the broker's CA and this hub's client certificate.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The shared subscription group.
+    pub group: String,
+    /// This replica's MQTT client id (unique per replica and start).
+    pub client_id: String,
+    /// Presence, from the devices' retained `status` messages.
+    pub presence: Arc<crate::presence::Registry>,
+    /// Told the id of every device that just came online (a live `online` status: it has
+    /// subscribed to its downlinks), as the gateway does in the embedded layout.
+    pub listening: mpsc::Sender<String>,
+}
+
+/// Where the ingest connects.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// The broker.
+    pub link: Link,
     /// Topic layout.
     pub layout: Layout,
     /// Largest packet.
     pub max_packet_bytes: usize,
+}
+
+/// A device frame as the broker delivered it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Its topic (names the device).
+    pub topic: String,
+    /// Its bytes.
+    pub payload: bytes::Bytes,
+}
+
+/// The broker client the worker publishes acks and downlinks with.
+#[derive(Clone)]
+enum Client {
+    V4(AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    /// Queues a QoS 1 publish; false when the client's queue is full.
+    fn try_publish(&self, topic: &str, bytes: &[u8]) -> bool {
+        match self {
+            Client::V4(c) => c
+                .try_publish(topic, QoS::AtLeastOnce, false, bytes.to_vec())
+                .is_ok(),
+            Client::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    bytes.to_vec(),
+                )
+                .is_ok(),
+        }
+    }
 }
 
 /// Wall clock in ms.
@@ -72,7 +143,8 @@ pub fn now_ms() -> u64 {
 pub struct DownlinkInputs {
     /// Frames queued by [`Dispatch`] (assignments).
     pub queued: DownlinkRx,
-    /// Devices whose downlink subscription the gateway just saw confirmed.
+    /// Devices whose downlink subscription was just confirmed (the gateway, or the
+    /// external link's status messages).
     pub listening: mpsc::Receiver<String>,
 }
 
@@ -86,30 +158,54 @@ pub async fn run(
     downlinks: DownlinkInputs,
     shutdown: CancellationToken,
 ) {
-    let mut opts = MqttOptions::new(
-        format!("fleetsync-hub-ingest-{}", std::process::id()),
-        cfg.host.clone(),
-        cfg.port,
-    );
-    opts.set_credentials(cfg.username.clone(), cfg.password.clone());
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(cfg.max_packet_bytes + 1024, cfg.max_packet_bytes + 1024);
-    opts.set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
-    // Acks are small and latency-bound: no Nagle delay (rumqttc's default).
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
     let (tx, rx) = mpsc::channel(INGEST_QUEUE);
     let layout = cfg.layout;
-    let pump = tokio::spawn(pump(
-        eventloop,
-        client.clone(),
-        layout,
-        tx,
-        ready,
-        shutdown.clone(),
-    ));
+    let packet = cfg.max_packet_bytes + 1024;
+    let (client, pump) = match cfg.link {
+        Link::Embedded {
+            host,
+            port,
+            username,
+            password,
+        } => {
+            let mut opts = MqttOptions::new(
+                format!("fleetsync-hub-ingest-{}", std::process::id()),
+                host,
+                port,
+            );
+            opts.set_credentials(username, password);
+            opts.set_keep_alive(Duration::from_secs(30));
+            opts.set_max_packet_size(packet, packet);
+            opts.set_inflight(1000);
+            let (client, mut eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+            // Acks are small and latency-bound: no Nagle delay (rumqttc's default).
+            let mut net = rumqttc::NetworkOptions::new();
+            net.set_tcp_nodelay(true);
+            eventloop.set_network_options(net);
+            let pump = tokio::spawn(pump(
+                eventloop,
+                client.clone(),
+                layout,
+                tx,
+                ready,
+                shutdown.clone(),
+            ));
+            (Client::V4(client), pump)
+        }
+        Link::External(link) => {
+            let (client, eventloop) = external::connect(&link, packet, CLIENT_QUEUE);
+            let pump = tokio::spawn(external::pump(
+                eventloop,
+                client.clone(),
+                link,
+                tx,
+                ready,
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+            (Client::V5(client), pump)
+        }
+    };
     let inputs = Inputs {
         frames: rx,
         downlinks: downlinks.queued,
@@ -123,7 +219,7 @@ async fn pump(
     mut eventloop: EventLoop,
     client: AsyncClient,
     layout: Layout,
-    tx: mpsc::Sender<Publish>,
+    tx: mpsc::Sender<Frame>,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
@@ -134,7 +230,11 @@ async fn pump(
         };
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).await.is_err() {
+                let frame = Frame {
+                    topic: p.topic,
+                    payload: p.payload,
+                };
+                if tx.send(frame).await.is_err() {
                     return;
                 }
             }
@@ -168,7 +268,7 @@ async fn pump(
 /// What the worker waits on.
 struct Inputs {
     /// Device frames from the broker.
-    frames: mpsc::Receiver<Publish>,
+    frames: mpsc::Receiver<Frame>,
     /// Frames the API wants sent.
     downlinks: DownlinkRx,
     /// Devices whose downlink subscription was just confirmed.
@@ -177,7 +277,7 @@ struct Inputs {
 
 async fn worker(
     inputs: Inputs,
-    client: AsyncClient,
+    client: Client,
     layout: Layout,
     store: Store,
     dispatch: Dispatch,
@@ -260,12 +360,11 @@ async fn worker(
             }
         }
         while let Some((topic, bytes)) = pending.pop_front() {
-            match client.try_publish(topic.clone(), QoS::AtLeastOnce, false, bytes.clone()) {
-                Ok(()) => Metrics::add(&metrics.acks_sent, 1),
-                Err(_) => {
-                    pending.push_front((topic, bytes));
-                    break;
-                }
+            if client.try_publish(&topic, &bytes) {
+                Metrics::add(&metrics.acks_sent, 1);
+            } else {
+                pending.push_front((topic, bytes));
+                break;
             }
         }
     }
@@ -358,7 +457,7 @@ async fn commit(
     metrics: &Metrics,
     qlog: &mut QuarantineLog,
     layout: Layout,
-    group: &[Publish],
+    group: &[Frame],
 ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     let now = now_ms();
     let mut items = Vec::with_capacity(group.len());
