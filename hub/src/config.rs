@@ -1438,4 +1438,26 @@ mod deploy_example {
         assert!(cfg.store.path.is_none());
         assert!(cfg.store.url.as_deref().unwrap().starts_with("postgres://"));
     }
+
+    /// The replica examples (deploy/replicas/) are valid external-broker configs, each
+    /// replica with its own certificate.
+    #[test]
+    fn deploy_replica_examples_are_valid() {
+        let mut certs = Vec::new();
+        for text in [
+            include_str!("../../deploy/replicas/hub-replica.toml"),
+            include_str!("../../deploy/replicas/hub-a.toml"),
+            include_str!("../../deploy/replicas/hub-b.toml"),
+        ] {
+            let cfg = super::Config::parse(text).unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(cfg.broker.kind, super::BrokerKind::External);
+            assert!(cfg.mqtt.is_none() && cfg.store.url.is_some());
+            certs.push(cfg.broker.cert.unwrap());
+        }
+        assert_ne!(
+            certs[1], certs[2],
+            "the compose replicas share a certificate"
+        );
+    }
 }

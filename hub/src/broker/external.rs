@@ -181,3 +181,52 @@ fn acl(hubs: &[String], group: &str) -> String {
     }
     a
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_acl_ties_devices_to_their_topics_and_names_each_hub() {
+        let acl = acl(&["hub:a".to_string(), "hub:b".to_string()], "g");
+        for line in [
+            "pattern write fleet/v1/%u/up",
+            "pattern write fleet/v1/%u/blob",
+            "pattern write fleet/v1/%u/status",
+            "pattern read fleet/v1/%u/down",
+            "user hub:a",
+            "user hub:b",
+            "topic read fleet/v1/+/up",
+            "topic write fleet/v1/+/down",
+        ] {
+            assert!(acl.lines().any(|l| l == line), "{line:?} missing:\n{acl}");
+        }
+        // No rule lets a device read another's downlinks or write another's uplinks.
+        assert!(
+            !acl.lines()
+                .any(|l| l.starts_with("topic") && !l.contains("fleet/v1/+/"))
+        );
+        assert!(!acl.contains("pattern read fleet/v1/+"));
+    }
+
+    /// deploy/replicas/emqx-acl.conf grants the same: the hub filters of the topic layout,
+    /// each device its own topics.
+    #[test]
+    fn the_emqx_example_matches_the_topic_layout() {
+        let emqx = include_str!("../../../deploy/replicas/emqx-acl.conf");
+        let l = Layout::External;
+        for f in [
+            format!("$share/fleetsync-hub/{}", l.hub_filter(Channel::Up)),
+            format!("$share/fleetsync-hub/{}", l.hub_filter(Channel::Blob)),
+            l.hub_filter(Channel::Status).to_string(),
+            l.hub_filter(Channel::Down).to_string(),
+        ] {
+            assert!(emqx.contains(&format!("\"{f}\"")), "{f} missing");
+        }
+        for ch in [Channel::Up, Channel::Blob, Channel::Status, Channel::Down] {
+            let own = l.topic("X", ch).unwrap().replace("X", "${username}");
+            assert!(emqx.contains(&format!("\"{own}\"")), "{own} missing");
+        }
+        assert!(emqx.trim_end().ends_with("{deny, all}."));
+    }
+}
