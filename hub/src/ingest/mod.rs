@@ -2,6 +2,9 @@
 //!
 //! ```text
 //! rumqttc event loop --(bounded channel, INGEST_QUEUE)--> worker
+//!   embedded broker: MQTT 3.1.1 on loopback, this process's only subscriber
+//!   external broker: MQTT 5 over TLS, a shared subscription with the other replicas
+//!                    (`external`), presence from the devices' status messages
 //! worker: take up to GROUP frames -> decode (size-limited) -> identity from the topic
 //!         -> ONE store round (dedup + write, durable when it returns) -> publish acks
 //! ```
