@@ -75,6 +75,14 @@ struct LoadArgs {
     /// the latency from the hub's record of each arrival to its webhook request.
     #[arg(long)]
     webhooks: bool,
+    /// `embedded`: one hub process with its own broker. `replicas`: a Mosquitto started
+    /// here and two hub replica processes on the `--store` database (required).
+    #[arg(long, value_enum, default_value_t)]
+    topology: fleetsync_sim::replicas::Topology,
+    /// The Mosquitto executable for `--topology replicas` (default: FLEETSYNC_MOSQUITTO,
+    /// else `mosquitto` on PATH, else /usr/sbin/mosquitto).
+    #[arg(long)]
+    mosquitto: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -219,6 +227,10 @@ fn main() -> ExitCode {
                     eprintln!("fleetsync-sim load: --vehicles must be at least 1 and --rate between 0 and 50");
                     return ExitCode::from(64);
                 }
+                if let Err(e) = replicas_ready(a.topology, a.store.as_deref(), a.mosquitto.as_deref()) {
+                    eprintln!("fleetsync-sim load: {e}");
+                    return ExitCode::from(64);
+                }
                 let opts = fleetsync_sim::load::LoadOptions {
                     vehicles: a.vehicles,
                     rate: a.rate,
@@ -227,6 +239,8 @@ fn main() -> ExitCode {
                     dir: a.dir,
                     store: a.store,
                     webhooks: a.webhooks,
+                    topology: a.topology,
+                    mosquitto: a.mosquitto,
                 };
                 match fleetsync_sim::load::load(opts, shutdown).await {
                     Ok(r) => {
