@@ -35,6 +35,10 @@ const OPERATOR_TOKEN: &str = "load-operator-token-0123456789abcdef";
 const INFLIGHT: usize = 8;
 /// New TLS connections per second while ramping up.
 const RAMP_PER_S: usize = 250;
+/// `replicas`: a batch not acked this long is published again, as an agent does after
+/// its ack timeout (a broker may lose a message; the embedded hub's path never did, and
+/// the embedded runs keep their old behaviour: resend only after a reconnect).
+const RESEND_AFTER_MS: u64 = 5_000;
 
 /// Flags of `fleetsync-sim load`.
 #[derive(Debug, Clone)]
@@ -102,6 +106,13 @@ pub struct LoadReport {
     /// Left out for the embedded topology.
     #[serde(skip_serializing_if = "Topology::is_embedded")]
     pub topology: Topology,
+    /// `replicas`: events published again after [`RESEND_AFTER_MS`] without an ack.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resent_after_timeout: u64,
+    /// `replicas`: events the replicas found already stored (resends whose first copy had
+    /// arrived: its ack was what went missing).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub hub_duplicates: u64,
     /// Events captured over the whole run.
     pub events_captured: u64,
     /// Events the hub holds for the vehicles after the drain.
@@ -126,6 +137,10 @@ pub struct LoadReport {
     pub ok: bool,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Why load could not run.
 #[derive(Debug, thiserror::Error)]
 #[error("load set-up: {0}")]
@@ -139,6 +154,7 @@ fn e<E: std::fmt::Display>(x: E) -> LoadError {
 struct Shared {
     sent: AtomicU64,
     acked: AtomicU64,
+    resent: AtomicU64,
     errors: AtomicU64,
     error_kinds: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     measuring: std::sync::atomic::AtomicBool,
@@ -335,6 +351,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             id.clone(),
             device_port,
             layout,
+            replicas.then_some(RESEND_AFTER_MS),
             Arc::new(tls),
             opts.rate,
             trip,
@@ -429,6 +446,17 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         Some(fake) => webhook_latencies(fake, trips).await,
         None => (0, Latency::default()),
     };
+    let mut hub_duplicates = 0;
+    if replicas {
+        for (_, _, _, http) in &specs {
+            hub_duplicates += metric(
+                &client,
+                &format!("http://127.0.0.1:{http}"),
+                "fleetsync_hub_duplicates_dropped_total",
+            )
+            .await;
+        }
+    }
     drop(hubs);
     drop(broker);
     let take = |m: &std::sync::Mutex<Vec<u32>>| {
@@ -449,6 +477,8 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         latency_ms: take(&shared.latencies),
         hub_latency_ms: take(&shared.hub_latencies),
         hub_cpu_percent: cpu,
+        resent_after_timeout: shared.resent.load(Ordering::SeqCst),
+        hub_duplicates,
         processes,
         topology: opts.topology,
         hub_peak_rss_mib: rss,
@@ -469,6 +499,23 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         webhook_latency_ms,
         ok: lost == 0 && duplicated == 0 && sent_total > 0 && webhook_received == trips,
     })
+}
+
+/// A counter from a hub's `/metrics` (0 if unreadable).
+async fn metric(client: &reqwest::Client, base: &str, name: &str) -> u64 {
+    let Ok(r) = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn now_ms() -> u64 {
@@ -617,6 +664,7 @@ async fn vehicle(
     id: String,
     port: u16,
     layout: Layout,
+    resend_after_ms: Option<u64>,
     tls: Arc<rustls::ClientConfig>,
     rate: f64,
     trip: Option<Duration>,
@@ -687,6 +735,14 @@ async fn vehicle(
                 }
             }
             _ = send.tick(), if subscribed => {
+                if let Some(after) = resend_after_ms {
+                    let now = now_ms();
+                    for b in inflight.iter_mut().filter(|b| now.saturating_sub(b.published_ms) >= after) {
+                        b.published_ms = now;
+                        let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, b.frame.clone());
+                        shared.resent.fetch_add(b.n as u64, Ordering::Relaxed);
+                    }
+                }
                 if !pending.is_empty() && inflight.len() < INFLIGHT {
                     let n = pending.len().min(fleetsync_protocol::limits::MAX_BATCH_EVENTS);
                     let events: Vec<Event> = pending.drain(..n).collect();
@@ -718,20 +774,21 @@ async fn vehicle(
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
                         let now = now_ms();
-                        while let Some(&Inflight { first_seq: first, n, captured_ms: t0, published_ms: published, .. }) = inflight.front() {
-                            if a.ranges.iter().any(|r| r.first <= first && first + n as u64 - 1 <= r.last) {
-                                inflight.pop_front();
-                                shared.acked.fetch_add(n as u64, Ordering::Relaxed);
-                                if shared.measuring.load(Ordering::Relaxed) {
-                                    shared.acked_window.fetch_add(n as u64, Ordering::Relaxed);
-                                    let ms = |since: u64| now.saturating_sub(since).min(u64::from(u32::MAX)) as u32;
-                                    shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(t0));
-                                    shared.hub_latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(published));
-                                }
-                            } else {
-                                break;
+                        // Any batch the ack covers, not only the oldest: replicas ack the
+                        // batches they took in parallel, so a later one may come first.
+                        inflight.retain(|&Inflight { first_seq: first, n, captured_ms: t0, published_ms: published, .. }| {
+                            if !a.ranges.iter().any(|r| r.first <= first && first + n as u64 - 1 <= r.last) {
+                                return true;
                             }
-                        }
+                            shared.acked.fetch_add(n as u64, Ordering::Relaxed);
+                            if shared.measuring.load(Ordering::Relaxed) {
+                                shared.acked_window.fetch_add(n as u64, Ordering::Relaxed);
+                                let ms = |since: u64| now.saturating_sub(since).min(u64::from(u32::MAX)) as u32;
+                                shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(t0));
+                                shared.hub_latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(published));
+                            }
+                            false
+                        });
                     }
                 }
                 Ok(_) => {}
@@ -805,6 +862,10 @@ pub fn print_summary(r: &LoadReport) {
                 p.name, p.cpu_percent, p.rss_mib, p.peak_rss_mib
             );
         }
+        println!(
+            "resent after {RESEND_AFTER_MS} ms without an ack: {} events; the replicas found {} already stored",
+            r.resent_after_timeout, r.hub_duplicates
+        );
     }
     for (kind, n) in &r.client_error_kinds {
         println!("  {n:>6} x {kind}");
