@@ -7,6 +7,8 @@
 //! - [`images`]: small real PNG signatures and JPEG photos for POD.
 //! - [`chaos`]: the `chaos` mode: agent and hub processes under faults, and the oracle.
 //! - [`load`]: the `load` mode: many protocol-level vehicles over TLS against a hub.
+//! - [`replicas`]: the `replicas` topology of both: a Mosquitto and hub replicas on
+//!   PostgreSQL.
 //! - [`demo`]: the `demo` mode: an in-process hub and N vehicles with real agents,
 //!   drivers taking POD, a live display and a report checked against the hub.
 
@@ -17,6 +19,7 @@ pub mod images;
 pub mod load;
 pub mod nmea;
 pub mod ports;
+pub mod replicas;
 pub mod route;
 
 pub use demo::{DemoOptions, Report, demo};

@@ -7,6 +7,12 @@
 //! executable's `hub` mode) unless `--hub` points at one, so its CPU time and RSS can be
 //! read from /proc. At the end the harness waits for every batch to be acked and checks
 //! the hub's event count of every vehicle: the load mode's oracle.
+//!
+//! `--topology replicas`: the vehicles connect to a Mosquitto the simulator starts, in
+//! front of two hub replica processes on one PostgreSQL database (see
+//! [`crate::replicas`]), on the external topic layout; the hub figures are both
+//! replicas' CPU (summed) and the larger peak RSS, and each process (the replicas and the
+//! broker) is reported with its CPU, RSS and peak RSS.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -23,11 +29,16 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::chaos::oracle::Latency;
+use crate::replicas::{Broker, REPLICAS, Topology, replica_name};
 
 const OPERATOR_TOKEN: &str = "load-operator-token-0123456789abcdef";
 const INFLIGHT: usize = 8;
 /// New TLS connections per second while ramping up.
 const RAMP_PER_S: usize = 250;
+/// `replicas`: a batch not acked this long is published again, as an agent does after
+/// its ack timeout (a broker may lose a message; the embedded hub's path never did, and
+/// the embedded runs keep their old behaviour: resend only after a reconnect).
+const RESEND_AFTER_MS: u64 = 5_000;
 
 /// Flags of `fleetsync-sim load`.
 #[derive(Debug, Clone)]
@@ -46,6 +57,23 @@ pub struct LoadOptions {
     pub store: Option<String>,
     /// Measure partner webhooks too (see [`webhook_setup`]).
     pub webhooks: bool,
+    /// One hub, or a broker and hub replicas (which need `store`).
+    pub topology: Topology,
+    /// The Mosquitto executable for `replicas` (see [`crate::replicas::mosquitto_exe`]).
+    pub mosquitto: Option<PathBuf>,
+}
+
+/// One process's figures in the window (`replicas`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcessFigures {
+    /// `hub a`, `hub b`, `mosquitto`.
+    pub name: String,
+    /// CPU in the window, percent of one core.
+    pub cpu_percent: f64,
+    /// Resident at the end of the window (VmRSS), MiB.
+    pub rss_mib: f64,
+    /// Peak resident (VmHWM), MiB.
+    pub peak_rss_mib: f64,
 }
 
 /// The load report.
@@ -72,6 +100,19 @@ pub struct LoadReport {
     pub hub_cpu_percent: f64,
     /// Hub peak RSS, MiB.
     pub hub_peak_rss_mib: f64,
+    /// `replicas`: each replica and the broker (left out for the embedded topology).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessFigures>,
+    /// Left out for the embedded topology.
+    #[serde(skip_serializing_if = "Topology::is_embedded")]
+    pub topology: Topology,
+    /// `replicas`: events published again after [`RESEND_AFTER_MS`] without an ack.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resent_after_timeout: u64,
+    /// `replicas`: events the replicas found already stored (resends whose first copy had
+    /// arrived: its ack was what went missing).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub hub_duplicates: u64,
     /// Events captured over the whole run.
     pub events_captured: u64,
     /// Events the hub holds for the vehicles after the drain.
@@ -96,6 +137,10 @@ pub struct LoadReport {
     pub ok: bool,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Why load could not run.
 #[derive(Debug, thiserror::Error)]
 #[error("load set-up: {0}")]
@@ -109,6 +154,7 @@ fn e<E: std::fmt::Display>(x: E) -> LoadError {
 struct Shared {
     sent: AtomicU64,
     acked: AtomicU64,
+    resent: AtomicU64,
     errors: AtomicU64,
     error_kinds: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     measuring: std::sync::atomic::AtomicBool,
@@ -161,64 +207,124 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             fleetsync_hub::pki::issue_device(&pki, id).map_err(e)?;
         }
     }
+    let replicas = opts.topology == Topology::Replicas;
+    // What the replicas topology needs, checked before anything is started.
+    let mosquitto = match replicas {
+        true => {
+            crate::replicas::require_store(opts.store.as_deref()).map_err(LoadError)?;
+            Some(crate::replicas::mosquitto_exe(opts.mosquitto.as_deref()).map_err(LoadError)?)
+        }
+        false => None,
+    };
     let port = || crate::ports::unused_port().map_err(e);
     let (mqtt, http) = (port()?, port()?);
-    let toml = dir.join("hub.toml");
     // Every simulated vehicle connects from this one address: the per-source handshake
     // cap (a defence against strangers on one address) is lifted to the total.
     let store = crate::hub_store_section(opts.store.as_deref(), &dir.join("hub-data"))
         .await
         .map_err(e)?;
-    std::fs::write(
-        &toml,
-        format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
-            pki.join("ca.pem").display(),
-            pki.join("hub.pem").display(),
-            pki.join("hub-key.pem").display(),
-            opts.vehicles + 100,
-        ),
-    )
-    .map_err(e)?;
-    let log = std::fs::File::create(dir.join("hub.log")).map_err(e)?;
-    let mut hub = std::process::Command::new(&opts.exe)
-        .args(["hub", "--config"])
-        .arg(&toml)
-        // `FLEETSYNC_HUB_LOG` overrides the hub's log filter (e.g. to see why connections
-        // close: `warn,fleetsync_hub::broker=debug`); the log is `hub.log` in `--dir`.
-        .env(
-            "RUST_LOG",
-            std::env::var("FLEETSYNC_HUB_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into()),
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(e)?;
-    let pid = hub.id();
+    let broker = match &mosquitto {
+        Some(exe) => {
+            crate::replicas::issue_hubs(&pki).map_err(LoadError)?;
+            Some(
+                Broker::start(exe, &pki, &dir.join("mosquitto"))
+                    .await
+                    .map_err(LoadError)?,
+            )
+        }
+        None => None,
+    };
+    // The hub (embedded), or each replica: name, config, log, API port.
+    let mut specs = Vec::new();
+    match &broker {
+        None => {
+            let toml = dir.join("hub.toml");
+            std::fs::write(
+                &toml,
+                format!(
+                    "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
+                    pki.join("ca.pem").display(),
+                    pki.join("hub.pem").display(),
+                    pki.join("hub-key.pem").display(),
+                    opts.vehicles + 100,
+                ),
+            )
+            .map_err(e)?;
+            specs.push(("hub".to_string(), toml, dir.join("hub.log"), http));
+        }
+        Some(b) => {
+            for i in 0..REPLICAS {
+                let name = replica_name(i);
+                let http = if i == 0 { http } else { port()? };
+                let toml = dir.join(format!("hub-{name}.toml"));
+                std::fs::write(
+                    &toml,
+                    format!(
+                        "{}[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
+                        crate::replicas::broker_section(&pki, i, b.port),
+                    ),
+                )
+                .map_err(e)?;
+                specs.push((
+                    format!("hub {name}"),
+                    toml,
+                    dir.join(format!("hub-{name}.log")),
+                    http,
+                ));
+            }
+        }
+    }
+    let (device_port, layout) = match &broker {
+        None => (mqtt, Layout::Embedded),
+        Some(b) => (b.port, Layout::External),
+    };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(e)?;
-    let base = format!("http://127.0.0.1:{http}");
-    let ready = async {
-        for _ in 0..300 {
-            if client
-                .get(format!("{base}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return true;
+    // Killed when the run ends, or on an early return.
+    let mut hubs = Hubs(Vec::new());
+    // One at a time: the first replica makes the database's schema.
+    for (name, toml, log, http) in &specs {
+        let log_file = std::fs::File::create(log).map_err(e)?;
+        let child = std::process::Command::new(&opts.exe)
+            .args(["hub", "--config"])
+            .arg(toml)
+            // `FLEETSYNC_HUB_LOG` overrides the hub's log filter (e.g. to see why
+            // connections close: `warn,fleetsync_hub::broker=debug`); the log is
+            // `hub.log` (`hub-a.log`, ...) in `--dir`.
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEETSYNC_HUB_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(e)?;
+        hubs.0.push((name.clone(), child));
+        let url = format!("http://127.0.0.1:{http}/readyz");
+        let ready = async {
+            for _ in 0..300 {
+                if client
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            false
+        };
+        if !ready.await {
+            return Err(LoadError(match replicas {
+                true => format!("{name} did not become ready (log: {})", log.display()),
+                false => "hub did not become ready".into(),
+            }));
         }
-        false
-    };
-    if !ready.await {
-        let _ = hub.kill();
-        return Err(LoadError("hub did not become ready".into()));
     }
-
+    let base = format!("http://127.0.0.1:{http}");
     let receiver = match opts.webhooks {
         true => Some(webhook_setup(&client, &base).await?),
         false => None,
@@ -243,7 +349,9 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         });
         tasks.push(tokio::spawn(vehicle(
             id.clone(),
-            mqtt,
+            device_port,
+            layout,
+            replicas.then_some(RESEND_AFTER_MS),
             Arc::new(tls),
             opts.rate,
             trip,
@@ -256,7 +364,12 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     if receiver.is_some() {
         release_shipments(&client, &base, &ids).await?;
     }
-    let before = proc_stat(pid);
+    // The processes measured: the hub, or the replicas and the broker.
+    let mut pids: Vec<(String, u32)> = hubs.0.iter().map(|(n, c)| (n.clone(), c.id())).collect();
+    if let Some(pid) = broker.as_ref().and_then(Broker::pid) {
+        pids.push(("mosquitto".into(), pid));
+    }
+    let before: Vec<_> = pids.iter().map(|(_, pid)| proc_stat(*pid)).collect();
     shared.window_start_ms.store(now_ms(), Ordering::SeqCst);
     shared.measuring.store(true, Ordering::SeqCst);
     let t = Instant::now();
@@ -266,20 +379,42 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     }
     shared.measuring.store(false, Ordering::SeqCst);
     let window = t.elapsed().as_secs_f64();
-    let after = proc_stat(pid);
+    let after: Vec<_> = pids.iter().map(|(_, pid)| proc_stat(*pid)).collect();
+    let memory: Vec<_> = pids
+        .iter()
+        .map(|(_, pid)| crate::replicas::memory(*pid))
+        .collect();
     // Stop capturing; wait for the last acks.
     stop.cancel();
     for t in tasks {
         let _ = t.await;
     }
     let ticks = 100.0; // USER_HZ on Linux
-    let (cpu, rss) = match (before, after) {
+    let figures = |i: usize| match (before[i], after[i]) {
         (Some((c0, _)), Some((c1, hwm))) => (
             (c1 - c0) as f64 / ticks / window * 100.0,
             hwm as f64 / 1024.0,
         ),
         _ => (0.0, 0.0),
     };
+    let mut processes = Vec::new();
+    let (mut cpu, mut rss) = (0.0, 0.0);
+    for (i, (name, _)) in pids.iter().enumerate() {
+        let (c, peak) = figures(i);
+        if i < hubs.0.len() {
+            // The replicas' CPU adds up; the RSS figure is the larger replica's.
+            cpu += c;
+            rss = f64::max(rss, peak);
+        }
+        if replicas {
+            processes.push(ProcessFigures {
+                name: name.clone(),
+                cpu_percent: c,
+                rss_mib: memory[i].as_ref().map_or(0.0, |m| m.rss_mib),
+                peak_rss_mib: peak,
+            });
+        }
+    }
     // Oracle: every event sent is at the hub exactly once.
     let sent_total = shared.sent.load(Ordering::SeqCst);
     let mut at_hub = 0u64;
@@ -311,8 +446,19 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         Some(fake) => webhook_latencies(fake, trips).await,
         None => (0, Latency::default()),
     };
-    let _ = hub.kill();
-    let _ = hub.wait();
+    let mut hub_duplicates = 0;
+    if replicas {
+        for (_, _, _, http) in &specs {
+            hub_duplicates += metric(
+                &client,
+                &format!("http://127.0.0.1:{http}"),
+                "fleetsync_hub_duplicates_dropped_total",
+            )
+            .await;
+        }
+    }
+    drop(hubs);
+    drop(broker);
     let take = |m: &std::sync::Mutex<Vec<u32>>| {
         percentiles(std::mem::take(
             &mut *m.lock().unwrap_or_else(|p| p.into_inner()),
@@ -331,6 +477,10 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         latency_ms: take(&shared.latencies),
         hub_latency_ms: take(&shared.hub_latencies),
         hub_cpu_percent: cpu,
+        resent_after_timeout: shared.resent.load(Ordering::SeqCst),
+        hub_duplicates,
+        processes,
+        topology: opts.topology,
         hub_peak_rss_mib: rss,
         events_captured: sent_total,
         stored_at_hub: at_hub,
@@ -349,6 +499,23 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         webhook_latency_ms,
         ok: lost == 0 && duplicated == 0 && sent_total > 0 && webhook_received == trips,
     })
+}
+
+/// A counter from a hub's `/metrics` (0 if unreadable).
+async fn metric(client: &reqwest::Client, base: &str, name: &str) -> u64 {
+    let Ok(r) = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn now_ms() -> u64 {
@@ -480,9 +647,24 @@ async fn webhook_latencies(fake: &crate::fake_erp::FakeErp, trips: u64) -> (u64,
     (got.len() as u64, percentiles(lat))
 }
 
+/// The hub processes of a run, killed when it ends (or on an early return).
+struct Hubs(Vec<(String, std::process::Child)>);
+
+impl Drop for Hubs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn vehicle(
     id: String,
     port: u16,
+    layout: Layout,
+    resend_after_ms: Option<u64>,
     tls: Arc<rustls::ClientConfig>,
     rate: f64,
     trip: Option<Duration>,
@@ -498,11 +680,11 @@ async fn vehicle(
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     el.set_network_options(net);
-    let up = Layout::Embedded
+    let up = layout
         .topic(&id, Channel::Up)
         .map(|t| t.to_string())
         .unwrap_or_default();
-    let down = Layout::Embedded
+    let down = layout
         .topic(&id, Channel::Down)
         .map(|t| t.to_string())
         .unwrap_or_default();
@@ -553,6 +735,14 @@ async fn vehicle(
                 }
             }
             _ = send.tick(), if subscribed => {
+                if let Some(after) = resend_after_ms {
+                    let now = now_ms();
+                    for b in inflight.iter_mut().filter(|b| now.saturating_sub(b.published_ms) >= after) {
+                        b.published_ms = now;
+                        let _ = client.try_publish(up.clone(), QoS::AtLeastOnce, false, b.frame.clone());
+                        shared.resent.fetch_add(b.n as u64, Ordering::Relaxed);
+                    }
+                }
                 if !pending.is_empty() && inflight.len() < INFLIGHT {
                     let n = pending.len().min(fleetsync_protocol::limits::MAX_BATCH_EVENTS);
                     let events: Vec<Event> = pending.drain(..n).collect();
@@ -584,20 +774,21 @@ async fn vehicle(
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     if let Ok(Downlink::Ack(a)) = frame::decode(&p.payload) {
                         let now = now_ms();
-                        while let Some(&Inflight { first_seq: first, n, captured_ms: t0, published_ms: published, .. }) = inflight.front() {
-                            if a.ranges.iter().any(|r| r.first <= first && first + n as u64 - 1 <= r.last) {
-                                inflight.pop_front();
-                                shared.acked.fetch_add(n as u64, Ordering::Relaxed);
-                                if shared.measuring.load(Ordering::Relaxed) {
-                                    shared.acked_window.fetch_add(n as u64, Ordering::Relaxed);
-                                    let ms = |since: u64| now.saturating_sub(since).min(u64::from(u32::MAX)) as u32;
-                                    shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(t0));
-                                    shared.hub_latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(published));
-                                }
-                            } else {
-                                break;
+                        // Any batch the ack covers, not only the oldest: replicas ack the
+                        // batches they took in parallel, so a later one may come first.
+                        inflight.retain(|&Inflight { first_seq: first, n, captured_ms: t0, published_ms: published, .. }| {
+                            if !a.ranges.iter().any(|r| r.first <= first && first + n as u64 - 1 <= r.last) {
+                                return true;
                             }
-                        }
+                            shared.acked.fetch_add(n as u64, Ordering::Relaxed);
+                            if shared.measuring.load(Ordering::Relaxed) {
+                                shared.acked_window.fetch_add(n as u64, Ordering::Relaxed);
+                                let ms = |since: u64| now.saturating_sub(since).min(u64::from(u32::MAX)) as u32;
+                                shared.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(t0));
+                                shared.hub_latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms(published));
+                            }
+                            false
+                        });
                     }
                 }
                 Ok(_) => {}
@@ -655,10 +846,27 @@ pub fn print_summary(r: &LoadReport) {
             l.p50, l.p90, l.p99, l.max
         );
     }
-    println!(
-        "hub: {:.0}% of one core, peak RSS {:.1} MiB; client errors {}",
-        r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
-    );
+    if r.topology.is_embedded() {
+        println!(
+            "hub: {:.0}% of one core, peak RSS {:.1} MiB; client errors {}",
+            r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
+        );
+    } else {
+        println!(
+            "topology: Mosquitto + {REPLICAS} hub replicas on one PostgreSQL database; hubs: {:.0}% of one core together, largest peak RSS {:.1} MiB; client errors {}",
+            r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
+        );
+        for p in &r.processes {
+            println!(
+                "  {}: {:.0}% of one core, RSS {:.1} MiB, peak RSS {:.1} MiB",
+                p.name, p.cpu_percent, p.rss_mib, p.peak_rss_mib
+            );
+        }
+        println!(
+            "resent after {RESEND_AFTER_MS} ms without an ack: {} events; the replicas found {} already stored",
+            r.resent_after_timeout, r.hub_duplicates
+        );
+    }
     for (kind, n) in &r.client_error_kinds {
         println!("  {n:>6} x {kind}");
     }

@@ -75,6 +75,14 @@ struct LoadArgs {
     /// the latency from the hub's record of each arrival to its webhook request.
     #[arg(long)]
     webhooks: bool,
+    /// `embedded`: one hub process with its own broker. `replicas`: a Mosquitto started
+    /// here and two hub replica processes on the `--store` database (required).
+    #[arg(long, value_enum, default_value_t)]
+    topology: fleetsync_sim::replicas::Topology,
+    /// The Mosquitto executable for `--topology replicas` (default: FLEETSYNC_MOSQUITTO,
+    /// else `mosquitto` on PATH, else /usr/sbin/mosquitto).
+    #[arg(long)]
+    mosquitto: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,6 +106,28 @@ struct ChaosArgs {
     /// instead of sled.
     #[arg(long)]
     store: Option<String>,
+    /// `embedded`: one hub process with its own broker. `replicas`: a Mosquitto started
+    /// here and two hub replica processes on the `--store` database (required); faults add
+    /// replica kills -9 and broker restarts.
+    #[arg(long, value_enum, default_value_t)]
+    topology: fleetsync_sim::replicas::Topology,
+    /// The Mosquitto executable for `--topology replicas` (default: FLEETSYNC_MOSQUITTO,
+    /// else `mosquitto` on PATH, else /usr/sbin/mosquitto).
+    #[arg(long)]
+    mosquitto: Option<std::path::PathBuf>,
+}
+
+/// What `--topology replicas` needs (a database, a Mosquitto), or why it cannot run.
+fn replicas_ready(
+    topology: fleetsync_sim::replicas::Topology,
+    store: Option<&str>,
+    mosquitto: Option<&std::path::Path>,
+) -> Result<(), String> {
+    if topology.is_embedded() {
+        return Ok(());
+    }
+    fleetsync_sim::replicas::require_store(store)?;
+    fleetsync_sim::replicas::mosquitto_exe(mosquitto).map(|_| ())
 }
 
 /// Cancels `token` on the first Ctrl-C / SIGTERM; exits on the second.
@@ -197,6 +227,10 @@ fn main() -> ExitCode {
                     eprintln!("fleetsync-sim load: --vehicles must be at least 1 and --rate between 0 and 50");
                     return ExitCode::from(64);
                 }
+                if let Err(e) = replicas_ready(a.topology, a.store.as_deref(), a.mosquitto.as_deref()) {
+                    eprintln!("fleetsync-sim load: {e}");
+                    return ExitCode::from(64);
+                }
                 let opts = fleetsync_sim::load::LoadOptions {
                     vehicles: a.vehicles,
                     rate: a.rate,
@@ -205,6 +239,8 @@ fn main() -> ExitCode {
                     dir: a.dir,
                     store: a.store,
                     webhooks: a.webhooks,
+                    topology: a.topology,
+                    mosquitto: a.mosquitto,
                 };
                 match fleetsync_sim::load::load(opts, shutdown).await {
                     Ok(r) => {
@@ -230,6 +266,10 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
+                if let Err(e) = replicas_ready(a.topology, a.store.as_deref(), a.mosquitto.as_deref()) {
+                    eprintln!("fleetsync-sim chaos: {e}");
+                    return ExitCode::from(64);
+                }
                 let opts = fleetsync_sim::chaos::ChaosOptions {
                     vehicles: a.vehicles.max(2),
                     duration: std::time::Duration::from_secs(a.duration),
@@ -237,6 +277,8 @@ fn main() -> ExitCode {
                     exe,
                     dir: a.dir,
                     store: a.store,
+                    topology: a.topology,
+                    mosquitto: a.mosquitto,
                 };
                 match fleetsync_sim::chaos::chaos(opts, shutdown).await {
                     Ok(r) => {

@@ -10,6 +10,14 @@
 //!  `-> after the run: restore everything, wait for every backlog to drain, then the oracle
 //! ```
 //!
+//! `--topology replicas` puts a Mosquitto (started here, see [`crate::replicas`]) and two
+//! hub replica processes on one PostgreSQL database where the hub was; the proxies lead
+//! to the broker, the agents use the external layout (`[hub] broker = "external"`). Its
+//! faults replace the hub's kill -9 with a kill -9 of one replica at a time (started again
+//! a few seconds later, while the other carries the fleet and both run the outbox), and
+//! add broker restarts (SIGTERM, started again on the same port). The oracle is the same,
+//! read from replica a, and replica b must hold the same events.
+//!
 //! Processes are this same executable run as `fleetsync-sim hub|agent --config FILE`, so
 //! they are the real hub and agent code in separate processes that can be killed with -9.
 //! Every loop is bounded by the run's duration plus a drain deadline.
@@ -31,6 +39,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::fake_erp::{FakeErp, Fault};
+use crate::replicas::{Broker, REPLICAS, Topology, replica_name};
 use crate::route::{SimFix, Waypoint, drive};
 use oracle::{Accepted, Verdict};
 use proxy::{Link, Mode};
@@ -62,6 +71,10 @@ pub struct ChaosOptions {
     pub dir: Option<PathBuf>,
     /// PostgreSQL URL for the hub's store (sled in the working directory if `None`).
     pub store: Option<String>,
+    /// One hub, or a broker and hub replicas (which need `store`).
+    pub topology: Topology,
+    /// The Mosquitto executable for `replicas` (see [`crate::replicas::mosquitto_exe`]).
+    pub mosquitto: Option<PathBuf>,
 }
 
 /// Faults injected, by kind.
@@ -83,6 +96,16 @@ pub struct Faults {
     pub clock_skews: u32,
     /// Webhook secrets rotated mid-run.
     pub secret_rotations: u32,
+    /// `replicas`: hub replicas killed with -9 (one at a time).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub replica_kills: u32,
+    /// `replicas`: broker restarts (SIGTERM, started again).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub broker_restarts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The chaos report.
@@ -94,6 +117,9 @@ pub struct ChaosReport {
     pub duration_s: u64,
     /// Seed.
     pub seed: u64,
+    /// Left out for the embedded topology.
+    #[serde(skip_serializing_if = "Topology::is_embedded")]
+    pub topology: Topology,
     /// Faults by kind.
     pub faults: Faults,
     /// The oracle's figures and verdict.
@@ -199,6 +225,7 @@ async fn wait_ok(client: &reqwest::Client, url: &str, deadline: Duration) -> boo
     false
 }
 
+#[allow(clippy::too_many_arguments)]
 fn agent_toml(
     dir: &Path,
     pki: &Path,
@@ -207,8 +234,14 @@ fn agent_toml(
     api: u16,
     gps: u16,
     quota: u64,
+    external: bool,
 ) -> String {
     let d = pki.join("devices").join(id);
+    let broker = if external {
+        "broker = \"external\"\n"
+    } else {
+        ""
+    };
     format!(
         r#"device_id = "{id}"
 [hub]
@@ -217,7 +250,7 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 ack_timeout_ms = 3000
-[store]
+{broker}[store]
 path = "{store}"
 quota_bytes = {quota}
 [api]
@@ -242,6 +275,14 @@ pub async fn chaos(
     opts: ChaosOptions,
     shutdown: CancellationToken,
 ) -> Result<ChaosReport, ChaosError> {
+    let replicas = opts.topology == Topology::Replicas;
+    // What the replicas topology needs, checked before anything is made.
+    let mosquitto = if replicas {
+        crate::replicas::require_store(opts.store.as_deref()).map_err(ChaosError::Setup)?;
+        Some(crate::replicas::mosquitto_exe(opts.mosquitto.as_deref()).map_err(ChaosError::Setup)?)
+    } else {
+        None
+    };
     let tmp;
     let dir = match &opts.dir {
         Some(d) => {
@@ -257,10 +298,21 @@ pub async fn chaos(
     if !pki.join("ca.pem").exists() {
         fleetsync_hub::pki::init(&pki, &[]).map_err(setup)?;
     }
+    let mut broker = match &mosquitto {
+        Some(exe) => {
+            crate::replicas::issue_hubs(&pki).map_err(ChaosError::Setup)?;
+            Some(
+                Broker::start(exe, &pki, &dir.join("mosquitto"))
+                    .await
+                    .map_err(ChaosError::Setup)?,
+            )
+        }
+        None => None,
+    };
     let (mqtt, http_port) = (free_port()?, free_port()?);
-    let hub_addr: SocketAddr = format!("127.0.0.1:{mqtt}").parse().map_err(setup)?;
-    let hub_http = format!("http://127.0.0.1:{http_port}");
-    let hub_toml = dir.join("hub.toml");
+    // Where the vehicles' proxies lead: the hub's own broker, or the external one.
+    let device_port = broker.as_ref().map_or(mqtt, |b| b.port);
+    let hub_addr: SocketAddr = format!("127.0.0.1:{device_port}").parse().map_err(setup)?;
     let store = crate::hub_store_section(opts.store.as_deref(), &dir.join("hub-data"))
         .await
         .map_err(setup)?;
@@ -273,36 +325,68 @@ pub async fn chaos(
     for (i, r) in RECEIVERS.iter().enumerate() {
         erp.plan_hook(r, erp_faults(opts.seed ^ (i as u64 + 1), 400));
     }
-    std::fs::write(
-        &hub_toml,
+    let hub_config = |transport: &str, http_port: u16| {
         format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n\
+            "{transport}[http]\nlisten = \"127.0.0.1:{http_port}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n\
              [[erp]]\nname = \"{ERP_NAME}\"\nbase_url = \"{erp_url}\"\ntimeout_ms = 1000\nbackoff_ms = 100\nbackoff_cap_ms = 2000\nbreaker_failures = 5\nbreaker_open_ms = 2000\nrate_per_s = 100\nburst = 8\n\
              [webhooks]\nallow_insecure_targets = true\ntimeout_ms = 1000\nretry_schedule_s = {schedule:?}\nbreaker_failures = 5\nbreaker_open_ms = 2000\n",
             schedule = [[0.0].as_slice(), &[0.5, 1.0], &[2.0; 60]].concat(),
-            ca = pki.join("ca.pem").display(),
-            cert = pki.join("hub.pem").display(),
-            key = pki.join("hub-key.pem").display(),
             erp_url = erp.base_url(),
-        ),
-    )
-    .map_err(setup)?;
-    let hub_toml_s = hub_toml.display().to_string();
-    let hub = Arc::new(Mutex::new(Proc::new(
-        &opts.exe,
-        &["hub", "--config", &hub_toml_s],
-        dir.join("hub.log"),
-    )));
-    lock(&hub).start()?;
+        )
+    };
+    // The hub process (embedded), or each replica: its config, log and API.
+    let mut hub_specs: Vec<(PathBuf, PathBuf, String)> = Vec::new();
+    match &broker {
+        None => {
+            let transport = format!(
+                "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+                ca = pki.join("ca.pem").display(),
+                cert = pki.join("hub.pem").display(),
+                key = pki.join("hub-key.pem").display(),
+            );
+            hub_specs.push((
+                dir.join("hub.toml"),
+                dir.join("hub.log"),
+                format!("http://127.0.0.1:{http_port}"),
+            ));
+            std::fs::write(&hub_specs[0].0, hub_config(&transport, http_port)).map_err(setup)?;
+        }
+        Some(b) => {
+            for i in 0..REPLICAS {
+                let http = if i == 0 { http_port } else { free_port()? };
+                let name = replica_name(i);
+                let toml = dir.join(format!("hub-{name}.toml"));
+                let transport = crate::replicas::broker_section(&pki, i, b.port);
+                std::fs::write(&toml, hub_config(&transport, http)).map_err(setup)?;
+                hub_specs.push((
+                    toml,
+                    dir.join(format!("hub-{name}.log")),
+                    format!("http://127.0.0.1:{http}"),
+                ));
+            }
+        }
+    }
+    let hub_urls: Vec<String> = hub_specs.iter().map(|(_, _, u)| u.clone()).collect();
+    let hub_http = hub_urls[0].clone();
+    let mut hubs = Vec::new();
     let client = http();
-    if !wait_ok(
-        &client,
-        &format!("{hub_http}/readyz"),
-        Duration::from_secs(30),
-    )
-    .await
-    {
-        return Err(ChaosError::Setup("hub did not become ready".into()));
+    // One at a time: the first replica makes the database's schema.
+    for (toml, log, url) in &hub_specs {
+        let toml_s = toml.display().to_string();
+        let hub = Arc::new(Mutex::new(Proc::new(
+            &opts.exe,
+            &["hub", "--config", &toml_s],
+            log.clone(),
+        )));
+        lock(&hub).start()?;
+        if !wait_ok(&client, &format!("{url}/readyz"), Duration::from_secs(30)).await {
+            return Err(ChaosError::Setup(if replicas {
+                format!("hub replica did not become ready (log: {})", log.display())
+            } else {
+                "hub did not become ready".into()
+            }));
+        }
+        hubs.push(hub);
     }
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
@@ -332,7 +416,7 @@ pub async fn chaos(
         let toml = dir.join(format!("agent-{id}.toml"));
         std::fs::write(
             &toml,
-            agent_toml(&dir, &pki, &id, proxy_port, api, gps_port, quota),
+            agent_toml(&dir, &pki, &id, proxy_port, api, gps_port, quota, replicas),
         )
         .map_err(setup)?;
         let toml_s = toml.display().to_string();
@@ -454,13 +538,31 @@ pub async fn chaos(
         (opts.duration.as_millis() as u64 / (opts.vehicles as u64 + 6)).clamp(1500, 8000),
     );
     let mut next_hub_kill = opts.duration.as_secs_f64() * rng.random_range(0.3..0.45);
-    let mut hub_kills_left = 2;
+    let mut hub_kills_left = if replicas { 0 } else { 2 };
+    // Replicas: three kills -9 of one replica at a time, alternating, each down a few
+    // seconds while the fault loop goes on; two broker restarts.
+    let mut replica_kills_left = 0;
+    let mut next_replica_kill = 0.0;
+    let mut next_victim = 0;
+    let mut broker_restarts_left = 0;
+    let mut next_broker_restart = 0.0;
+    if replicas {
+        replica_kills_left = 3;
+        next_replica_kill = opts.duration.as_secs_f64() * rng.random_range(0.1..0.2);
+        next_victim = rng.random_range(0..REPLICAS);
+        broker_restarts_left = 2;
+        next_broker_restart = opts.duration.as_secs_f64() * rng.random_range(0.25..0.35);
+    }
+    // When the replica killed last is up again (no second kill before that).
+    let mut replica_back = Instant::now();
+    let mut replica_restarts = Vec::new();
     let t0 = Instant::now();
     // Half way, the first partner's secret is rotated: both sign during the overlap, and
-    // its receiver accepts either, as a partner switching over would.
+    // its receiver accepts either, as a partner switching over would. (Replicas: through
+    // replica b; the subscription was made through a.)
     let rotation = tokio::spawn(rotate_later(
         client.clone(),
-        hub_http.clone(),
+        hub_urls[hub_urls.len() - 1].clone(),
         erp.clone(),
         subs[0].clone(),
         opts.duration / 2,
@@ -474,10 +576,40 @@ pub async fn chaos(
         if hub_kills_left > 0 && t0.elapsed().as_secs_f64() > next_hub_kill {
             hub_kills_left -= 1;
             next_hub_kill += opts.duration.as_secs_f64() * 0.35;
-            lock(&hub).kill9();
+            lock(&hubs[0]).kill9();
             faults.hub_kills += 1;
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
-            lock(&hub).start()?;
+            lock(&hubs[0]).start()?;
+            continue;
+        }
+        if replica_kills_left > 0
+            && t0.elapsed().as_secs_f64() > next_replica_kill
+            && Instant::now() > replica_back
+        {
+            replica_kills_left -= 1;
+            next_replica_kill += opts.duration.as_secs_f64() * 0.3;
+            let hub = hubs[next_victim].clone();
+            next_victim = (next_victim + 1) % REPLICAS;
+            lock(&hub).kill9();
+            faults.replica_kills += 1;
+            let down = Duration::from_millis(rng.random_range(2000..8000));
+            replica_back = Instant::now() + down;
+            replica_restarts.push(tokio::spawn(async move {
+                tokio::time::sleep(down).await;
+                lock(&hub).start()
+            }));
+            continue;
+        }
+        if let Some(b) = broker.as_mut()
+            && broker_restarts_left > 0
+            && t0.elapsed().as_secs_f64() > next_broker_restart
+        {
+            broker_restarts_left -= 1;
+            next_broker_restart += opts.duration.as_secs_f64() * 0.4;
+            b.stop().await;
+            faults.broker_restarts += 1;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
+            b.spawn().await.map_err(ChaosError::Setup)?;
             continue;
         }
         let v = vehicles[rng.random_range(0..vehicles.len())].clone();
@@ -539,15 +671,14 @@ pub async fn chaos(
     for v in &vehicles {
         v.link.set(Mode::Pass);
     }
-    if !wait_ok(
-        &client,
-        &format!("{hub_http}/readyz"),
-        Duration::from_secs(30),
-    )
-    .await
-    {
-        lock(&hub).kill9();
-        lock(&hub).start()?;
+    for r in replica_restarts {
+        r.await.map_err(setup)??;
+    }
+    for (hub, url) in hubs.iter().zip(&hub_urls) {
+        if !wait_ok(&client, &format!("{url}/readyz"), Duration::from_secs(30)).await {
+            lock(hub).kill9();
+            lock(hub).start()?;
+        }
     }
     stop.cancel();
     for t in tasks {
@@ -566,24 +697,41 @@ pub async fn chaos(
         DRAIN,
     )
     .await;
-    let mut verdict = oracle::check(
-        &client,
-        &hub_http,
-        OPERATOR_TOKEN,
-        &vehicles
-            .iter()
-            .map(|v| oracle::VehicleRecord {
-                id: v.id.clone(),
-                fixes: v.fixes.clone(),
-                sent: lock(&v.sent).clone(),
-                kill_windows: lock(&v.kills).clone(),
-                accepted: lock(&v.accepted).clone(),
-                skewed: v.id.ends_with(&format!("{SKEW_VEHICLE:03}")),
-            })
-            .collect::<Vec<_>>(),
-        drained,
-    )
-    .await;
+    let records = vehicles
+        .iter()
+        .map(|v| oracle::VehicleRecord {
+            id: v.id.clone(),
+            fixes: v.fixes.clone(),
+            sent: lock(&v.sent).clone(),
+            kill_windows: lock(&v.kills).clone(),
+            accepted: lock(&v.accepted).clone(),
+            skewed: v.id.ends_with(&format!("{SKEW_VEHICLE:03}")),
+        })
+        .collect::<Vec<_>>();
+    let mut verdict = oracle::check(&client, &hub_http, OPERATOR_TOKEN, &records, drained).await;
+    // Any replica answers the same: the others' view of the same database must agree
+    // (read a moment later: the agents' health reports may have added events since).
+    for (i, url) in hub_urls.iter().enumerate().skip(1) {
+        let other = oracle::check(&client, url, OPERATOR_TOKEN, &records, drained).await;
+        if other.stored < verdict.stored
+            || (other.ok, other.lost, other.duplicated)
+                != (verdict.ok, verdict.lost, verdict.duplicated)
+        {
+            verdict.failures.push(format!(
+                "replica {} disagrees with replica a: {} events stored (a: {}), {} lost (a: {}), {} duplicated (a: {}), verdict {} (a: {})",
+                replica_name(i),
+                other.stored,
+                verdict.stored,
+                other.lost,
+                verdict.lost,
+                other.duplicated,
+                verdict.duplicated,
+                other.ok,
+                verdict.ok
+            ));
+            verdict.ok = false;
+        }
+    }
     let shipments: Vec<String> = vehicles.iter().map(|v| shipment_id(&v.id)).collect();
     oracle::check_sinks(
         &client,
@@ -600,6 +748,7 @@ pub async fn chaos(
         vehicles: opts.vehicles,
         duration_s: opts.duration.as_secs(),
         seed: opts.seed,
+        topology: opts.topology,
         faults,
         oracle: verdict,
     })
@@ -886,15 +1035,19 @@ pub fn print_summary(r: &ChaosReport) {
         "chaos: {} vehicles, {} s of faults, seed {}",
         r.vehicles, r.duration_s, r.seed
     );
+    let hub_faults = match r.topology {
+        Topology::Embedded => format!("hub kill -9 {}", f.hub_kills),
+        Topology::Replicas => format!(
+            "replica kill -9 {} (one of {REPLICAS} at a time), broker restarts {}",
+            f.replica_kills, f.broker_restarts
+        ),
+    };
+    if !r.topology.is_embedded() {
+        println!("topology: Mosquitto + {REPLICAS} hub replicas on one PostgreSQL database");
+    }
     println!(
-        "faults: agent kill -9 {}, hub kill -9 {}, link cuts {}, lost-ack windows {}, delayed links {}, quota bursts {}, skewed clocks {}",
-        f.agent_kills,
-        f.hub_kills,
-        f.link_cuts,
-        f.ack_blackholes,
-        f.link_delays,
-        f.quota_bursts,
-        f.clock_skews
+        "faults: agent kill -9 {}, {hub_faults}, link cuts {}, lost-ack windows {}, delayed links {}, quota bursts {}, skewed clocks {}",
+        f.agent_kills, f.link_cuts, f.ack_blackholes, f.link_delays, f.quota_bursts, f.clock_skews
     );
     println!(
         "events: accepted {}, stored at hub {}, lost {}, duplicated {}, gaps {} (declaring {} dropped), fixes in kill windows {}",
