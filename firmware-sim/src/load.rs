@@ -29,7 +29,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::chaos::oracle::Latency;
-use crate::replicas::{Broker, REPLICAS, Topology, replica_name};
+use crate::replicas::{Broker, Topology, replica_name};
 
 const OPERATOR_TOKEN: &str = "load-operator-token-0123456789abcdef";
 const INFLIGHT: usize = 8;
@@ -47,6 +47,8 @@ pub struct LoadOptions {
     pub vehicles: usize,
     /// Fixes per second per vehicle.
     pub rate: f64,
+    /// Hub replicas of `--topology replicas` (1 to 8).
+    pub replicas: usize,
     /// Seconds measured (after the ramp-up).
     pub duration: Duration,
     /// This executable (runs the hub process).
@@ -106,6 +108,9 @@ pub struct LoadReport {
     /// Left out for the embedded topology.
     #[serde(skip_serializing_if = "Topology::is_embedded")]
     pub topology: Topology,
+    /// `replicas`: how many hub replicas ran (0 for the embedded topology).
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub replicas: usize,
     /// `replicas`: events published again after [`RESEND_AFTER_MS`] without an ack.
     #[serde(skip_serializing_if = "is_zero")]
     pub resent_after_timeout: u64,
@@ -135,6 +140,10 @@ pub struct LoadReport {
     pub webhook_latency_ms: Latency,
     /// Oracle verdict.
     pub ok: bool,
+}
+
+fn is_zero_usize(n: &usize) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -225,7 +234,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         .map_err(e)?;
     let broker = match &mosquitto {
         Some(exe) => {
-            crate::replicas::issue_hubs(&pki).map_err(LoadError)?;
+            crate::replicas::issue_hubs(&pki, opts.replicas).map_err(LoadError)?;
             Some(
                 Broker::start(exe, &pki, &dir.join("mosquitto"))
                     .await
@@ -253,7 +262,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             specs.push(("hub".to_string(), toml, dir.join("hub.log"), http));
         }
         Some(b) => {
-            for i in 0..REPLICAS {
+            for i in 0..opts.replicas {
                 let name = replica_name(i);
                 let http = if i == 0 { http } else { port()? };
                 let toml = dir.join(format!("hub-{name}.toml"));
@@ -481,6 +490,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         hub_duplicates,
         processes,
         topology: opts.topology,
+        replicas: if replicas { opts.replicas } else { 0 },
         hub_peak_rss_mib: rss,
         events_captured: sent_total,
         stored_at_hub: at_hub,
@@ -853,7 +863,8 @@ pub fn print_summary(r: &LoadReport) {
         );
     } else {
         println!(
-            "topology: Mosquitto + {REPLICAS} hub replicas on one PostgreSQL database; hubs: {:.0}% of one core together, largest peak RSS {:.1} MiB; client errors {}",
+            "topology: Mosquitto + {} hub replica(s) on one PostgreSQL database; hubs: {:.0}% of one core together, largest peak RSS {:.1} MiB; client errors {}",
+            r.replicas,
             r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
         );
         for p in &r.processes {

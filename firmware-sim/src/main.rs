@@ -76,9 +76,12 @@ struct LoadArgs {
     #[arg(long)]
     webhooks: bool,
     /// `embedded`: one hub process with its own broker. `replicas`: a Mosquitto started
-    /// here and two hub replica processes on the `--store` database (required).
+    /// here and `--replicas` hub replica processes on the `--store` database (required).
     #[arg(long, value_enum, default_value_t)]
     topology: fleetsync_sim::replicas::Topology,
+    /// Hub replicas of `--topology replicas` (1 to 8; 1 and 2 give the scale-out ratio).
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
     /// The Mosquitto executable for `--topology replicas` (default: FLEETSYNC_MOSQUITTO,
     /// else `mosquitto` on PATH, else /usr/sbin/mosquitto).
     #[arg(long)]
@@ -231,6 +234,10 @@ fn main() -> ExitCode {
                     eprintln!("fleetsync-sim load: {e}");
                     return ExitCode::from(64);
                 }
+                if !(1..=8).contains(&a.replicas) {
+                    eprintln!("fleetsync-sim load: --replicas must be from 1 to 8");
+                    return ExitCode::from(64);
+                }
                 let opts = fleetsync_sim::load::LoadOptions {
                     vehicles: a.vehicles,
                     rate: a.rate,
@@ -240,6 +247,7 @@ fn main() -> ExitCode {
                     store: a.store,
                     webhooks: a.webhooks,
                     topology: a.topology,
+                    replicas: a.replicas,
                     mosquitto: a.mosquitto,
                 };
                 match fleetsync_sim::load::load(opts, shutdown).await {

@@ -89,9 +89,9 @@ pub fn require_store(store: Option<&str>) -> Result<&str, String> {
     })
 }
 
-/// Issues the replicas' client certificates into `pki/hubs/` (kept if already there).
-pub fn issue_hubs(pki: &Path) -> Result<(), String> {
-    for i in 0..REPLICAS {
+/// Issues `n` replicas' client certificates into `pki/hubs/` (kept if already there).
+pub fn issue_hubs(pki: &Path, n: usize) -> Result<(), String> {
+    for i in 0..n {
         let name = replica_name(i);
         if !pki.join("hubs").join(&name).join("cert.pem").exists() {
             fleetsync_hub::pki::issue_hub(pki, &name).map_err(|e| e.to_string())?;

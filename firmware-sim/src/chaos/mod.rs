@@ -300,7 +300,7 @@ pub async fn chaos(
     }
     let mut broker = match &mosquitto {
         Some(exe) => {
-            crate::replicas::issue_hubs(&pki).map_err(ChaosError::Setup)?;
+            crate::replicas::issue_hubs(&pki, REPLICAS).map_err(ChaosError::Setup)?;
             Some(
                 Broker::start(exe, &pki, &dir.join("mosquitto"))
                     .await

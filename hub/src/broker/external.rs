@@ -105,9 +105,11 @@ pub fn mosquitto(opts: &MosquittoOptions) -> Result<Generated, pki::PkiError> {
          persistence true\n\
          persistence_location {data}/\n\
          autosave_interval 30\n\
-         # Downlinks (acks, assignments) kept per offline device, and QoS 1 messages in\n\
-         # flight per client (the hubs take thousands a second).\n\
-         max_queued_messages 5000\n\
+         # Messages queued per client past those in flight: a device's downlinks while it\n\
+         # is offline (a few), and a hub replica's uplinks while its database round is\n\
+         # slow (thousands a second; past the limit the broker drops them and the devices\n\
+         # send them again after their ack timeout). QoS 1 messages in flight per client.\n\
+         max_queued_messages 50000\n\
          max_inflight_messages 1000\n\
          max_packet_size {packet}\n\
          # Devices send a will (status offline); retained statuses give every hub presence.\n\
