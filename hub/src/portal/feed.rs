@@ -2,7 +2,10 @@
 //! store so that it works the same with several hub replicas on one PostgreSQL.
 //!
 //! ```text
-//! every poll_ms, one task per hub, while any client is connected (no client: no read):
+//! one task per hub reads the store when the store's portal signal changes (a shipment
+//!   record or a position committed: by this hub, or by another hub on the same
+//!   PostgreSQL, told by NOTIFY), at most once every MIN_GAP_MS, and every poll_ms
+//!   without a signal; while no client is connected it reads nothing:
 //!   shipments with updated_ms > watermark - SLACK_MS, by (updated_ms, id)   store query
 //!     new (id, rev) only -> PortalShipment of it -> its customer's channel  (if any client)
 //!     its vehicle is "dirty": which stop it drives to next is looked up again
@@ -21,11 +24,12 @@
 //! on the page: delivery is at least once, and idempotent.
 //!
 //! A second replica: its own poller reads the same shared store, so a change committed
-//! through either replica reaches the clients of both within a poll (plus the commit
-//! delay the slack covers: a write stamped `updated_ms` before a poll but committed after
-//! it is seen by the next polls, which look `SLACK_MS` back). A client can reconnect to
-//! any replica with its `Last-Event-ID`, since the id names a place in the store, not in
-//! one hub's memory. Positions come from the store's per-vehicle position rows, which
+//! through either replica reaches the clients of both: at once through the signal (the
+//! committing hub's own, every other hub's through `LISTEN`), within a poll if the
+//! listening connection is down (plus the commit delay the slack covers: a write stamped
+//! `updated_ms` before a read but committed after it is seen by the next reads, which look
+//! `SLACK_MS` back). A client can reconnect to any replica with its `Last-Event-ID`,
+//! since the id names a place in the store, not in one hub's memory. Positions come from the store's per-vehicle position rows, which
 //! every replica's ingest writes. Nothing here holds state another replica needs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -47,6 +51,11 @@ pub const SLACK_MS: u64 = 5_000;
 const PAGE: usize = 500;
 /// Most shipments sent to a resuming client from the store before the live changes.
 pub const MAX_RESUME: usize = 1000;
+/// Least time between the starts of two reads woken by the signal: under load the store
+/// signals on every ingest round, and a read covers every change committed before it, so
+/// the changes of this long are sent together (the latency it may add, against the
+/// reads' cost; a read takes a few ms with a thousand watched vehicles).
+pub const MIN_GAP_MS: u64 = 40;
 
 /// One change, as every client of the customer gets it.
 #[derive(Debug, Clone)]
@@ -138,22 +147,45 @@ struct PollState {
     sent_fix: HashMap<String, u64>,
 }
 
-/// Runs the poller until `shutdown`.
+/// Runs the feed (and the store's listener for other hubs' changes) until `shutdown`.
 pub async fn run(portal: Portal, shutdown: CancellationToken) {
+    tokio::join!(
+        read_loop(&portal, &shutdown),
+        portal.store.listen_portal(shutdown.clone())
+    );
+}
+
+async fn read_loop(portal: &Portal, shutdown: &CancellationToken) {
     let every = Duration::from_millis(portal.cfg.poll_ms.max(50));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let gap = Duration::from_millis(MIN_GAP_MS);
+    let mut wake = portal.store.portal_signal();
     let mut st = PollState {
         watermark: crate::ingest::now_ms().saturating_sub(SLACK_MS),
         first: true,
         ..Default::default()
     };
+    let mut last = tokio::time::Instant::now();
+    let mut signalled = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(last + every) => {}
+            r = wake.changed(), if signalled => {
+                if r.is_err() {
+                    // The store's side is gone (it lives as long as the store): poll.
+                    signalled = false;
+                    continue;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(last + gap) => {}
+                }
+            }
         }
-        if let Err(e) = poll(&portal, &mut st).await {
+        // What is signalled from here on is after this read's start: it wakes the next.
+        wake.borrow_and_update();
+        last = tokio::time::Instant::now();
+        if let Err(e) = poll(portal, &mut st).await {
             tracing::warn!(error = %e, "portal change feed: store poll failed; trying again");
         }
     }
