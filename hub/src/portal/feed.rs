@@ -33,9 +33,10 @@
 //! every replica's ingest writes. Nothing here holds state another replica needs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +50,9 @@ use crate::store::{ShipmentQuery, StoreError};
 pub const SLACK_MS: u64 = 5_000;
 /// Shipment changes read per store page.
 const PAGE: usize = 500;
+/// Views built at once (each a few store reads): an ETA round changes every open
+/// shipment at once, and built one by one they would hold up the positions behind them.
+const VIEW_READS: usize = 8;
 /// Most shipments sent to a resuming client from the store before the live changes.
 pub const MAX_RESUME: usize = 1000;
 /// Least time between the starts of two reads woken by the signal: under load the store
@@ -66,6 +70,9 @@ pub enum Change {
         cursor: (u64, String),
         /// The whole view.
         view: Arc<PortalShipment>,
+        /// The view as JSON, made once by the first client that sends it (a customer's
+        /// clients all send the same bytes).
+        json: OnceLock<String>,
     },
     /// The vehicle on its way to a shipment's delivery stop moved.
     Position {
@@ -218,33 +225,39 @@ async fn poll(portal: &Portal, st: &mut PollState) -> Result<(), StoreError> {
             })
             .await?;
         let full = rows.len() == PAGE;
+        let mut todo = Vec::new();
         for r in rows {
             after = Some((r.updated_ms, r.id.clone()));
             high = high.max(r.updated_ms);
             if st.seen.get(&r.id).is_some_and(|(rev, _)| *rev >= r.rev) {
                 continue;
             }
-            st.seen.insert(r.id.clone(), (r.rev, r.updated_ms));
             if let Some(v) = &r.vehicle {
                 st.dirty.insert(v.clone());
             }
             if !portal.channels.listening(&r.spec.customer_id) {
+                st.seen.insert(r.id.clone(), (r.rev, r.updated_ms));
                 continue;
             }
-            let Some((rec, facts)) = store.shipment(&r.id).await? else {
-                continue;
-            };
-            let customer = rec.spec.customer_id.clone();
-            let cursor = (rec.updated_ms, rec.id.clone());
-            let loaded = view::load(store, rec, facts).await?;
-            let v = view::customer_view(portal.ctx(now), &loaded);
-            portal.channels.send(
-                &customer,
-                Change::Shipment {
-                    cursor,
-                    view: Arc::new(v),
-                },
-            );
+            todo.push(r);
+        }
+        // Built a few at once, sent in cursor order; marked seen once sent (a failed
+        // read returns before the watermark moves: the next read builds them again).
+        let ids: Vec<String> = todo.iter().map(|r| r.id.clone()).collect();
+        let built: Vec<Result<Option<(String, Change)>, StoreError>> =
+            futures_util::stream::iter(ids)
+                .map(|id| {
+                    let portal = portal.clone();
+                    async move { shipment_change(&portal, &id, now).await }
+                })
+                .buffered(VIEW_READS)
+                .collect()
+                .await;
+        for (r, b) in todo.iter().zip(built) {
+            if let Some((customer, change)) = b? {
+                portal.channels.send(&customer, change);
+            }
+            st.seen.insert(r.id.clone(), (r.rev, r.updated_ms));
         }
         if !full {
             break;
@@ -318,15 +331,39 @@ async fn poll(portal: &Portal, st: &mut PollState) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The shipments of `customer` written after `from_ms` (at most [`MAX_RESUME`]), as
-/// views with their cursors: what a (re)connecting client gets before the live changes.
+/// Shipment `id`'s view as a change, with its customer.
+pub async fn shipment_change(
+    portal: &Portal,
+    id: &str,
+    now: u64,
+) -> Result<Option<(String, Change)>, StoreError> {
+    let Some((rec, facts)) = portal.store.shipment(id).await? else {
+        return Ok(None);
+    };
+    let customer = rec.spec.customer_id.clone();
+    let cursor = (rec.updated_ms, rec.id.clone());
+    let loaded = view::load(&portal.store, rec, facts).await?;
+    let view = Arc::new(view::customer_view(portal.ctx(now), &loaded));
+    Ok(Some((
+        customer,
+        Change::Shipment {
+            cursor,
+            view,
+            json: OnceLock::new(),
+        },
+    )))
+}
+
+/// The ids of the shipments of `customer` written after `from_ms` (at most
+/// [`MAX_RESUME`]), in cursor order: what a (re)connecting client gets before the live
+/// changes. Each view is built when the client's stream gets to it ([`shipment_change`]),
+/// so a client holds one backlog view at a time, not its customer's every shipment.
 pub async fn backlog(
     portal: &Portal,
     customer: &str,
     only: Option<&str>,
     from_ms: u64,
-) -> Result<Vec<Change>, StoreError> {
-    let now = crate::ingest::now_ms();
+) -> Result<Vec<String>, StoreError> {
     let rows = portal
         .store
         .shipments(&ShipmentQuery {
@@ -336,22 +373,11 @@ pub async fn backlog(
             ..Default::default()
         })
         .await?;
-    let mut out = Vec::new();
-    for r in rows {
-        if only.is_some_and(|id| id != r.id) {
-            continue;
-        }
-        let Some((rec, facts)) = portal.store.shipment(&r.id).await? else {
-            continue;
-        };
-        let cursor = (rec.updated_ms, rec.id.clone());
-        let loaded = view::load(&portal.store, rec, facts).await?;
-        out.push(Change::Shipment {
-            cursor,
-            view: Arc::new(view::customer_view(portal.ctx(now), &loaded)),
-        });
-    }
-    Ok(out)
+    Ok(rows
+        .into_iter()
+        .filter(|r| only.is_none_or(|id| id == r.id))
+        .map(|r| r.id)
+        .collect())
 }
 
 /// Parses a `Last-Event-ID` into the `updated_ms` it names.
