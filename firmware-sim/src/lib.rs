@@ -17,6 +17,7 @@ pub mod demo;
 pub mod fake_erp;
 pub mod images;
 pub mod load;
+pub mod load_portal;
 pub mod nmea;
 pub mod ports;
 pub mod replicas;

@@ -9,10 +9,14 @@
 //! the hub's event count of every vehicle: the load mode's oracle.
 //!
 //! `--topology replicas`: the vehicles connect to a Mosquitto the simulator starts, in
-//! front of two hub replica processes on one PostgreSQL database (see
+//! front of `--replicas` hub replica processes (two by default) on one PostgreSQL database (see
 //! [`crate::replicas`]), on the external topic layout; the hub figures are both
 //! replicas' CPU (summed) and the larger peak RSS, and each process (the replicas and the
 //! broker) is reported with its CPU, RSS and peak RSS.
+//!
+//! `--portal-clients N` adds the customer portal's live stream: N stream clients over
+//! real HTTP, a shipment per vehicle, latency and completeness of what the clients get
+//! (see [`crate::load_portal`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -59,6 +63,8 @@ pub struct LoadOptions {
     pub store: Option<String>,
     /// Measure partner webhooks too (see [`webhook_setup`]).
     pub webhooks: bool,
+    /// Measure the portal's live stream too (see [`crate::load_portal`]).
+    pub portal: Option<crate::load_portal::PortalOptions>,
     /// One hub, or a broker and hub replicas (which need `store`).
     pub topology: Topology,
     /// The Mosquitto executable for `replicas` (see [`crate::replicas::mosquitto_exe`]).
@@ -138,6 +144,8 @@ pub struct LoadReport {
     /// From the hub's record of the arrival (the fact's `recordedtime`, taken as its
     /// ingest round starts, before the commit) to the webhook request's arrival.
     pub webhook_latency_ms: Latency,
+    /// `--portal-clients`: what the stream clients got.
+    pub portal: Option<crate::load_portal::PortalReport>,
     /// Oracle verdict.
     pub ok: bool,
 }
@@ -154,6 +162,12 @@ fn is_zero(n: &u64) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("load set-up: {0}")]
 pub struct LoadError(String);
+
+impl LoadError {
+    pub(crate) fn new<E: std::fmt::Display>(x: E) -> Self {
+        LoadError(x.to_string())
+    }
+}
 
 fn e<E: std::fmt::Display>(x: E) -> LoadError {
     LoadError(x.to_string())
@@ -175,6 +189,8 @@ struct Shared {
     window_start_ms: AtomicU64,
     /// Arrivals sent in the window.
     trips: AtomicU64,
+    /// Vehicles capture nothing while set (the portal's baseline phase).
+    paused: std::sync::atomic::AtomicBool,
 }
 
 fn proc_stat(pid: u32) -> Option<(u64, u64)> {
@@ -232,6 +248,8 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     let store = crate::hub_store_section(opts.store.as_deref(), &dir.join("hub-data"))
         .await
         .map_err(e)?;
+    // The stream clients each hold an HTTP connection (and the harness a few more).
+    let http_max = opts.portal.as_ref().map_or(1024, |p| p.clients + 256);
     let broker = match &mosquitto {
         Some(exe) => {
             crate::replicas::issue_hubs(&pki, opts.replicas).map_err(LoadError)?;
@@ -251,7 +269,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             std::fs::write(
                 &toml,
                 format!(
-                    "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
+                    "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\nmax_connections = {http_max}\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
                     pki.join("ca.pem").display(),
                     pki.join("hub.pem").display(),
                     pki.join("hub-key.pem").display(),
@@ -269,7 +287,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
                 std::fs::write(
                     &toml,
                     format!(
-                        "{}[http]\nlisten = \"127.0.0.1:{http}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
+                        "{}[http]\nlisten = \"127.0.0.1:{http}\"\nmax_connections = {http_max}\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
                         crate::replicas::broker_section(&pki, i, b.port),
                     ),
                 )
@@ -351,8 +369,9 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             &pki.join("devices").join(id).join("key.pem"),
         )
         .map_err(e)?;
-        // With --webhooks, each vehicle arrives once at its stop, spread over the window.
-        let trip = receiver.as_ref().map(|_| {
+        // With --webhooks or --portal-clients, each vehicle arrives once at its stop,
+        // spread over the window.
+        let trip = (receiver.is_some() || opts.portal.is_some()).then(|| {
             opts.duration
                 .mul_f64(0.05 + 0.75 * (i as f64 + 0.5) / ids.len() as f64)
         });
@@ -370,9 +389,32 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     }
     // Settle, then measure.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    if receiver.is_some() {
-        release_shipments(&client, &base, &ids).await?;
+    let customers = opts.portal.as_ref().map_or(0, |p| p.customers);
+    let mut erp_token = None;
+    if receiver.is_some() || opts.portal.is_some() {
+        erp_token = Some(release_shipments(&client, &base, &ids, customers).await?);
     }
+    // The stream's RSS figures are the (first) hub's.
+    let pid = hubs.0.first().map_or(0, |(_, c)| c.id());
+    let mut portal = match (&opts.portal, erp_token) {
+        (Some(p), Some(token)) => {
+            let stops = ids.iter().map(|id| stop_of(id)).collect();
+            let mut portal = crate::load_portal::Portal::connect(
+                p.clone(),
+                &client,
+                &base,
+                OPERATOR_TOKEN,
+                token,
+                pid,
+                &ids,
+                stops,
+            )
+            .await?;
+            portal.baseline(&shared.paused).await;
+            Some(portal)
+        }
+        _ => None,
+    };
     // The processes measured: the hub, or the replicas and the broker.
     let mut pids: Vec<(String, u32)> = hubs.0.iter().map(|(n, c)| (n.clone(), c.id())).collect();
     if let Some(pid) = broker.as_ref().and_then(Broker::pid) {
@@ -381,6 +423,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     let before: Vec<_> = pids.iter().map(|(_, pid)| proc_stat(*pid)).collect();
     shared.window_start_ms.store(now_ms(), Ordering::SeqCst);
     shared.measuring.store(true, Ordering::SeqCst);
+    let changes = portal.as_mut().map(|p| p.start_window());
     let t = Instant::now();
     tokio::select! {
         _ = tokio::time::sleep(opts.duration) => {}
@@ -393,6 +436,9 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         .iter()
         .map(|(_, pid)| crate::replicas::memory(*pid))
         .collect();
+    if let (Some(p), Some(changes)) = (portal.as_mut(), changes) {
+        p.end_window(changes).await;
+    }
     // Stop capturing; wait for the last acks.
     stop.cancel();
     for t in tasks {
@@ -427,7 +473,9 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     // Oracle: every event sent is at the hub exactly once.
     let sent_total = shared.sent.load(Ordering::SeqCst);
     let mut at_hub = 0u64;
-    for id in &ids {
+    // For the portal: the hub's record time of each fix, by (vehicle, capture time).
+    let mut recorded: std::collections::HashMap<(u32, u64), u64> = Default::default();
+    for (i, id) in ids.iter().enumerate() {
         let mut after = String::new();
         loop {
             let Ok(r) = client
@@ -443,7 +491,19 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             let Ok(page) = r.json::<serde_json::Value>().await else {
                 break;
             };
-            at_hub += page["events"].as_array().map_or(0, |a| a.len() as u64);
+            let events = page["events"].as_array().map_or(&[][..], |a| a.as_slice());
+            at_hub += events.len() as u64;
+            if portal.is_some() {
+                for ev in events {
+                    let ms = |k: &str| {
+                        let t = chrono::DateTime::parse_from_rfc3339(ev[k].as_str()?).ok()?;
+                        u64::try_from(t.timestamp_millis()).ok()
+                    };
+                    if let (Some(at), Some(rec)) = (ms("event_time"), ms("recorded_time")) {
+                        recorded.insert((i as u32, at), rec);
+                    }
+                }
+            }
             match page["next"].as_str() {
                 Some(n) => after = n.to_string(),
                 None => break,
@@ -455,6 +515,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         Some(fake) => webhook_latencies(fake, trips).await,
         None => (0, Latency::default()),
     };
+    let portal = portal.map(|p| p.report(&recorded));
     let mut hub_duplicates = 0;
     if replicas {
         for (_, _, _, http) in &specs {
@@ -504,10 +565,15 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             v.truncate(5);
             v
         },
-        webhook_expected: trips,
+        webhook_expected: if receiver.is_some() { trips } else { 0 },
         webhook_received,
         webhook_latency_ms,
-        ok: lost == 0 && duplicated == 0 && sent_total > 0 && webhook_received == trips,
+        ok: lost == 0
+            && duplicated == 0
+            && sent_total > 0
+            && (receiver.is_none() || webhook_received == trips)
+            && portal.as_ref().is_none_or(|p| p.ok),
+        portal,
     })
 }
 
@@ -562,12 +628,14 @@ fn stop_of(id: &str) -> String {
 }
 
 /// Releases one shipment per vehicle through the ERP API (16 at a time; a vehicle the
-/// hub has not heard from yet is retried).
+/// hub has not heard from yet is retried), for customer `LOAD`, or spread over
+/// `customers` (see [`crate::load_portal::customer_of`]); the ERP credential's token.
 async fn release_shipments(
     client: &reqwest::Client,
     base: &str,
     ids: &[String],
-) -> Result<(), LoadError> {
+    customers: usize,
+) -> Result<String, LoadError> {
     let r = client
         .post(format!("{base}/v1/ops/credentials"))
         .bearer_auth(OPERATOR_TOKEN)
@@ -597,10 +665,18 @@ async fn release_shipments(
                 let Some(id) = ids.get(i) else {
                     return Ok(());
                 };
-                let body = serde_json::json!({
-                    "reference": format!("SO-{id}"), "customer_id": "LOAD", "vehicle": id,
-                    "stops": [{"id": stop_of(id), "kind": "delivery", "name": "Customer",
-                               "location": {"lat": 52.37, "lon": 4.89}, "radius_m": 50}]});
+                let body = match customers {
+                    0 => serde_json::json!({
+                        "reference": format!("SO-{id}"), "customer_id": "LOAD", "vehicle": id,
+                        "stops": [{"id": stop_of(id), "kind": "delivery", "name": "Customer",
+                                   "location": {"lat": 52.37, "lon": 4.89}, "radius_m": 50}]}),
+                    n => crate::load_portal::shipment_body(
+                        id,
+                        &stop_of(id),
+                        &crate::load_portal::customer_of(i, n),
+                        1,
+                    ),
+                };
                 let mut tries = 0;
                 loop {
                     let r = client
@@ -628,7 +704,7 @@ async fn release_shipments(
     while let Some(r) = set.join_next().await {
         r.map_err(e)??;
     }
-    Ok(())
+    Ok(token)
 }
 
 /// Waits (30 s at most) for the webhook of each of `trips` arrivals; how many came and
@@ -717,6 +793,10 @@ async fn vehicle(
             }
             _ = &mut drain_deadline => return,
             _ = capture.tick(), if subscribed && !stopping => {
+                if shared.paused.load(Ordering::Relaxed) {
+                    // The portal's baseline: no capture (the tick is taken, so no burst after).
+                    continue;
+                }
                 pending.push(Event {
                     time_ms: now_ms(),
                     body: Body::Position(Fix { lat_e7: lat0 + pending.len() as i32 * 90, lon_e7: lon0, speed_cmps: Some(1000), heading_ddeg: Some(900), hdop_d: Some(9), satellites: Some(9) }),
@@ -826,7 +906,7 @@ struct Inflight {
 }
 
 /// Percentiles of a set of latencies in ms.
-fn percentiles(mut lat: Vec<u32>) -> Latency {
+pub(crate) fn percentiles(mut lat: Vec<u32>) -> Latency {
     lat.sort_unstable();
     let pct = |p: f64| {
         lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
@@ -864,8 +944,7 @@ pub fn print_summary(r: &LoadReport) {
     } else {
         println!(
             "topology: Mosquitto + {} hub replica(s) on one PostgreSQL database; hubs: {:.0}% of one core together, largest peak RSS {:.1} MiB; client errors {}",
-            r.replicas,
-            r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
+            r.replicas, r.hub_cpu_percent, r.hub_peak_rss_mib, r.client_errors
         );
         for p in &r.processes {
             println!(
@@ -887,6 +966,9 @@ pub fn print_summary(r: &LoadReport) {
             "webhooks: {} of {} arrivals delivered; hub record -> webhook request: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
             r.webhook_received, r.webhook_expected, l.p50, l.p90, l.p99, l.max
         );
+    }
+    if let Some(p) = &r.portal {
+        crate::load_portal::print_summary(p);
     }
     println!(
         "oracle: captured {}, stored at the hub {}, lost {}, duplicated {}: {}",

@@ -86,6 +86,19 @@ struct LoadArgs {
     /// else `mosquitto` on PATH, else /usr/sbin/mosquitto).
     #[arg(long)]
     mosquitto: Option<std::path::PathBuf>,
+    /// Also measure the portal's live stream: this many stream clients over HTTP, a
+    /// shipment per vehicle spread over --customers, one arrival per vehicle; reports
+    /// the latency from the hub's stamp of each change to each client, whether every
+    /// client got every change, and the hub's RSS before and with the clients.
+    #[arg(long)]
+    portal_clients: Option<usize>,
+    /// Customers the stream clients and shipments are spread over.
+    #[arg(long, default_value_t = 100)]
+    customers: usize,
+    /// Seconds of the stream's baseline (vehicles paused, ERP changes only) before the
+    /// measured window.
+    #[arg(long, default_value_t = 10)]
+    portal_baseline: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -226,6 +239,10 @@ fn main() -> ExitCode {
                     eprintln!("fleetsync-sim load: cannot find my own executable");
                     return ExitCode::FAILURE;
                 };
+                if a.portal_clients.is_some_and(|n| n == 0 || a.customers == 0 || a.customers > a.vehicles) {
+                    eprintln!("fleetsync-sim load: --portal-clients and --customers must be at least 1, and --customers at most --vehicles");
+                    return ExitCode::from(64);
+                }
                 if a.vehicles == 0 || !(a.rate > 0.0 && a.rate <= 50.0) {
                     eprintln!("fleetsync-sim load: --vehicles must be at least 1 and --rate between 0 and 50");
                     return ExitCode::from(64);
@@ -249,6 +266,11 @@ fn main() -> ExitCode {
                     topology: a.topology,
                     replicas: a.replicas,
                     mosquitto: a.mosquitto,
+                    portal: a.portal_clients.map(|clients| fleetsync_sim::load_portal::PortalOptions {
+                        clients,
+                        customers: a.customers,
+                        baseline: std::time::Duration::from_secs(a.portal_baseline),
+                    }),
                 };
                 match fleetsync_sim::load::load(opts, shutdown).await {
                     Ok(r) => {

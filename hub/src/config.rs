@@ -75,7 +75,8 @@ header_timeout_ms = 10000
 # pod_url_ttl_s = 600        # life of a signature or photo URL
 # rate_per_s = 10            # requests a second per customer credential or link ...
 # burst = 40                 # ... and at once (then 429 with Retry-After)
-# poll_ms = 250              # the live stream reads the store's changes this often
+# poll_ms = 250              # the live stream reads the store this often at the latest
+#                            # (at once on a commit it shows: this hub's, or via LISTEN)
 # heartbeat_s = 15           # a comment on each open stream this often
 # stream_buffer = 64         # changes a slow stream client may lag before it is dropped
 # max_streams = 10000        # live streams open at once (then 503)

@@ -363,7 +363,10 @@ enum Audience {
 }
 
 struct Live {
-    backlog: VecDeque<Change>,
+    /// Shipment ids; each view is built as the stream gets to it.
+    backlog: VecDeque<String>,
+    portal: Portal,
+    customer: String,
     rx: broadcast::Receiver<Arc<Change>>,
     last: (u64, String),
     only: Option<String>,
@@ -379,12 +382,18 @@ impl Live {
             return None;
         }
         let (name, id, data) = match c {
-            Change::Shipment { cursor, view } => {
+            Change::Shipment { cursor, view, json } => {
                 if *cursor > self.last {
                     self.last = cursor.clone();
                 }
                 let data = match self.audience {
-                    Audience::Customer => serde_json::to_string(&**view),
+                    // Made once for all the customer's clients ("" if it cannot be: skipped).
+                    Audience::Customer => match json
+                        .get_or_init(|| serde_json::to_string(&**view).unwrap_or_default())
+                    {
+                        s if s.is_empty() => return None,
+                        s => Ok(s.clone()),
+                    },
                     Audience::Tracking => serde_json::to_string(&view::tracking_view(view)),
                 };
                 ("shipment", feed::event_id(&self.last, None), data)
@@ -414,7 +423,18 @@ impl Live {
     async fn next(mut self) -> Option<(Result<Event, std::convert::Infallible>, Live)> {
         loop {
             let change = match self.backlog.pop_front() {
-                Some(c) => Arc::new(c),
+                Some(id) => {
+                    let now = crate::ingest::now_ms();
+                    match feed::shipment_change(&self.portal, &id, now).await {
+                        Ok(Some((customer, c))) if customer == self.customer => Arc::new(c),
+                        Ok(_) => continue,
+                        Err(e) => {
+                            // The client comes back with its Last-Event-ID and resumes.
+                            tracing::warn!(error = %e, "portal stream: backlog read failed; stream closed");
+                            return None;
+                        }
+                    }
+                }
                 None => {
                     let until = self.until;
                     tokio::select! {
@@ -463,6 +483,8 @@ async fn open_stream(
     let backlog = feed::backlog(p, customer, only.as_deref(), from).await?;
     let live = Live {
         backlog: backlog.into(),
+        portal: p.clone(),
+        customer: customer.to_string(),
         rx,
         last: (from, String::new()),
         only,

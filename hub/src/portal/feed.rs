@@ -2,7 +2,10 @@
 //! store so that it works the same with several hub replicas on one PostgreSQL.
 //!
 //! ```text
-//! every poll_ms, one task per hub, while any client is connected (no client: no read):
+//! one task per hub reads the store when the store's portal signal changes (a shipment
+//!   record or a position committed: by this hub, or by another hub on the same
+//!   PostgreSQL, told by NOTIFY), at most once every MIN_GAP_MS, and every poll_ms
+//!   without a signal; while no client is connected it reads nothing:
 //!   shipments with updated_ms > watermark - SLACK_MS, by (updated_ms, id)   store query
 //!     new (id, rev) only -> PortalShipment of it -> its customer's channel  (if any client)
 //!     its vehicle is "dirty": which stop it drives to next is looked up again
@@ -21,17 +24,19 @@
 //! on the page: delivery is at least once, and idempotent.
 //!
 //! A second replica: its own poller reads the same shared store, so a change committed
-//! through either replica reaches the clients of both within a poll (plus the commit
-//! delay the slack covers: a write stamped `updated_ms` before a poll but committed after
-//! it is seen by the next polls, which look `SLACK_MS` back). A client can reconnect to
-//! any replica with its `Last-Event-ID`, since the id names a place in the store, not in
-//! one hub's memory. Positions come from the store's per-vehicle position rows, which
+//! through either replica reaches the clients of both: at once through the signal (the
+//! committing hub's own, every other hub's through `LISTEN`), within a poll if the
+//! listening connection is down (plus the commit delay the slack covers: a write stamped
+//! `updated_ms` before a read but committed after it is seen by the next reads, which look
+//! `SLACK_MS` back). A client can reconnect to any replica with its `Last-Event-ID`,
+//! since the id names a place in the store, not in one hub's memory. Positions come from the store's per-vehicle position rows, which
 //! every replica's ingest writes. Nothing here holds state another replica needs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -45,8 +50,16 @@ use crate::store::{ShipmentQuery, StoreError};
 pub const SLACK_MS: u64 = 5_000;
 /// Shipment changes read per store page.
 const PAGE: usize = 500;
+/// Views built at once (each a few store reads): an ETA round changes every open
+/// shipment at once, and built one by one they would hold up the positions behind them.
+const VIEW_READS: usize = 8;
 /// Most shipments sent to a resuming client from the store before the live changes.
 pub const MAX_RESUME: usize = 1000;
+/// Least time between the starts of two reads woken by the signal: under load the store
+/// signals on every ingest round, and a read covers every change committed before it, so
+/// the changes of this long are sent together (the latency it may add, against the
+/// reads' cost; a read takes a few ms with a thousand watched vehicles).
+pub const MIN_GAP_MS: u64 = 40;
 
 /// One change, as every client of the customer gets it.
 #[derive(Debug, Clone)]
@@ -57,6 +70,9 @@ pub enum Change {
         cursor: (u64, String),
         /// The whole view.
         view: Arc<PortalShipment>,
+        /// The view as JSON, made once by the first client that sends it (a customer's
+        /// clients all send the same bytes).
+        json: OnceLock<String>,
     },
     /// The vehicle on its way to a shipment's delivery stop moved.
     Position {
@@ -138,22 +154,45 @@ struct PollState {
     sent_fix: HashMap<String, u64>,
 }
 
-/// Runs the poller until `shutdown`.
+/// Runs the feed (and the store's listener for other hubs' changes) until `shutdown`.
 pub async fn run(portal: Portal, shutdown: CancellationToken) {
+    tokio::join!(
+        read_loop(&portal, &shutdown),
+        portal.store.listen_portal(shutdown.clone())
+    );
+}
+
+async fn read_loop(portal: &Portal, shutdown: &CancellationToken) {
     let every = Duration::from_millis(portal.cfg.poll_ms.max(50));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let gap = Duration::from_millis(MIN_GAP_MS);
+    let mut wake = portal.store.portal_signal();
     let mut st = PollState {
         watermark: crate::ingest::now_ms().saturating_sub(SLACK_MS),
         first: true,
         ..Default::default()
     };
+    let mut last = tokio::time::Instant::now();
+    let mut signalled = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(last + every) => {}
+            r = wake.changed(), if signalled => {
+                if r.is_err() {
+                    // The store's side is gone (it lives as long as the store): poll.
+                    signalled = false;
+                    continue;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(last + gap) => {}
+                }
+            }
         }
-        if let Err(e) = poll(&portal, &mut st).await {
+        // What is signalled from here on is after this read's start: it wakes the next.
+        wake.borrow_and_update();
+        last = tokio::time::Instant::now();
+        if let Err(e) = poll(portal, &mut st).await {
             tracing::warn!(error = %e, "portal change feed: store poll failed; trying again");
         }
     }
@@ -186,33 +225,39 @@ async fn poll(portal: &Portal, st: &mut PollState) -> Result<(), StoreError> {
             })
             .await?;
         let full = rows.len() == PAGE;
+        let mut todo = Vec::new();
         for r in rows {
             after = Some((r.updated_ms, r.id.clone()));
             high = high.max(r.updated_ms);
             if st.seen.get(&r.id).is_some_and(|(rev, _)| *rev >= r.rev) {
                 continue;
             }
-            st.seen.insert(r.id.clone(), (r.rev, r.updated_ms));
             if let Some(v) = &r.vehicle {
                 st.dirty.insert(v.clone());
             }
             if !portal.channels.listening(&r.spec.customer_id) {
+                st.seen.insert(r.id.clone(), (r.rev, r.updated_ms));
                 continue;
             }
-            let Some((rec, facts)) = store.shipment(&r.id).await? else {
-                continue;
-            };
-            let customer = rec.spec.customer_id.clone();
-            let cursor = (rec.updated_ms, rec.id.clone());
-            let loaded = view::load(store, rec, facts).await?;
-            let v = view::customer_view(portal.ctx(now), &loaded);
-            portal.channels.send(
-                &customer,
-                Change::Shipment {
-                    cursor,
-                    view: Arc::new(v),
-                },
-            );
+            todo.push(r);
+        }
+        // Built a few at once, sent in cursor order; marked seen once sent (a failed
+        // read returns before the watermark moves: the next read builds them again).
+        let ids: Vec<String> = todo.iter().map(|r| r.id.clone()).collect();
+        let built: Vec<Result<Option<(String, Change)>, StoreError>> =
+            futures_util::stream::iter(ids)
+                .map(|id| {
+                    let portal = portal.clone();
+                    async move { shipment_change(&portal, &id, now).await }
+                })
+                .buffered(VIEW_READS)
+                .collect()
+                .await;
+        for (r, b) in todo.iter().zip(built) {
+            if let Some((customer, change)) = b? {
+                portal.channels.send(&customer, change);
+            }
+            st.seen.insert(r.id.clone(), (r.rev, r.updated_ms));
         }
         if !full {
             break;
@@ -286,15 +331,39 @@ async fn poll(portal: &Portal, st: &mut PollState) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The shipments of `customer` written after `from_ms` (at most [`MAX_RESUME`]), as
-/// views with their cursors: what a (re)connecting client gets before the live changes.
+/// Shipment `id`'s view as a change, with its customer.
+pub async fn shipment_change(
+    portal: &Portal,
+    id: &str,
+    now: u64,
+) -> Result<Option<(String, Change)>, StoreError> {
+    let Some((rec, facts)) = portal.store.shipment(id).await? else {
+        return Ok(None);
+    };
+    let customer = rec.spec.customer_id.clone();
+    let cursor = (rec.updated_ms, rec.id.clone());
+    let loaded = view::load(&portal.store, rec, facts).await?;
+    let view = Arc::new(view::customer_view(portal.ctx(now), &loaded));
+    Ok(Some((
+        customer,
+        Change::Shipment {
+            cursor,
+            view,
+            json: OnceLock::new(),
+        },
+    )))
+}
+
+/// The ids of the shipments of `customer` written after `from_ms` (at most
+/// [`MAX_RESUME`]), in cursor order: what a (re)connecting client gets before the live
+/// changes. Each view is built when the client's stream gets to it ([`shipment_change`]),
+/// so a client holds one backlog view at a time, not its customer's every shipment.
 pub async fn backlog(
     portal: &Portal,
     customer: &str,
     only: Option<&str>,
     from_ms: u64,
-) -> Result<Vec<Change>, StoreError> {
-    let now = crate::ingest::now_ms();
+) -> Result<Vec<String>, StoreError> {
     let rows = portal
         .store
         .shipments(&ShipmentQuery {
@@ -304,22 +373,11 @@ pub async fn backlog(
             ..Default::default()
         })
         .await?;
-    let mut out = Vec::new();
-    for r in rows {
-        if only.is_some_and(|id| id != r.id) {
-            continue;
-        }
-        let Some((rec, facts)) = portal.store.shipment(&r.id).await? else {
-            continue;
-        };
-        let cursor = (rec.updated_ms, rec.id.clone());
-        let loaded = view::load(&portal.store, rec, facts).await?;
-        out.push(Change::Shipment {
-            cursor,
-            view: Arc::new(view::customer_view(portal.ctx(now), &loaded)),
-        });
-    }
-    Ok(out)
+    Ok(rows
+        .into_iter()
+        .filter(|r| only.is_none_or(|id| id == r.id))
+        .map(|r| r.id)
+        .collect())
 }
 
 /// Parses a `Last-Event-ID` into the `updated_ms` it names.

@@ -43,7 +43,8 @@ pub struct PortalConfig {
     /// ... and at once.
     #[serde(default = "default_burst")]
     pub burst: u32,
-    /// How often the change feed reads the store.
+    /// How often the change feed reads the store at the latest (it reads at once when the
+    /// store signals a commit it shows: see [`feed`]).
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
     /// A comment line on every open stream this often, so proxies keep it open.

@@ -844,6 +844,24 @@ impl Store {
         both!(self, s => s.outbox_signal())
     }
 
+    /// Changes each time a write that changed what the portal's stream shows (a shipment
+    /// record, a vehicle's position) is durable: a write of this process, and on
+    /// PostgreSQL also of any other hub process while [`Store::listen_portal`] runs. The
+    /// portal feed reads the store when it changes instead of waiting for its next poll.
+    pub fn portal_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        both!(self, s => s.portal_signal())
+    }
+
+    /// Feeds [`Store::portal_signal`] from other hub processes' commits until `shutdown`
+    /// (PostgreSQL: `LISTEN`, see `store/postgres`); the embedded store has no other
+    /// process, so this only waits.
+    pub async fn listen_portal(&self, shutdown: tokio_util::sync::CancellationToken) {
+        match self {
+            Store::Sled(_) => shutdown.cancelled().await,
+            Store::Postgres(s) => s.listen_portal(shutdown).await,
+        }
+    }
+
     /// Writes a webhook subscription (new or changed).
     pub async fn put_webhook(&self, sub: &Subscription) -> Result<(), StoreError> {
         both!(self, s => s.put_webhook(sub).await)

@@ -41,6 +41,16 @@
 //!
 //! Sequence numbers above `i64::MAX` (no agent counts that far) cannot be stored and are
 //! counted as conflicts.
+//!
+//! What the portal's stream shows (a shipment record, a vehicle's position) changes in a
+//! transaction that also sends `NOTIFY fleetsync_portal` (no payload: PostgreSQL sends
+//! it once per transaction, at commit, to every session listening). Each hub keeps one
+//! connection of its own (outside the pool) with `LISTEN fleetsync_portal` while its
+//! portal feed runs ([`PgStore::listen_portal`]) and bumps its portal signal on every
+//! notification, so a change committed through any hub wakes every hub's feed. The
+//! committing hub bumps its own signal after `COMMIT` too. Losing the listening
+//! connection loses no change: the feed polls every `[portal] poll_ms` anyway, and the
+//! connection is made again with a backoff.
 
 mod migrations;
 
@@ -81,6 +91,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The advisory lock the webhook fan-out holds (one hub at a time).
 const FANOUT_LOCK: i64 = 0x666c_6565_7477_6831; // "fleetwh1"
 
+/// Sent in a transaction that changes what the portal's stream shows.
+const NOTIFY_PORTAL: &str = "NOTIFY fleetsync_portal";
+/// Run on the listening connection.
+const LISTEN_PORTAL: &str = "LISTEN fleetsync_portal";
+/// Longest wait before the listening connection is made again after it failed.
+const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(30);
+
 /// The hub's PostgreSQL store.
 #[derive(Clone)]
 pub struct PgStore {
@@ -89,6 +106,11 @@ pub struct PgStore {
     outbox_sinks: std::sync::Arc<Vec<String>>,
     /// Bumped once a write of this process that added outbox rows has committed.
     outbox_signal: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Bumped once a change the portal shows has committed (this process, or any other
+    /// while [`PgStore::listen_portal`] runs).
+    portal_signal: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// How to connect, for the listening connection (outside the pool).
+    config: std::sync::Arc<tokio_postgres::Config>,
     /// host:port/database, for messages (never the password).
     target: String,
 }
@@ -313,7 +335,7 @@ impl PgStore {
             cfg.statement_timeout_ms
         ));
         let mgr = Manager::from_config(
-            pg,
+            pg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -333,6 +355,8 @@ impl PgStore {
             partial_limits: cfg.partial_blob_limits(),
             outbox_sinks: std::sync::Arc::new(cfg.outbox_sinks.clone()),
             outbox_signal: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            portal_signal: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            config: std::sync::Arc::new(pg),
         };
         let mut client = store.client().await?;
         if migrate {
@@ -386,6 +410,7 @@ impl PgStore {
         loop {
             let mut client = self.client().await?;
             let pushed = AtomicBool::new(false);
+            let portal = AtomicBool::new(false);
             let round = ingest_round(
                 &mut client,
                 &items,
@@ -393,12 +418,15 @@ impl PgStore {
                 recorded,
                 &self.partial_limits,
                 &self.outbox_sinks,
-                &pushed,
+                (&pushed, &portal),
             );
             match round.await {
                 Ok(Ok(out)) => {
                     if pushed.load(Ordering::Relaxed) {
                         self.signal_outbox();
+                    }
+                    if portal.load(Ordering::Relaxed) {
+                        self.signal_portal();
                     }
                     return Ok(out);
                 }
@@ -650,10 +678,14 @@ impl PgStore {
         )
         .await
         .map_err(|e| self.pg(e))?;
+        tx.batch_execute(NOTIFY_PORTAL)
+            .await
+            .map_err(|e| self.pg(e))?;
         tx.commit().await.map_err(|e| self.pg(e))?;
         if pushed {
             self.signal_outbox();
         }
+        self.signal_portal();
         Ok(PutShipment::Written)
     }
 
@@ -1020,6 +1052,78 @@ impl PgStore {
 
     fn signal_outbox(&self) {
         self.outbox_signal.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// See [`super::Store::portal_signal`].
+    pub fn portal_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.portal_signal.subscribe()
+    }
+
+    fn signal_portal(&self) {
+        self.portal_signal.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// See [`super::Store::listen_portal`]: one connection of its own with `LISTEN`,
+    /// made again (1 s, doubling to [`MAX_LISTEN_BACKOFF`]) whenever it fails.
+    pub async fn listen_portal(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let started = std::time::Instant::now();
+            let why = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = self.listen_once() => e,
+            };
+            if started.elapsed() > MAX_LISTEN_BACKOFF {
+                backoff = Duration::from_secs(1);
+            }
+            tracing::warn!(target = %self.target, error = %why, retry_in_s = backoff.as_secs(),
+                "portal: the LISTEN connection failed; other hubs' changes reach this hub's streams by polling until it is back");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_LISTEN_BACKOFF);
+        }
+    }
+
+    /// Listens until the connection fails; returns why.
+    async fn listen_once(&self) -> StoreError {
+        use futures_util::StreamExt as _;
+        let mut cfg = (*self.config).clone();
+        // A peer that vanishes without a reset is noticed within a minute or so.
+        cfg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(20))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        let (client, mut conn) = match cfg.connect(NoTls).await {
+            Ok(c) => c,
+            Err(e) => return self.pg(e),
+        };
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        let listen = client.batch_execute(LISTEN_PORTAL);
+        tokio::pin!(listen);
+        let mut listening = false;
+        loop {
+            tokio::select! {
+                r = &mut listen, if !listening => match r {
+                    Ok(()) => {
+                        listening = true;
+                        tracing::debug!(target = %self.target, "portal: listening for other hubs' changes");
+                        // What committed while nobody listened is read now.
+                        self.signal_portal();
+                    }
+                    Err(e) => return self.pg(e),
+                },
+                m = messages.next() => match m {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => self.signal_portal(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return self.pg(e),
+                    None => {
+                        return StoreError::Unavailable(format!("{}: the listening connection closed", self.target));
+                    }
+                },
+            }
+        }
     }
 
     /// See [`super::Store::put_webhook`].
@@ -1481,7 +1585,7 @@ async fn ingest_round(
     recorded: i64,
     limits: &PartialBlobLimits,
     sinks: &[String],
-    pushed: &AtomicBool,
+    (pushed, portal): (&AtomicBool, &AtomicBool),
 ) -> Result<Result<Vec<Outcome>, StoreError>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut new_keys = vec![false; rows.device.len()];
@@ -1731,6 +1835,12 @@ async fn ingest_round(
             &[&(keep - 1)],
         )
         .await?;
+    }
+    // New fixes or trip / POD events: the portal may show something new (at worst a
+    // feed reads once for nothing: the fixes were older than the stored position).
+    if !fixes.is_empty() || !corr.is_empty() {
+        tx.batch_execute(NOTIFY_PORTAL).await?;
+        portal.store(true, Ordering::Relaxed);
     }
     tx.commit().await?;
     Ok(outcomes

@@ -102,6 +102,10 @@ pub struct SledStore {
     outbox_signal: Arc<tokio::sync::watch::Sender<u64>>,
     /// Set when a write adds an outbox row (one write call at a time).
     outbox_pushed: Arc<AtomicBool>,
+    /// Bumped once a write that changed a shipment record or a position is durable.
+    portal_signal: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Set when a write changes a shipment record or a position (one write call at a time).
+    portal_pushed: Arc<AtomicBool>,
     quarantine: ::sled::Tree,
     quarantine_by_device: ::sled::Tree,
     assignments: ::sled::Tree,
@@ -241,6 +245,8 @@ impl SledStore {
             webhooks: db.open_tree("webhooks")?,
             outbox_signal: Arc::new(tokio::sync::watch::Sender::new(0)),
             outbox_pushed: Arc::new(AtomicBool::new(false)),
+            portal_signal: Arc::new(tokio::sync::watch::Sender::new(0)),
+            portal_pushed: Arc::new(AtomicBool::new(false)),
             quarantine: db.open_tree("quarantine")?,
             quarantine_by_device: db.open_tree("quarantine_by_device")?,
             assignments: db.open_tree("assignments")?,
@@ -461,6 +467,11 @@ impl SledStore {
         self.outbox_signal.subscribe()
     }
 
+    /// See [`super::Store::portal_signal`].
+    pub fn portal_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.portal_signal.subscribe()
+    }
+
     /// See [`super::Store::put_webhook`].
     pub async fn put_webhook(&self, sub: &Subscription) -> Result<(), StoreError> {
         let (key, val) = (sub.id.clone(), serde_json::to_vec(sub)?);
@@ -666,6 +677,9 @@ impl SledStore {
             if s.outbox_pushed.swap(false, Ordering::Relaxed) {
                 s.outbox_signal.send_modify(|n| *n = n.wrapping_add(1));
             }
+            if s.portal_pushed.swap(false, Ordering::Relaxed) {
+                s.portal_signal.send_modify(|n| *n = n.wrapping_add(1));
+            }
             Ok(out)
         })
         .await
@@ -781,6 +795,7 @@ impl SledStore {
         if let Some(next) = eta::fold_position(prev.as_ref(), &mut fixes, recorded_ms) {
             self.positions
                 .insert(device.as_bytes(), postcard::to_stdvec(&next)?)?;
+            self.portal_pushed.store(true, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -895,6 +910,7 @@ impl SledStore {
             self.index_stops(rec)?;
             self.shipments
                 .insert(rec.id.as_bytes(), serde_json::to_vec(&*rec)?)?;
+            self.portal_pushed.store(true, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1224,6 +1240,7 @@ impl SledStore {
         self.index_stops(rec)?;
         self.shipments
             .insert(rec.id.as_bytes(), serde_json::to_vec(rec)?)?;
+        self.portal_pushed.store(true, Ordering::Relaxed);
         Ok(PutShipment::Written)
     }
 
