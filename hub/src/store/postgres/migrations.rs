@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("migrations/0005_positions.sql")),
     (6, include_str!("migrations/0006_outbox.sql")),
     (7, include_str!("migrations/0007_webhooks.sql")),
+    (8, include_str!("migrations/0008_outbox_leases_hot.sql")),
 ];
 
 /// The schema version this hub writes.

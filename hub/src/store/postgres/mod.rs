@@ -869,7 +869,19 @@ impl PgStore {
     }
 
     /// See [`super::Store::outbox_due`]: the first row of each shipment that is due and
-    /// not leased by another hub, leased now until `lease_until`.
+    /// not leased by another hub, oldest first, leased now until `lease_until`.
+    ///
+    /// The heads are found by a skip scan of `outbox_by_shipment`: one index descent per
+    /// shipment with rows waiting (`heads`), whatever their number of rows. (Walking
+    /// the sink's rows in seq order and asking of each whether an earlier row of its
+    /// shipment exists costs a probe per row up to the `limit`th head, and a probe per
+    /// row of the sink when fewer are due: 100,000 probes, 0.7-1.4 s, for a sink whose
+    /// 2,000 heads are all leased.) The locking step then takes the oldest `limit` of
+    /// those still due and unleased with `FOR UPDATE SKIP LOCKED`, rechecked on the
+    /// row's newest version, so a row another hub leased or settled meanwhile is left
+    /// out; the limit applies after the lock, so heads another hub is leasing at that
+    /// moment do not shrink this batch. A head cannot stop being its shipment's head:
+    /// rows are only ever added after it (higher seq).
     pub async fn outbox_due(
         &self,
         sink: &str,
@@ -880,17 +892,29 @@ impl PgStore {
         let client = self.client().await?;
         let now = to_i64(now_ms).unwrap_or(i64::MAX);
         let until = to_i64(lease_until).unwrap_or(i64::MAX);
-        let rows = client
-            .query(
-                "UPDATE outbox SET lease_until = $3 WHERE seq IN ( \
+        let stmt = client
+            .prepare_cached(
+                "WITH RECURSIVE heads AS ( \
+                     (SELECT o.shipment_id, o.seq, o.next_ms, o.lease_until FROM outbox o \
+                      WHERE o.sink = $1 ORDER BY o.shipment_id, o.seq LIMIT 1) \
+                   UNION ALL \
+                     SELECT n.shipment_id, n.seq, n.next_ms, n.lease_until FROM heads h, \
+                       LATERAL (SELECT o.shipment_id, o.seq, o.next_ms, o.lease_until \
+                                FROM outbox o \
+                                WHERE o.sink = $1 AND o.shipment_id > h.shipment_id \
+                                ORDER BY o.shipment_id, o.seq LIMIT 1) n) \
+                 UPDATE outbox SET lease_until = $3 WHERE seq IN ( \
                    SELECT o.seq FROM outbox o \
-                   WHERE o.sink = $1 AND o.next_ms <= $2 AND o.lease_until <= $2 \
-                     AND NOT EXISTS (SELECT 1 FROM outbox p \
-                                     WHERE p.sink = o.sink AND p.shipment_id = o.shipment_id AND p.seq < o.seq) \
+                   WHERE o.seq IN (SELECT seq FROM heads \
+                                   WHERE next_ms <= $2 AND lease_until <= $2) \
+                     AND o.next_ms <= $2 AND o.lease_until <= $2 \
                    ORDER BY o.seq LIMIT $4 FOR UPDATE SKIP LOCKED) \
                  RETURNING seq, row",
-                &[&sink, &now, &until, &(limit as i64)],
             )
+            .await
+            .map_err(|e| self.pg(e))?;
+        let rows = client
+            .query(&stmt, &[&sink, &now, &until, &(limit as i64)])
             .await
             .map_err(|e| self.pg(e))?;
         let mut out = Vec::with_capacity(rows.len());
