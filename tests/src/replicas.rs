@@ -3,9 +3,7 @@
 //! fresh PostgreSQL database, and agents that connect through the broker.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::{DRIVER_TOKEN, Http, OPERATOR_TOKEN, Proc, free_port, wait_http_ok};
@@ -37,132 +35,16 @@ pub fn mosquitto_bin() -> Option<PathBuf> {
     }
 }
 
-/// A Mosquitto process on its own port, configured by the hub's generator; it keeps its
-/// sessions in its directory, so [`Mosquitto::restart`] finds them again.
-pub struct Mosquitto {
-    exe: PathBuf,
-    conf: PathBuf,
-    log: PathBuf,
-    /// Its TLS listener.
-    pub port: u16,
-    child: Option<Child>,
-}
+/// A Mosquitto process on its own port with the hub's generated config (the simulator's:
+/// `start`, `stop` with SIGTERM, `spawn` again on the same port and data, `log`).
+pub use fleetsync_sim::replicas::Broker as Mosquitto;
 
-impl Mosquitto {
-    /// Writes the config for `pki` (whose hubs/ must be issued already) into `dir` and
-    /// starts the broker; waits until it accepts connections.
-    pub fn start(exe: &Path, pki: &Path, dir: &Path) -> Mosquitto {
-        std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
-        let opts = fleetsync_hub::broker::external::MosquittoOptions {
-            pki: pki.to_path_buf(),
-            bind: "127.0.0.1".into(),
-            port,
-            acl_path: dir.join("acl"),
-            data_dir: dir.join("data"),
-            shared_group: "fleetsync-hub".into(),
-            max_packet_bytes: 256 * 1024,
-            // Started as root, Mosquitto would switch to its own account, which cannot
-            // read the test's keys.
-            user: std::fs::metadata("/proc/self")
-                .is_ok_and(|m| m.uid() == 0)
-                .then(|| "root".to_string()),
-        };
-        let g = fleetsync_hub::broker::external::mosquitto(&opts).unwrap();
-        assert!(!g.hubs.is_empty(), "issue the hub certificates first");
-        std::fs::create_dir_all(&opts.data_dir).unwrap();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(&conf, g.config).unwrap();
-        std::fs::write(&opts.acl_path, g.acl).unwrap();
-        let mut m = Mosquitto {
-            exe: exe.to_path_buf(),
-            conf,
-            log: dir.join("mosquitto.log"),
-            port,
-            child: None,
-        };
-        m.spawn();
-        m
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(&self.exe)
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not listen on {addr} (log: {})",
-                self.log.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops the broker as an operator would (SIGTERM: it saves its sessions) and waits.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port with the same data.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    /// Its log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Hub replica config text: the external broker on `broker_port`, the store at `pg_url`.
-pub fn replica_config(pki: &Path, name: &str, broker_port: u16, http: u16, pg_url: &str) -> String {
-    let hub = pki.join("hubs").join(name);
+/// Replica `i`'s config text: the simulator's `[broker]` section for the broker on
+/// `broker_port` (its certificate `hub:{a,b,...}`), the store at `pg_url`.
+pub fn replica_config(pki: &Path, i: usize, broker_port: u16, http: u16, pg_url: &str) -> String {
     format!(
-        r#"
-[broker]
-kind = "external"
-url = "mqtts://localhost:{broker_port}"
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[http]
-listen = "127.0.0.1:{http}"
-[store]
-url = "{pg_url}"
-[auth]
-operator_token = "{OPERATOR_TOKEN}"
-"#,
-        ca = pki.join("ca.pem").display(),
-        cert = hub.join("cert.pem").display(),
-        key = hub.join("key.pem").display(),
+        "{}[http]\nlisten = \"127.0.0.1:{http}\"\n[store]\nurl = \"{pg_url}\"\n[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n",
+        fleetsync_sim::replicas::broker_section(pki, i, broker_port)
     )
 }
 
@@ -187,18 +69,15 @@ impl Replicas {
         let pg_url = crate::fresh_pg_db(&pg).await;
         let dir = tempfile::tempdir().unwrap();
         let pki = crate::pki(dir.path(), devices);
-        let names: Vec<String> = (0..replicas)
-            .map(|i| char::from(b'a' + i as u8).to_string())
-            .collect();
-        for n in &names {
-            fleetsync_hub::pki::issue_hub(&pki, n).unwrap();
-        }
-        let broker = Mosquitto::start(&exe, &pki, &dir.path().join("mosquitto"));
+        fleetsync_sim::replicas::issue_hubs(&pki, replicas).unwrap();
+        let broker = Mosquitto::start(&exe, &pki, &dir.path().join("mosquitto"))
+            .await
+            .unwrap();
         let mut hubs = Vec::new();
-        for n in &names {
+        for i in 0..replicas {
             let http = free_port();
-            let cfg = dir.path().join(format!("hub-{n}.toml"));
-            std::fs::write(&cfg, replica_config(&pki, n, broker.port, http, &pg_url)).unwrap();
+            let cfg = dir.path().join(format!("hub-{i}.toml"));
+            std::fs::write(&cfg, replica_config(&pki, i, broker.port, http, &pg_url)).unwrap();
             hubs.push((cfg, SocketAddr::from(([127, 0, 0, 1], http))));
         }
         let mut agents = Vec::new();

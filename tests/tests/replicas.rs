@@ -186,11 +186,11 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_devices_resume() {
         .map(|i| poster(r.driver(i), counter.clone(), stop.clone()))
         .collect();
     wait_count(&counter, 300).await;
-    r.broker.stop();
+    r.broker.stop().await;
     // Agents keep accepting events while the broker is away.
     let during = counter.load(Ordering::SeqCst);
     wait_count(&counter, during + 200).await;
-    r.broker.restart();
+    r.broker.spawn().await.unwrap();
     wait_count(&counter, counter.load(Ordering::SeqCst) + 300).await;
     stop.store(true, Ordering::SeqCst);
     let mut accepted = Vec::new();
