@@ -144,6 +144,11 @@ pub struct LoadReport {
     /// From the hub's record of the arrival (the fact's `recordedtime`, taken as its
     /// ingest round starts, before the commit) to the webhook request's arrival.
     pub webhook_latency_ms: Latency,
+    /// `--webhooks`: the release of one shipment per vehicle, before the window, is a burst
+    /// of DISPATCHED milestones that the subscription's rate limit (`[webhooks]
+    /// rate_per_s`) spreads out; the window starts once they all arrived, so its latency
+    /// is the steady state's. How long that took, ms (0: not measured).
+    pub webhook_release_drain_ms: u64,
     /// `--portal-clients`: what the stream clients got.
     pub portal: Option<crate::load_portal::PortalReport>,
     /// Oracle verdict.
@@ -391,8 +396,12 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     tokio::time::sleep(Duration::from_secs(3)).await;
     let customers = opts.portal.as_ref().map_or(0, |p| p.customers);
     let mut erp_token = None;
+    let mut webhook_release_drain_ms = 0;
     if receiver.is_some() || opts.portal.is_some() {
         erp_token = Some(release_shipments(&client, &base, &ids, customers).await?);
+    }
+    if let Some(fake) = &receiver {
+        webhook_release_drain_ms = release_drained(fake, ids.len()).await;
     }
     // The stream's RSS figures are the (first) hub's.
     let pid = hubs.0.first().map_or(0, |(_, c)| c.id());
@@ -568,6 +577,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
         webhook_expected: if receiver.is_some() { trips } else { 0 },
         webhook_received,
         webhook_latency_ms,
+        webhook_release_drain_ms,
         ok: lost == 0
             && duplicated == 0
             && sent_total > 0
@@ -705,6 +715,22 @@ async fn release_shipments(
         r.map_err(e)??;
     }
     Ok(token)
+}
+
+/// Waits (120 s at most) until the receiver has the DISPATCHED milestone of each of the
+/// `shipments` just released; how long that took, ms.
+async fn release_drained(fake: &crate::fake_erp::FakeErp, shipments: usize) -> u64 {
+    let t = Instant::now();
+    let dispatched = || {
+        fake.hook_applied(RECEIVER)
+            .iter()
+            .filter(|r| r.body["data"]["milestone"] == "DISPATCHED")
+            .count()
+    };
+    while dispatched() < shipments && t.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.elapsed().as_millis() as u64
 }
 
 /// Waits (30 s at most) for the webhook of each of `trips` arrivals; how many came and
@@ -965,6 +991,10 @@ pub fn print_summary(r: &LoadReport) {
         println!(
             "webhooks: {} of {} arrivals delivered; hub record -> webhook request: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
             r.webhook_received, r.webhook_expected, l.p50, l.p90, l.p99, l.max
+        );
+        println!(
+            "webhooks: the release burst (a DISPATCHED per vehicle) reached the receiver in {} ms, before the window",
+            r.webhook_release_drain_ms
         );
     }
     if let Some(p) = &r.portal {
