@@ -274,7 +274,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
             std::fs::write(
                 &toml,
                 format!(
-                    "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\nmax_connections = {http_max}\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
+                    "[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmax_connections = {}\nmax_handshakes_per_source = 1024\n[http]\nlisten = \"127.0.0.1:{http}\"\nmax_connections = {http_max}\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\nrate_per_s = {WEBHOOK_RATE}\nburst = {WEBHOOK_BURST}\n",
                     pki.join("ca.pem").display(),
                     pki.join("hub.pem").display(),
                     pki.join("hub-key.pem").display(),
@@ -292,7 +292,7 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
                 std::fs::write(
                     &toml,
                     format!(
-                        "{}[http]\nlisten = \"127.0.0.1:{http}\"\nmax_connections = {http_max}\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\n",
+                        "{}[http]\nlisten = \"127.0.0.1:{http}\"\nmax_connections = {http_max}\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n[webhooks]\nallow_insecure_targets = true\nrate_per_s = {WEBHOOK_RATE}\nburst = {WEBHOOK_BURST}\n",
                         crate::replicas::broker_section(&pki, i, b.port),
                     ),
                 )
@@ -607,6 +607,15 @@ async fn metric(client: &reqwest::Client, base: &str, name: &str) -> u64 {
 fn now_ms() -> u64 {
     fleetsync_agent::now_ms()
 }
+
+/// The load's webhook subscription hears every event of every vehicle: the release of a
+/// shipment per vehicle and each ETA round are bursts of one webhook per shipment, which
+/// the default per-subscription rate (50/s) would spread over 20 s at 1,000 vehicles, and
+/// every later milestone of a shipment waits for its earlier ones (order per shipment).
+/// A partner taking a fleet of that size agrees a higher rate: this one.
+const WEBHOOK_RATE: u32 = 500;
+/// ... and burst.
+const WEBHOOK_BURST: u32 = 100;
 
 /// The webhook receiver's name.
 const RECEIVER: &str = "load";
