@@ -591,6 +591,22 @@ async fn publish_until(
     panic!("{device}: {what} never acked");
 }
 
+/// A good GPS fix at `at` (lat, lon) at `time_ms`, driving (10 m/s, 9 satellites).
+pub fn fix(at: (f64, f64), time_ms: u64) -> fleetsync_protocol::Event {
+    use fleetsync_protocol::{Body, Event, Fix};
+    Event {
+        time_ms,
+        body: Body::Position(Fix {
+            lat_e7: (at.0 * 1e7) as i32,
+            lon_e7: (at.1 * 1e7) as i32,
+            speed_cmps: Some(1000),
+            heading_ddeg: Some(0),
+            hdop_d: Some(9),
+            satellites: Some(9),
+        }),
+    }
+}
+
 /// A trip event (arrival, departure) at `stop`.
 pub fn trip_event(
     kind: fleetsync_protocol::TripKind,

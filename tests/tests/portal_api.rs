@@ -16,9 +16,9 @@
 use std::time::Duration;
 
 use fleetsync_protocol::{
-    BlobRef, Body, BoundedString, BoundedVec, Event, Fix, MediaType, Outcome, Pod, Point, TripKind,
+    BlobRef, Body, BoundedString, BoundedVec, Event, MediaType, Outcome, Pod, Point, TripKind,
 };
-use fleetsync_tests::{Http, TestHub, publish_batch, publish_blob, trip_event};
+use fleetsync_tests::{Http, TestHub, fix, publish_batch, publish_blob, trip_event};
 use serde_json::{Value, json};
 
 const DEPOT: (f64, f64) = (51.5601, 5.0831);
@@ -43,20 +43,6 @@ async fn customer(ops: &Http, customer: &str, name: &str) -> (Http, String) {
         ops.with_token(c["token"].as_str().unwrap()),
         c["id"].as_str().unwrap().to_string(),
     )
-}
-
-fn fix(at: (f64, f64), time_ms: u64) -> Event {
-    Event {
-        time_ms,
-        body: Body::Position(Fix {
-            lat_e7: (at.0 * 1e7) as i32,
-            lon_e7: (at.1 * 1e7) as i32,
-            speed_cmps: Some(1000),
-            heading_ddeg: Some(0),
-            hdop_d: Some(9),
-            satellites: Some(9),
-        }),
-    }
 }
 
 /// A Server-Sent Events reader over a streaming response.

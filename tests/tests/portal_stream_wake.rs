@@ -16,8 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use fleetsync_protocol::{Body, Event, Fix};
-use fleetsync_tests::{Http, TestHub, publish_batch};
+use fleetsync_tests::{Http, TestHub, fix, publish_batch};
 use serde_json::{Value, json};
 
 const DEPOT: (f64, f64) = (51.5601, 5.0831);
@@ -26,20 +25,6 @@ const C1: (f64, f64) = (51.5655, 5.0831);
 const POLL_MS: u64 = 60_000;
 /// Generous for a loaded CI machine; still far from the poll.
 const IN_TIME: Duration = Duration::from_secs(5);
-
-fn fix(at: (f64, f64), time_ms: u64) -> Event {
-    Event {
-        time_ms,
-        body: Body::Position(Fix {
-            lat_e7: (at.0 * 1e7) as i32,
-            lon_e7: (at.1 * 1e7) as i32,
-            speed_cmps: Some(1000),
-            heading_ddeg: Some(0),
-            hdop_d: Some(9),
-            satellites: Some(9),
-        }),
-    }
-}
 
 /// A Server-Sent Events reader: the next `(event, data)` within a time.
 struct Sse {
