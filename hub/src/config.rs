@@ -61,6 +61,9 @@ listen = "127.0.0.1:8080"
 # to send a request's headers (a stalled or idle client is closed after it).
 max_connections = 1024
 header_timeout_ms = 10000
+# The hub's address as the ERP and partners reach it: links in their messages (a POD's
+# evidence) start with it. Unset: those links are paths on whatever address they use.
+# public_url = "https://hub.example.com"
 
 [portal]
 # The customer portal's API (/v1/portal), tracking links (/t/...) and POD image URLs
@@ -158,6 +161,9 @@ path = "data/hub"
 # rotation_overlap_s = 86400   # the old secret still signs this long after a rotation
 # keep_delivered_s = 604800    # delivered messages kept for replays
 # max_subscriptions = 1000
+# Life of the signed signature/photo URLs in a POD_CONFIRMED delivery's evidence (the
+# portal's [portal] link_keys sign them; set those on a real hub, or they die at restart).
+# evidence_url_ttl_s = 604800
 # Targets must be https:// and public; allow http:// and loopback/private addresses
 # only in a lab:
 # allow_insecure_targets = false
@@ -323,6 +329,10 @@ pub struct WebhooksConfig {
     /// a lab; never on a hub that operators outside the company can reach).
     #[serde(default)]
     pub allow_insecure_targets: bool,
+    /// Life of the signed POD evidence URLs (`/p/<token>`) in POD_CONFIRMED deliveries: a
+    /// partner has no credential, so the URL is the key; a replay signs new ones.
+    #[serde(default = "default_evidence_url_ttl_s")]
+    pub evidence_url_ttl_s: u64,
 }
 
 impl Default for WebhooksConfig {
@@ -338,6 +348,7 @@ impl Default for WebhooksConfig {
             keep_delivered_s: default_webhook_keep_s(),
             max_subscriptions: default_webhook_max(),
             allow_insecure_targets: false,
+            evidence_url_ttl_s: default_evidence_url_ttl_s(),
         }
     }
 }
@@ -376,6 +387,9 @@ fn default_webhook_keep_s() -> u64 {
 }
 fn default_webhook_max() -> usize {
     1_000
+}
+fn default_evidence_url_ttl_s() -> u64 {
+    7 * 86_400
 }
 
 /// `[[erp]]`: one ERP the hub tells about milestones (`POST {base_url}/events`).
@@ -579,6 +593,11 @@ pub struct HttpConfig {
     /// Time a client has to send a request's headers.
     #[serde(default = "default_header_timeout_ms")]
     pub header_timeout_ms: u64,
+    /// The hub's address as those outside reach it (`https://hub.example.com`, maybe with
+    /// a path prefix): links in messages to the ERP and to webhook partners start with
+    /// it. Unset: they are paths (`/v1/erp/blobs/...`) on the address the reader uses.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 impl HttpConfig {
@@ -727,6 +746,18 @@ fn default_partial_blob_ttl_s() -> u64 {
 }
 fn default_statement_timeout_ms() -> u64 {
     30_000
+}
+
+/// `[http] public_url` must be a base address: http(s), a host, no query or fragment.
+fn check_public_url(u: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(u).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err("expected an http(s) address with a host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("a base address has no query or fragment".into());
+    }
+    Ok(())
 }
 
 impl MqttConfig {
@@ -1173,6 +1204,20 @@ impl Config {
             100_000,
             "",
         )?;
+        range(
+            "webhooks.evidence_url_ttl_s",
+            w.evidence_url_ttl_s,
+            1,
+            90 * 86_400,
+            " (s)",
+        )?;
+        if let Some(u) = &self.http.public_url {
+            check_public_url(u).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "http.public_url = {u:?}: {e}, e.g. \"https://hub.example.com\""
+                ))
+            })?;
+        }
         let f = self.shipments.eta_road_factor;
         if !(1.0..=5.0).contains(&f) {
             return Err(ConfigError::Invalid(format!(

@@ -321,10 +321,26 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         cfg.shipments.stuck_after_s * 1000,
         shutdown.clone(),
     )));
+    // The portal's signer also signs the evidence URLs of webhook deliveries.
+    let portal = portal::Portal::new(
+        cfg.portal.clone(),
+        store.clone(),
+        shipments.mappings().clone(),
+        shutdown.clone(),
+    );
+    let evidence = outbox::erp::EvidenceLinks::new(
+        cfg.http.public_url.as_deref(),
+        portal.signer.clone(),
+        cfg.webhooks.evidence_url_ttl_s,
+    );
     for erp in &cfg.erp {
-        let c =
-            outbox::erp::Connector::new(erp.clone(), store.clone(), shipments.mappings().clone())
-                .map_err(HubError::Sink)?;
+        let c = outbox::erp::Connector::new(
+            erp.clone(),
+            store.clone(),
+            shipments.mappings().clone(),
+            evidence.clone(),
+        )
+        .map_err(HubError::Sink)?;
         let limits = c.limits();
         let w = outbox::worker::Worker::new(c, limits, store.clone(), &metrics);
         info!(erp = %erp.name, base_url = %erp.base_url, "ERP connector started");
@@ -335,6 +351,7 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         store.clone(),
         cfg.webhooks.clone(),
         shipments.mappings().clone(),
+        evidence,
         metrics.clone(),
         shutdown.clone(),
     )));
@@ -346,12 +363,6 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
         shutdown.clone(),
     )));
     let stuck_after_ms = cfg.shipments.stuck_after_s * 1000;
-    let portal = portal::Portal::new(
-        cfg.portal.clone(),
-        store.clone(),
-        shipments.mappings().clone(),
-        shutdown.clone(),
-    );
     tasks.push(tokio::spawn(portal::feed::run(
         portal.clone(),
         shutdown.clone(),

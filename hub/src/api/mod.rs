@@ -312,6 +312,7 @@ pub fn app(state: AppState) -> Router {
         .route("/shipments/{id}/cancel", post(erp::cancel))
         .route("/shipments/{id}/close", post(erp::close))
         .route("/mappings", get(erp::mappings))
+        .route("/blobs/{sha256}", get(blob))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_erp));
     Router::new()
         .nest("/v1/ops", ops)
@@ -524,15 +525,21 @@ async fn device_events(
     Ok(Json(EventsPage { events, next }))
 }
 
+/// `GET /v1/ops/blobs/{sha256}` and `GET /v1/erp/blobs/{sha256}`: a POD image's bytes.
 async fn blob(State(st): State<AppState>, Path(sha): Path<String>) -> Result<Response, ApiError> {
     let digest = parse_sha256(&sha.to_ascii_lowercase()).ok_or_else(|| {
         ApiError::BadRequest(format!("sha256: expected 64 hex digits, got {sha:?}"))
     })?;
     let blob = st.store.blob(&digest).await?;
     match blob {
-        Some(bytes) => {
-            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
-        }
+        Some(bytes) => Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            bytes,
+        )
+            .into_response()),
         None => Err(ApiError::NotFound(format!("no complete blob {sha}"))),
     }
 }

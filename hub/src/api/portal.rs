@@ -611,21 +611,16 @@ pub(super) async fn pod_blob(
     let now_s = crate::ingest::now_ms() / 1000;
     let claims = st.portal.signer.open_blob(&token, now_s).ok_or_else(gone)?;
     let sha = parse_sha256(&claims.sha256_hex).ok_or_else(gone)?;
-    let (rec, facts) = st
+    let (_, facts) = st
         .store
         .shipment(&claims.shipment_id)
         .await?
         .ok_or_else(gone)?;
-    // Scoped to the POD: the blob must still be one of the shipment's POD's.
-    let loaded = view::load(&st.store, rec, facts).await?;
-    let media = loaded.pod.as_ref().and_then(|(_, p)| {
-        p.signature
-            .iter()
-            .chain(p.photos.iter())
-            .find(|b| b.sha256 == sha)
-            .map(|b| b.media.mime())
-    });
-    let media = media.ok_or_else(gone)?;
+    // Scoped to the shipment's PODs: the blob must be one of a standing POD's (a
+    // rejected one's evidence is no longer shown).
+    let media = view::pod_blob_media(&st.store, &facts, &sha)
+        .await?
+        .ok_or_else(gone)?;
     let bytes = st.store.blob(&sha).await?.ok_or_else(gone)?;
     Ok((
         [

@@ -12,6 +12,7 @@
 //!
 //! A row is given up after `max_attempts` or `max_age_s`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleetsync_protocol::json::Time;
@@ -20,6 +21,7 @@ use serde_json::{Value, json};
 use super::worker::{Answer, Gate, Limits, Target, backoff_ms, reply};
 use super::{Delivery, OutboxRow};
 use crate::config::ErpConfig;
+use crate::portal::links::{BlobClaims, Signer};
 use crate::shipments::{FactType, Mappings};
 use crate::store::Store;
 
@@ -73,8 +75,49 @@ pub fn traceparent(row_id: &str) -> String {
     )
 }
 
-/// The POD evidence of a POD_CONFIRMED row: the POD event's blobs, as hub URLs.
-pub(super) async fn evidence(store: &Store, row: &OutboxRow) -> Option<Value> {
+/// Where the POD evidence in outgoing messages points. The ERP reads it with its own
+/// credential at `/v1/erp/blobs/{sha256}` (a link that lasts); a webhook partner has no
+/// credential, so its links are `/p/<token>` URLs signed for that shipment's POD, which
+/// expire (the portal's POD URLs). With `[http] public_url` the links are absolute.
+#[derive(Debug, Clone)]
+pub struct EvidenceLinks {
+    base: String,
+    signer: Arc<Signer>,
+    ttl_s: u64,
+}
+
+impl EvidenceLinks {
+    /// Links under `public_url` (none: paths), signed URLs valid `ttl_s`.
+    pub fn new(public_url: Option<&str>, signer: Arc<Signer>, ttl_s: u64) -> Self {
+        EvidenceLinks {
+            base: public_url.unwrap_or("").trim_end_matches('/').to_string(),
+            signer,
+            ttl_s,
+        }
+    }
+
+    /// The ERP's link to a blob.
+    pub fn erp(&self, sha: &[u8; 32]) -> String {
+        format!("{}/v1/erp/blobs/{}", self.base, hex::encode(sha))
+    }
+
+    /// A signed link to a blob of `shipment_id`'s POD, valid from `now_ms` for the TTL.
+    pub fn signed(&self, shipment_id: &str, sha: &[u8; 32], now_ms: u64) -> String {
+        let token = self.signer.blob(&BlobClaims {
+            shipment_id: shipment_id.to_string(),
+            sha256_hex: hex::encode(sha),
+            exp_s: now_ms / 1000 + self.ttl_s,
+        });
+        format!("{}/p/{token}", self.base)
+    }
+}
+
+/// The POD evidence of a POD_CONFIRMED row: the POD event's blobs, each linked by `url`.
+pub(super) async fn evidence(
+    store: &Store,
+    row: &OutboxRow,
+    url: impl Fn(&[u8; 32]) -> String,
+) -> Option<Value> {
     // POD_CONFIRMED ids begin with the POD event's `device:epoch:seq`.
     let mut parts = row.fact.id.splitn(4, ':');
     let (device, epoch, seq) = (parts.next()?, parts.next()?, parts.next()?);
@@ -88,7 +131,6 @@ pub(super) async fn evidence(store: &Store, row: &OutboxRow) -> Option<Value> {
     let fleetsync_protocol::Body::Pod(p) = &stored.event.body else {
         return None;
     };
-    let url = |sha: &[u8; 32]| format!("/v1/ops/blobs/{}", hex::encode(sha));
     Some(json!({
         "pod_id": p.pod_id.as_str(),
         "recipient_name": p.recipient_name.as_str(),
@@ -105,6 +147,7 @@ pub struct Connector {
     client: reqwest::Client,
     store: Store,
     mappings: Mappings,
+    links: EvidenceLinks,
 }
 
 impl std::fmt::Debug for Connector {
@@ -119,7 +162,12 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     /// A connector for `cfg` (its client built now: a bad CA file is an error at start).
-    pub fn new(cfg: ErpConfig, store: Store, mappings: Mappings) -> Result<Self, String> {
+    pub fn new(
+        cfg: ErpConfig,
+        store: Store,
+        mappings: Mappings,
+        links: EvidenceLinks,
+    ) -> Result<Self, String> {
         let auth = cfg.authorization().map_err(|e| e.to_string())?;
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
@@ -143,6 +191,7 @@ impl Connector {
             client,
             store,
             mappings,
+            links,
         })
     }
 
@@ -169,7 +218,7 @@ impl Target for Connector {
 
     async fn send(&self, row: &OutboxRow, now_ms: u64) -> Answer {
         let ev = if row.fact.kind == FactType::PodConfirmed {
-            evidence(&self.store, row).await
+            evidence(&self.store, row, |sha| self.links.erp(sha)).await
         } else {
             None
         };

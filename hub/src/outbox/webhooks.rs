@@ -370,6 +370,7 @@ struct Hook {
     store: Store,
     client: reqwest::Client,
     mappings: Mappings,
+    links: super::erp::EvidenceLinks,
     cfg: WebhooksConfig,
     /// The subscription as the last gate read it.
     sub: Mutex<Option<Subscription>>,
@@ -427,7 +428,10 @@ impl Target for Hook {
             return Answer::Later(None, "subscription not read yet".into());
         };
         let ev = if row.fact.kind == FactType::PodConfirmed {
-            super::erp::evidence(&self.store, row).await
+            super::erp::evidence(&self.store, row, |sha| {
+                self.links.signed(&row.shipment_id, sha, now_ms)
+            })
+            .await
         } else {
             None
         };
@@ -512,6 +516,7 @@ pub async fn run(
     store: Store,
     cfg: WebhooksConfig,
     mappings: Mappings,
+    links: super::erp::EvidenceLinks,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -567,6 +572,7 @@ pub async fn run(
                             store: store.clone(),
                             client: client.clone(),
                             mappings: mappings.clone(),
+                            links: links.clone(),
                             cfg: cfg.clone(),
                             sub: Mutex::new(None),
                         };

@@ -261,24 +261,11 @@ pub async fn load(
                     .any(|s| s.id == stop && s.kind == StopKind::Delivery);
         }
     }
-    let mut pod = None;
-    let delivered = standing(&facts)
-        .filter(|f| matches!(f.kind, FactType::Delivered | FactType::DeliveryFailed))
-        .max_by_key(|f| (f.event_time, f.id.clone()));
-    if let Some(Fact {
-        source: Source::Device { device, epoch, seq },
-        ..
-    }) = delivered
-        && let Some(prev) = seq.checked_sub(1)
-    {
-        let rows = store.events(device, Some((*epoch, prev)), 1, None).await?;
-        if let Some((e, s, stored)) = rows.first()
-            && (*e, *s) == (*epoch, *seq)
-            && let Body::Pod(p) = &stored.event.body
-        {
-            pod = Some((stored.event.time_ms, p.clone()));
-        }
-    }
+    let delivered = handovers(&facts).max_by_key(|f| (f.event_time, f.id.clone()));
+    let pod = match delivered {
+        Some(f) => pod_of(store, f).await?,
+        None => None,
+    };
     Ok(Loaded {
         rec,
         facts,
@@ -286,6 +273,50 @@ pub async fn load(
         heading_here,
         pod,
     })
+}
+
+/// The standing DELIVERED and DELIVERY_FAILED facts: one per POD the shipment holds.
+fn handovers(facts: &[Fact]) -> impl Iterator<Item = &Fact> {
+    standing(facts).filter(|f| matches!(f.kind, FactType::Delivered | FactType::DeliveryFailed))
+}
+
+/// The POD (with its capture time) behind a device's DELIVERED or DELIVERY_FAILED fact.
+async fn pod_of(store: &Store, f: &Fact) -> Result<Option<(u64, Pod)>, StoreError> {
+    let Source::Device { device, epoch, seq } = &f.source else {
+        return Ok(None);
+    };
+    let Some(prev) = seq.checked_sub(1) else {
+        return Ok(None);
+    };
+    let rows = store.events(device, Some((*epoch, prev)), 1, None).await?;
+    Ok(match rows.into_iter().next() {
+        Some((e, s, stored)) if (e, s) == (*epoch, *seq) => match stored.event.body {
+            Body::Pod(p) => Some((stored.event.time_ms, p)),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// The media type of blob `sha` if it is the signature or a photo of one of the
+/// shipment's standing PODs (a POD URL opens for those and nothing else).
+pub async fn pod_blob_media(
+    store: &Store,
+    facts: &[Fact],
+    sha: &[u8; 32],
+) -> Result<Option<&'static str>, StoreError> {
+    for f in handovers(facts) {
+        if let Some((_, p)) = pod_of(store, f).await?
+            && let Some(b) = p
+                .signature
+                .iter()
+                .chain(p.photos.iter())
+                .find(|b| b.sha256 == *sha)
+        {
+            return Ok(Some(b.media.mime()));
+        }
+    }
+    Ok(None)
 }
 
 fn outcome_str(o: Outcome) -> &'static str {
