@@ -325,12 +325,16 @@ pub async fn chaos(
     for (i, r) in RECEIVERS.iter().enumerate() {
         erp.plan_hook(r, erp_faults(opts.seed ^ (i as u64 + 1), 400));
     }
+    let link_key = format!("chaos-{:016x}-{:016x}", rand::random::<u64>(), opts.seed);
     let hub_config = |transport: &str, http_port: u16| {
         format!(
             "{transport}[http]\nlisten = \"127.0.0.1:{http_port}\"\n{store}[auth]\noperator_token = \"{OPERATOR_TOKEN}\"\n\
              [[erp]]\nname = \"{ERP_NAME}\"\nbase_url = \"{erp_url}\"\ntimeout_ms = 1000\nbackoff_ms = 100\nbackoff_cap_ms = 2000\nbreaker_failures = 5\nbreaker_open_ms = 2000\nrate_per_s = 100\nburst = 8\n\
-             [webhooks]\nallow_insecure_targets = true\ntimeout_ms = 1000\nretry_schedule_s = {schedule:?}\nbreaker_failures = 5\nbreaker_open_ms = 2000\n",
+             [webhooks]\nallow_insecure_targets = true\ntimeout_ms = 1000\nretry_schedule_s = {schedule:?}\nbreaker_failures = 5\nbreaker_open_ms = 2000\n\
+             [portal]\nlink_keys = [\"{link_key}\"]\n",
             schedule = [[0.0].as_slice(), &[0.5, 1.0], &[2.0; 60]].concat(),
+            // One key for every replica: a link one signs opens at any other.
+            link_key = link_key,
             erp_url = erp.base_url(),
         )
     };
@@ -733,10 +737,15 @@ pub async fn chaos(
         }
     }
     let shipments: Vec<String> = vehicles.iter().map(|v| shipment_id(&v.id)).collect();
+    // An operator works the review queue: each open item of the chaos shipments is
+    // accepted, so their POD_CONFIRMED (with its evidence links) must reach the ERP and
+    // the partners exactly once too.
+    verdict.reviews_accepted = accept_reviews(&client, &hub_http, &shipments).await?;
     oracle::check_sinks(
         &client,
         &hub_http,
         OPERATOR_TOKEN,
+        &erp_token,
         &erp,
         ERP_NAME,
         &subs,
@@ -900,6 +909,46 @@ pub fn shipment_id(id: &str) -> String {
 /// Its delivery stop (an ERP location id, one per vehicle).
 fn stop_id(id: &str) -> String {
     format!("{id}-customer")
+}
+
+/// Accepts every open review item of `shipments` as an operator; how many.
+async fn accept_reviews(
+    client: &reqwest::Client,
+    hub: &str,
+    shipments: &[String],
+) -> Result<u64, ChaosError> {
+    let r = client
+        .get(format!("{hub}/v1/ops/review?status=open&limit=1000"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .send()
+        .await
+        .map_err(setup)?;
+    let items: Value = r.json().await.map_err(setup)?;
+    let mut n = 0;
+    for item in items.as_array().into_iter().flatten() {
+        let ours = item["shipment_id"]
+            .as_str()
+            .is_some_and(|s| shipments.iter().any(|x| x == s));
+        let Some(id) = item["id"].as_str().filter(|_| ours) else {
+            continue;
+        };
+        let r = client
+            .post(format!("{hub}/v1/ops/review/{id}/accept"))
+            .bearer_auth(OPERATOR_TOKEN)
+            .json(&json!({"note": "chaos: accepted by the operator"}))
+            .send()
+            .await
+            .map_err(setup)?;
+        if !r.status().is_success() {
+            let st = r.status();
+            return Err(ChaosError::Setup(format!(
+                "accepting review item {id}: HTTP {st}: {}",
+                r.text().await.unwrap_or_default()
+            )));
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// An ERP credential made with the operator token.
@@ -1082,6 +1131,10 @@ pub fn print_summary(r: &ChaosReport) {
         o.webhook_faults,
         o.webhook_bad_signatures,
         f.secret_rotations
+    );
+    println!(
+        "POD evidence: {} review items accepted by the operator; {} links in POD_CONFIRMED messages opened to the POD's bytes (the ERP's with its credential, the partners' signed ones with none)",
+        o.reviews_accepted, o.evidence_links_verified
     );
     println!(
         "latency capture -> hub (critical events): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",

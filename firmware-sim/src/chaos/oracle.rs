@@ -20,7 +20,10 @@
 //!   both, is a POD lost or judged twice);
 //! - the ERP (a fake answering from a seeded plan of 503s, 429s, 500s and timeouts after
 //!   applying) applied every milestone of those shipments it hears of exactly once, in
-//!   the hub's order per shipment, and nothing else; no dead letter.
+//!   the hub's order per shipment, and nothing else; no dead letter;
+//! - every POD_CONFIRMED the ERP and the webhook receivers applied links its evidence, and
+//!   those links open: the ERP's with the ERP's credential, a partner's (signed) with none,
+//!   each serving the bytes of the POD's blob.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -150,6 +153,12 @@ pub struct Verdict {
     pub webhook_faults: u64,
     /// Requests whose signature did not verify (must be 0).
     pub webhook_bad_signatures: u64,
+    /// Open review items of the chaos shipments an operator accepted before the sinks
+    /// were checked (their POD_CONFIRMED must reach every sink too).
+    pub reviews_accepted: u64,
+    /// Evidence links of applied POD_CONFIRMED messages that opened with the right bytes
+    /// (the ERP's and the webhook receivers').
+    pub evidence_links_verified: u64,
     /// Capture to hub record time of critical events (skewed clocks left out).
     pub latency_ms: Latency,
     /// What failed (first 20).
@@ -295,6 +304,7 @@ pub async fn check_sinks(
     client: &reqwest::Client,
     hub: &str,
     token: &str,
+    erp_token: &str,
     fake: &crate::fake_erp::FakeErp,
     erp_sink: &str,
     subs: &[Subscription],
@@ -360,6 +370,13 @@ pub async fn check_sinks(
             );
         }
     }
+    let erp_applied = fake.applied();
+    let proven = check_evidence(client, hub, "ERP", Some(erp_token), &erp_applied, None, v).await;
+    for s in subs {
+        let label = format!("webhook {}", s.receiver);
+        let applied = fake.hook_applied(&s.receiver);
+        check_evidence(client, hub, &label, None, &applied, Some(&proven), v).await;
+    }
     match client
         .get(format!("{hub}/v1/ops/deadletters"))
         .bearer_auth(token)
@@ -382,6 +399,81 @@ pub async fn check_sinks(
         Err(e) => fail(v, format!("dead letters not readable: {e}")),
     }
     v.ok = v.failures.is_empty() && v.lost == 0 && v.duplicated == 0 && v.drained;
+}
+
+/// Checks that every POD_CONFIRMED in `applied` links its signature and photos, and that
+/// each link opens (with `token`, or none) to bytes of one of the POD's blobs. The ERP's
+/// links name the blob's sha256 (`.../blobs/{sha256}`): the bytes must hash to it, and
+/// the hashes so proven are returned by shipment. A partner's signed links name nothing:
+/// their bytes must hash to one the ERP's links proved for that shipment (`known`).
+async fn check_evidence(
+    client: &reqwest::Client,
+    hub: &str,
+    label: &str,
+    token: Option<&str>,
+    applied: &[Request],
+    known: Option<&HashMap<String, HashSet<String>>>,
+    v: &mut Verdict,
+) -> HashMap<String, HashSet<String>> {
+    use sha2::Digest as _;
+    let mut proven: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in applied {
+        let data = &r.body["data"];
+        if data["milestone"] != "POD_CONFIRMED" {
+            continue;
+        }
+        let subject = r.body["subject"].as_str().unwrap_or_default();
+        let ev = &data["evidence"];
+        let links: Vec<&str> = std::iter::once(&ev["signature"])
+            .chain(ev["photos"].as_array().into_iter().flatten())
+            .filter_map(Value::as_str)
+            .collect();
+        if links.is_empty() {
+            fail(
+                v,
+                format!("{label}: {subject}: POD_CONFIRMED without evidence links: {ev}"),
+            );
+            continue;
+        }
+        for link in links {
+            let url = if link.starts_with('/') {
+                format!("{hub}{link}")
+            } else {
+                link.to_string()
+            };
+            let mut req = client.get(&url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let got = match req.send().await {
+                Ok(resp) if resp.status() == 200 => resp
+                    .bytes()
+                    .await
+                    .ok()
+                    .map(|b| hex::encode(sha2::Sha256::digest(&b))),
+                _ => None,
+            };
+            let ok = match (&got, known) {
+                (Some(sha), None) => link.rsplit('/').next() == Some(sha.as_str()),
+                (Some(sha), Some(k)) => k.get(subject).is_some_and(|s| s.contains(sha)),
+                (None, _) => false,
+            };
+            if ok {
+                v.evidence_links_verified += 1;
+                if let Some(sha) = got {
+                    proven.entry(subject.to_string()).or_default().insert(sha);
+                }
+            } else {
+                fail(
+                    v,
+                    format!(
+                        "{label}: {subject}: evidence link {link} does not open to a blob of the POD"
+                    ),
+                );
+            }
+        }
+    }
+    proven
 }
 
 /// Notes a failure (the first 20 are kept).

@@ -156,9 +156,16 @@ fn erp_news(erp: &FakeErp, seen: &mut usize) -> Vec<String> {
         .map(|r| {
             let d = &r.body["data"];
             let billing = if d["billing_release"] == true {
-                ", billing released"
+                let ev = &d["evidence"];
+                let photos = ev["photos"].as_array().map_or(0, Vec::len);
+                let sig = if ev["signature"].is_string() {
+                    "signature + "
+                } else {
+                    ""
+                };
+                format!(", billing released (evidence: {sig}{photos} photo(s) at the hub)")
             } else {
-                ""
+                String::new()
             };
             format!(
                 "ERP: {} {} -> {}{billing}",
