@@ -319,7 +319,19 @@ pub async fn load(opts: LoadOptions, shutdown: CancellationToken) -> Result<Load
     // One at a time: the first replica makes the database's schema.
     for (name, toml, log, http) in &specs {
         let log_file = std::fs::File::create(log).map_err(e)?;
-        let child = std::process::Command::new(&opts.exe)
+        // `FLEETSYNC_HUB_WRAPPER` runs the hub under another program, e.g.
+        // `heaptrack -o /tmp/hub` to see where its memory goes (the RSS figures are then
+        // the wrapper's).
+        let mut cmd = match std::env::var("FLEETSYNC_HUB_WRAPPER") {
+            Ok(w) => {
+                let mut it = w.split_whitespace();
+                let mut c = std::process::Command::new(it.next().unwrap_or("env"));
+                c.args(it).arg(&opts.exe);
+                c
+            }
+            Err(_) => std::process::Command::new(&opts.exe),
+        };
+        let child = cmd
             .args(["hub", "--config"])
             .arg(toml)
             // `FLEETSYNC_HUB_LOG` overrides the hub's log filter (e.g. to see why

@@ -122,7 +122,16 @@ pub struct PortalReport {
     pub streams_ended: u64,
     /// Stream clients that could not connect.
     pub connect_errors: u64,
-    /// p99 of every delivery in the window under the target and RSS growth under its.
+    /// `--portal-control`: the control run's (no stream client) highest hub VmRSS over
+    /// the same phases, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_control_mib: Option<f64>,
+    /// `--portal-control`: what the clients cost, the highest hub VmRSS with them minus
+    /// the control's, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_clients_cost_mib: Option<f64>,
+    /// p99 of every delivery in the window under the target and the RSS the clients cost
+    /// (with a control run; else the growth over the run) under its.
     pub targets_met: bool,
     /// Nothing dropped, nothing ended.
     pub ok: bool,
@@ -547,6 +556,8 @@ impl Portal {
             rss_connected_mib: mib(self.rss_connected_kib),
             rss_with_clients_mib: mib(rss_with),
             rss_growth_mib: growth,
+            rss_control_mib: None,
+            rss_clients_cost_mib: None,
             erp_changes,
             erp_errors: self.erp_errors.load(Ordering::Relaxed),
             baseline_deliveries: base_n,
@@ -718,14 +729,39 @@ pub fn print_summary(p: &PortalReport) {
         "  hub RSS {:.1} MiB before the clients, {:.1} MiB with them connected and idle, {:.1} MiB at most with them: +{:.1} MiB",
         p.rss_before_mib, p.rss_connected_mib, p.rss_with_clients_mib, p.rss_growth_mib
     );
+    if let (Some(control), Some(cost)) = (p.rss_control_mib, p.rss_clients_cost_mib) {
+        println!(
+            "  the clients' cost: {:.1} MiB at most with them, {control:.1} MiB at most in the control run without them: {cost:+.1} MiB",
+            p.rss_with_clients_mib
+        );
+    }
     println!(
-        "  missing deliveries {} (ERP changes {}, newest fixes {}), unmatched positions {}, ERP errors {}: {}; targets (p99 < {TARGET_P99_MS} ms, RSS growth < {TARGET_RSS_GROWTH_MIB} MiB): {}",
+        "  missing deliveries {} (ERP changes {}, newest fixes {}), unmatched positions {}, ERP errors {}: {}; targets (p99 < {TARGET_P99_MS} ms, RSS {} < {TARGET_RSS_GROWTH_MIB} MiB): {}",
         p.missing,
         p.missing_erp,
         p.missing_last_fix,
         p.positions_unmatched,
         p.erp_errors,
         if p.ok { "PASS" } else { "FAIL" },
+        if p.rss_clients_cost_mib.is_some() {
+            "the clients cost"
+        } else {
+            "growth"
+        },
         if p.targets_met { "met" } else { "NOT met" }
     );
+}
+
+/// Judges `run`'s RSS target by what its clients cost: its highest hub VmRSS over that of
+/// `control`, the same run without stream clients (`--portal-control`).
+pub fn judge_by_control(run: &mut super::load::LoadReport, control: &super::load::LoadReport) {
+    let (Some(p), Some(c)) = (run.portal.as_mut(), control.portal.as_ref()) else {
+        return;
+    };
+    let cost = p.rss_with_clients_mib - c.rss_with_clients_mib;
+    p.rss_control_mib = Some(c.rss_with_clients_mib);
+    p.rss_clients_cost_mib = Some(cost);
+    p.targets_met = p.all_latency_ms.p99 < TARGET_P99_MS
+        && cost < TARGET_RSS_GROWTH_MIB
+        && p.shipment_deliveries + p.position_deliveries > 0;
 }

@@ -89,9 +89,15 @@ struct LoadArgs {
     /// Also measure the portal's live stream: this many stream clients over HTTP, a
     /// shipment per vehicle spread over --customers, one arrival per vehicle; reports
     /// the latency from the hub's stamp of each change to each client, whether every
-    /// client got every change, and the hub's RSS before and with the clients.
+    /// client got every change, and the hub's RSS before and with the clients. 0: the
+    /// same run without any stream client (shipments, ERP changes, pauses), a control.
     #[arg(long)]
     portal_clients: Option<usize>,
+    /// With --portal-clients (sled only): run the control (--portal-clients 0) first, and
+    /// judge the RSS target by the clients' cost: the hub's peak RSS with them minus the
+    /// control's (the hub grows with the vehicles alone too, its embedded broker most).
+    #[arg(long)]
+    portal_control: bool,
     /// Customers the stream clients and shipments are spread over.
     #[arg(long, default_value_t = 100)]
     customers: usize,
@@ -239,8 +245,14 @@ fn main() -> ExitCode {
                     eprintln!("fleetsync-sim load: cannot find my own executable");
                     return ExitCode::FAILURE;
                 };
-                if a.portal_clients.is_some_and(|n| n == 0 || a.customers == 0 || a.customers > a.vehicles) {
-                    eprintln!("fleetsync-sim load: --portal-clients and --customers must be at least 1, and --customers at most --vehicles");
+                if a.portal_clients.is_some() && (a.customers == 0 || a.customers > a.vehicles) {
+                    eprintln!("fleetsync-sim load: --customers must be at least 1 and at most --vehicles");
+                    return ExitCode::from(64);
+                }
+                if a.portal_control && (a.portal_clients.unwrap_or(0) == 0 || a.store.is_some()) {
+                    eprintln!(
+                        "fleetsync-sim load: --portal-control needs --portal-clients N (N > 0) on sled; on PostgreSQL run the control yourself (--portal-clients 0) on another empty database"
+                    );
                     return ExitCode::from(64);
                 }
                 if a.vehicles == 0 || !(a.rate > 0.0 && a.rate <= 50.0) {
@@ -255,25 +267,44 @@ fn main() -> ExitCode {
                     eprintln!("fleetsync-sim load: --replicas must be from 1 to 8");
                     return ExitCode::from(64);
                 }
-                let opts = fleetsync_sim::load::LoadOptions {
+                let opts = |clients: Option<usize>, dir: Option<std::path::PathBuf>| fleetsync_sim::load::LoadOptions {
                     vehicles: a.vehicles,
                     rate: a.rate,
                     duration: std::time::Duration::from_secs(a.duration),
-                    exe,
-                    dir: a.dir,
-                    store: a.store,
+                    exe: exe.clone(),
+                    dir,
+                    store: a.store.clone(),
                     webhooks: a.webhooks,
                     topology: a.topology,
                     replicas: a.replicas,
-                    mosquitto: a.mosquitto,
-                    portal: a.portal_clients.map(|clients| fleetsync_sim::load_portal::PortalOptions {
+                    mosquitto: a.mosquitto.clone(),
+                    portal: clients.map(|clients| fleetsync_sim::load_portal::PortalOptions {
                         clients,
                         customers: a.customers,
                         baseline: std::time::Duration::from_secs(a.portal_baseline),
                     }),
                 };
-                match fleetsync_sim::load::load(opts, shutdown).await {
-                    Ok(r) => {
+                let control = if a.portal_control {
+                    println!("control: the same run without stream clients");
+                    match fleetsync_sim::load::load(opts(Some(0), None), shutdown.clone()).await {
+                        Ok(r) => {
+                            fleetsync_sim::load::print_summary(&r);
+                            Some(r)
+                        }
+                        Err(e) => {
+                            eprintln!("fleetsync-sim load: control run: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    None
+                };
+                match fleetsync_sim::load::load(opts(a.portal_clients, a.dir.clone()), shutdown).await {
+                    Ok(mut r) => {
+                        if let Some(c) = &control {
+                            println!("with {} stream clients:", a.portal_clients.unwrap_or(0));
+                            fleetsync_sim::load_portal::judge_by_control(&mut r, c);
+                        }
                         fleetsync_sim::load::print_summary(&r);
                         if let Some(path) = a.report
                             && let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&r).unwrap_or_default())

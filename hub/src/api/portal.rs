@@ -8,9 +8,10 @@
 //! caller's bucket (the credential, or the link); an empty bucket is a 429 with
 //! `Retry-After`.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Json;
@@ -376,39 +377,50 @@ struct Live {
     _slot: StreamSlot,
 }
 
+/// The JSON of a change, made once by the first of a customer's clients to send it
+/// (`None` if it cannot be made: the change is skipped).
+fn shared<'a>(
+    json: &'a OnceLock<String>,
+    make: impl FnOnce() -> serde_json::Result<String>,
+) -> Option<Cow<'a, str>> {
+    let s = json.get_or_init(|| make().unwrap_or_default());
+    (!s.is_empty()).then_some(Cow::Borrowed(s.as_str()))
+}
+
 impl Live {
     fn event(&mut self, c: &Change) -> Option<Event> {
         if self.only.as_deref().is_some_and(|id| id != c.shipment_id()) {
             return None;
         }
+        // A customer's clients share one serialization of each change; a tracking link's
+        // reduced view is its own.
         let (name, id, data) = match c {
             Change::Shipment { cursor, view, json } => {
                 if *cursor > self.last {
                     self.last = cursor.clone();
                 }
                 let data = match self.audience {
-                    // Made once for all the customer's clients ("" if it cannot be: skipped).
-                    Audience::Customer => match json
-                        .get_or_init(|| serde_json::to_string(&**view).unwrap_or_default())
-                    {
-                        s if s.is_empty() => return None,
-                        s => Ok(s.clone()),
-                    },
-                    Audience::Tracking => serde_json::to_string(&view::tracking_view(view)),
+                    Audience::Customer => shared(json, || serde_json::to_string(&**view))?,
+                    Audience::Tracking => {
+                        Cow::Owned(serde_json::to_string(&view::tracking_view(view)).ok()?)
+                    }
                 };
                 ("shipment", feed::event_id(&self.last, None), data)
             }
             Change::Position {
                 shipment_id,
                 vehicle,
+                json,
             } => {
                 let data = match self.audience {
-                    Audience::Customer => serde_json::to_string(
-                        &serde_json::json!({"shipment_id": shipment_id, "vehicle": vehicle}),
+                    Audience::Customer => shared(json, || {
+                        serde_json::to_string(
+                            &serde_json::json!({"shipment_id": shipment_id, "vehicle": vehicle}),
+                        )
+                    })?,
+                    Audience::Tracking => Cow::Owned(
+                        serde_json::to_string(&serde_json::json!({"vehicle": vehicle})).ok()?,
                     ),
-                    Audience::Tracking => {
-                        serde_json::to_string(&serde_json::json!({"vehicle": vehicle}))
-                    }
                 };
                 (
                     "position",
@@ -417,7 +429,7 @@ impl Live {
                 )
             }
         };
-        Some(Event::default().event(name).id(id).data(data.ok()?))
+        Some(Event::default().event(name).id(id).data(data))
     }
 
     async fn next(mut self) -> Option<(Result<Event, std::convert::Infallible>, Live)> {

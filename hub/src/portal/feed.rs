@@ -80,6 +80,8 @@ pub enum Change {
         shipment_id: String,
         /// Where the vehicle is.
         vehicle: VehicleView,
+        /// The customer's event data as JSON, made once like a shipment's.
+        json: OnceLock<String>,
     },
 }
 
@@ -323,6 +325,7 @@ async fn poll(portal: &Portal, st: &mut PollState) -> Result<(), StoreError> {
                 Change::Position {
                     shipment_id: shipment_id.clone(),
                     vehicle: VehicleView::of(&p),
+                    json: OnceLock::new(),
                 },
             );
         }
@@ -422,6 +425,7 @@ mod tests {
                         lon: 0.0,
                         speed_mps: None,
                     },
+                    json: OnceLock::new(),
                 },
             );
         }
