@@ -42,6 +42,45 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 use crate::presence::Registry;
 
+/// Open files a device's connection takes: its TLS socket, the gateway's loopback
+/// connection to the broker, and the broker's end of that one.
+pub const FILES_PER_DEVICE: usize = 3;
+
+/// How many of `wanted` device connections fit in this process's open-file limit, with
+/// `reserve` files kept for everything else (HTTP connections, the store, outbound
+/// clients). The soft limit is raised first, up to the hard limit, if `wanted` needs it.
+/// `None`: no limit (or it cannot be read on this platform).
+///
+/// Why: past the limit the broker's accept loop fails with EMFILE and retries at once, on
+/// the thread that also carries every device's traffic, so all devices stall; refusing
+/// the devices that do not fit keeps the others running.
+pub fn devices_within_file_limit(wanted: usize, reserve: usize) -> Option<usize> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let need = wanted
+            .saturating_mul(FILES_PER_DEVICE)
+            .saturating_add(reserve) as u64;
+        let mut limit = getrlimit(Resource::Nofile);
+        let mut soft = limit.current?;
+        if soft < need {
+            let raised = limit.maximum.map_or(need, |hard| hard.min(need));
+            limit.current = Some(raised);
+            if setrlimit(Resource::Nofile, limit).is_ok() {
+                soft = raised;
+            }
+        }
+        let fit = usize::try_from(soft.saturating_sub(reserve as u64)).unwrap_or(usize::MAX)
+            / FILES_PER_DEVICE;
+        Some(fit.min(wanted))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (wanted, reserve);
+        None
+    }
+}
+
 /// Gateway settings.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -180,6 +219,14 @@ pub async fn run(
                 continue;
             }
         };
+        // Every device slot taken: no handshake could end in a connection, so none is
+        // started (a full handshake costs far more than this refusal). A slot that frees
+        // up later is taken by whichever device connects next.
+        if permits.available_permits() == 0 {
+            Metrics::add(&metrics.connections_refused, 1);
+            debug!(%peer, "device connection limit reached; refused before the handshake");
+            continue;
+        }
         let Some(slot) = handshakes.try_enter(peer.ip()) else {
             Metrics::add(&metrics.handshakes_refused, 1);
             debug!(%peer, "handshake budget (total or this source's) full; refused");
@@ -614,7 +661,16 @@ pub fn log_listening(addr: SocketAddr) {
 
 #[cfg(test)]
 mod tests {
-    use super::SubackWatch;
+    use super::{SubackWatch, devices_within_file_limit};
+
+    #[test]
+    fn the_open_file_limit_bounds_the_devices() {
+        // A fleet of this size never fits: the answer is what does (or no limit at all).
+        let wanted = usize::MAX / 8;
+        assert!(devices_within_file_limit(wanted, 64).is_none_or(|fit| fit < wanted));
+        // A small one does.
+        assert!(devices_within_file_limit(10, 64).is_none_or(|fit| fit == 10));
+    }
 
     fn publish(len: usize) -> Vec<u8> {
         // Remaining length as a varint, then that many bytes.
