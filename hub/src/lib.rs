@@ -262,9 +262,27 @@ pub async fn start(mut cfg: Config, shutdown: CancellationToken) -> Result<Runni
                 source,
             })?;
             broker::gateway::log_listening(mqtt_addr);
+            // Files kept for everything but devices: the HTTP connections, the store,
+            // outbound clients, the handshakes in progress.
+            let reserve = cfg.http.max_connections + mqtt.max_handshakes + 256;
+            let max_connections = match broker::gateway::devices_within_file_limit(
+                mqtt.max_connections,
+                reserve,
+            ) {
+                Some(fit) if fit < mqtt.max_connections => {
+                    tracing::warn!(
+                        max_connections = mqtt.max_connections,
+                        fit,
+                        files_per_device = broker::gateway::FILES_PER_DEVICE,
+                        "the open-file limit (ulimit -n, LimitNOFILE) holds fewer devices than mqtt.max_connections; the rest are refused"
+                    );
+                    fit
+                }
+                _ => mqtt.max_connections,
+            };
             let gw_cfg = broker::gateway::GatewayConfig {
                 handshake_timeout: mqtt.handshake_timeout(),
-                max_connections: mqtt.max_connections,
+                max_connections,
                 max_handshakes: mqtt.max_handshakes,
                 max_handshakes_per_source: mqtt.max_handshakes_per_source,
                 max_packet_bytes: mqtt.max_packet_bytes,
