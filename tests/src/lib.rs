@@ -591,6 +591,76 @@ async fn publish_until(
     panic!("{device}: {what} never acked");
 }
 
+/// An `[[erp]]` named "sap" at `base_url` with a test's quick retries (backoff 50 to
+/// 400 ms, the breaker open 1.5 s after 3 failures) and no authorization header.
+pub fn erp_config(base_url: String) -> fleetsync_hub::config::ErpConfig {
+    fleetsync_hub::config::ErpConfig {
+        name: "sap".into(),
+        base_url,
+        auth_header: None,
+        auth_header_env: None,
+        rate_per_s: 50.0,
+        burst: 4,
+        timeout_ms: 2000,
+        mapping_version: None,
+        max_attempts: 50,
+        max_age_s: 3600,
+        backoff_ms: 50,
+        backoff_cap_ms: 400,
+        breaker_failures: 3,
+        breaker_open_ms: 1500,
+        ca: None,
+    }
+}
+
+/// A delivered POD of `shipment` at `stop` by V1's driver, received by "M. de Vries",
+/// geo-stamped at `geo`, with `signature` (PNG) and one `photo` (JPEG), which are
+/// published to the hub as V1's blobs first.
+#[allow(clippy::too_many_arguments)]
+pub async fn pod_with_evidence(
+    hub: &TestHub,
+    shipment: &str,
+    stop: &str,
+    geo: (f64, f64),
+    time_ms: u64,
+    signature: &[u8],
+    photo: &[u8],
+) -> fleetsync_protocol::Event {
+    use fleetsync_protocol::{
+        BlobRef, Body, BoundedString, BoundedVec, Event, MediaType, Outcome, Pod, Point,
+    };
+    let sig_sha = publish_blob(hub, "V1", signature).await;
+    let photo_sha = publish_blob(hub, "V1", photo).await;
+    let id = |s: &str| BoundedString::try_from_str(s).unwrap();
+    Event {
+        time_ms,
+        body: Body::Pod(Pod {
+            pod_id: id(&format!("pod-{shipment}")),
+            shipment_id: id(shipment),
+            stop_id: id(stop),
+            outcome: Outcome::Delivered,
+            reason_code: None,
+            recipient_name: BoundedString::try_from_str("M. de Vries").unwrap(),
+            notes: None,
+            signature: Some(BlobRef {
+                sha256: sig_sha,
+                len: signature.len() as u32,
+                media: MediaType::Png,
+            }),
+            photos: BoundedVec::try_from_slice(&[BlobRef {
+                sha256: photo_sha,
+                len: photo.len() as u32,
+                media: MediaType::Jpeg,
+            }])
+            .unwrap(),
+            geo: Some(Point {
+                lat_e7: (geo.0 * 1e7) as i32,
+                lon_e7: (geo.1 * 1e7) as i32,
+            }),
+        }),
+    }
+}
+
 /// A good GPS fix at `at` (lat, lon) at `time_ms`, driving (10 m/s, 9 satellites).
 pub fn fix(at: (f64, f64), time_ms: u64) -> fleetsync_protocol::Event {
     use fleetsync_protocol::{Body, Event, Fix};

@@ -22,10 +22,8 @@ mod browser;
 use std::time::{Duration, Instant};
 
 use browser::{Browser, chromedriver};
-use fleetsync_protocol::{
-    BlobRef, Body, BoundedString, BoundedVec, Event, Fix, MediaType, Outcome, Pod, Point, TripKind,
-};
-use fleetsync_tests::{Http, TestHub, publish_batch, publish_blob, trip_event};
+use fleetsync_protocol::{Body, Event, Fix, TripKind};
+use fleetsync_tests::{Http, TestHub, pod_with_evidence, publish_batch, trip_event};
 use serde_json::{Value, json};
 
 const DEPOT: (f64, f64) = (51.5601, 5.0831);
@@ -97,35 +95,7 @@ async fn pod_event(
 ) -> Event {
     let sig = fleetsync_sim::images::signature_png(7);
     let photo = fleetsync_sim::images::photo_jpeg(7);
-    let sig_sha = publish_blob(hub, "V1", &sig).await;
-    let photo_sha = publish_blob(hub, "V1", &photo).await;
-    Event {
-        time_ms,
-        body: Body::Pod(Pod {
-            pod_id: BoundedString::try_from_str(&format!("pod-{shipment}")).unwrap(),
-            shipment_id: BoundedString::try_from_str(shipment).unwrap(),
-            stop_id: BoundedString::try_from_str(stop).unwrap(),
-            outcome: Outcome::Delivered,
-            reason_code: None,
-            recipient_name: BoundedString::try_from_str("M. de Vries").unwrap(),
-            notes: None,
-            signature: Some(BlobRef {
-                sha256: sig_sha,
-                len: sig.len() as u32,
-                media: MediaType::Png,
-            }),
-            photos: BoundedVec::try_from_slice(&[BlobRef {
-                sha256: photo_sha,
-                len: photo.len() as u32,
-                media: MediaType::Jpeg,
-            }])
-            .unwrap(),
-            geo: Some(Point {
-                lat_e7: (geo.0 * 1e7) as i32,
-                lon_e7: (geo.1 * 1e7) as i32,
-            }),
-        }),
-    }
+    pod_with_evidence(hub, shipment, stop, geo, time_ms, &sig, &photo).await
 }
 
 /// Fails on any console error but failed loads of URLs containing one of `expected`.

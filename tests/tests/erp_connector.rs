@@ -16,21 +16,9 @@ use serde_json::{Value, json};
 
 fn erp_config(base_url: String) -> ErpConfig {
     ErpConfig {
-        name: "sap".into(),
-        base_url,
         auth_header: Some("Bearer erp-secret".into()),
-        auth_header_env: None,
-        rate_per_s: 50.0,
-        burst: 4,
         timeout_ms: 700,
-        mapping_version: None,
-        max_attempts: 50,
-        max_age_s: 3600,
-        backoff_ms: 50,
-        backoff_cap_ms: 400,
-        breaker_failures: 3,
-        breaker_open_ms: 1500,
-        ca: None,
+        ..fleetsync_tests::erp_config(base_url)
     }
 }
 

@@ -9,38 +9,15 @@
 
 use std::time::Duration;
 
-use fleetsync_hub::config::ErpConfig;
-use fleetsync_protocol::{
-    BlobRef, Body, BoundedString, BoundedVec, Event, MediaType, Outcome, Pod, Point, TripKind,
-};
+use fleetsync_protocol::TripKind;
 use fleetsync_sim::fake_erp::{FakeErp, Request};
-use fleetsync_tests::{TestHub, fix, publish_batch, publish_blob, trip_event, wait_for};
+use fleetsync_tests::{TestHub, fix, pod_with_evidence, publish_batch, trip_event, wait_for};
 use serde_json::{Value, json};
 
 const C1: (f64, f64) = (51.5655, 5.0831);
 /// The signed URLs' life in this test: long enough to read them once, short enough to
 /// watch them expire.
 const TTL_S: u64 = 8;
-
-fn erp_config(base_url: String) -> ErpConfig {
-    ErpConfig {
-        name: "sap".into(),
-        base_url,
-        auth_header: None,
-        auth_header_env: None,
-        rate_per_s: 50.0,
-        burst: 4,
-        timeout_ms: 2000,
-        mapping_version: None,
-        max_attempts: 50,
-        max_age_s: 3600,
-        backoff_ms: 50,
-        backoff_cap_ms: 400,
-        breaker_failures: 3,
-        breaker_open_ms: 1500,
-        ca: None,
-    }
-}
 
 /// The first POD_CONFIRMED message among `reqs`, once one is there (30 s at most).
 async fn pod_confirmed(what: &str, reqs: impl Fn() -> Vec<Request>) -> Request {
@@ -104,8 +81,12 @@ async fn evidence_links(fake: FakeErp, hub: TestHub, public_url: Option<&str>) {
     // The blobs first: the vehicle is known to the hub once it has connected.
     let sig = [&b"\x89PNG\r\n\x1a\n"[..], b"signature of M. de Vries"].concat();
     let photo = fleetsync_tests::image(&[0xff, 0xd8, 0xff, 0xe0], 9000, 3);
-    let sig_sha = publish_blob(&hub, "V1", &sig).await;
-    let photo_sha = publish_blob(&hub, "V1", &photo).await;
+    let now = fleetsync_agent::now_ms() - 30_000;
+    let pod = pod_with_evidence(&hub, "S1", "C1", C1, now + 1000, &sig, &photo).await;
+    let sig_sha: [u8; 32] = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&sig).into()
+    };
     let shipment = json!({"reference": "SO-1", "customer_id": "ACME", "vehicle": "V1",
         "stops": [{"id": "C1", "kind": "delivery", "name": "Bakery Jansen",
                    "location": {"lat": C1.0, "lon": C1.1}, "radius_m": 80}],
@@ -113,34 +94,6 @@ async fn evidence_links(fake: FakeErp, hub: TestHub, public_url: Option<&str>) {
     let (st, v) = erp.put_json("/v1/erp/shipments/S1", &shipment).await;
     assert_eq!(st, 201, "{v}");
 
-    let now = fleetsync_agent::now_ms() - 30_000;
-    let pod = Event {
-        time_ms: now + 1000,
-        body: Body::Pod(Pod {
-            pod_id: BoundedString::try_from_str("pod-1").unwrap(),
-            shipment_id: BoundedString::try_from_str("S1").unwrap(),
-            stop_id: BoundedString::try_from_str("C1").unwrap(),
-            outcome: Outcome::Delivered,
-            reason_code: None,
-            recipient_name: BoundedString::try_from_str("M. de Vries").unwrap(),
-            notes: None,
-            signature: Some(BlobRef {
-                sha256: sig_sha,
-                len: sig.len() as u32,
-                media: MediaType::Png,
-            }),
-            photos: BoundedVec::try_from_slice(&[BlobRef {
-                sha256: photo_sha,
-                len: photo.len() as u32,
-                media: MediaType::Jpeg,
-            }])
-            .unwrap(),
-            geo: Some(Point {
-                lat_e7: (C1.0 * 1e7) as i32,
-                lon_e7: (C1.1 * 1e7) as i32,
-            }),
-        }),
-    };
     publish_batch(
         &hub,
         "V1",
@@ -203,7 +156,7 @@ async fn evidence_links(fake: FakeErp, hub: TestHub, public_url: Option<&str>) {
 }
 
 fn configure(c: &mut fleetsync_hub::Config, erp_url: String, public_url: Option<&str>) {
-    c.erp.push(erp_config(erp_url));
+    c.erp.push(fleetsync_tests::erp_config(erp_url));
     c.webhooks.allow_insecure_targets = true;
     c.webhooks.retry_schedule_s = vec![0.0, 0.2, 0.5];
     c.webhooks.evidence_url_ttl_s = TTL_S;

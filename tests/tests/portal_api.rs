@@ -15,10 +15,8 @@
 
 use std::time::Duration;
 
-use fleetsync_protocol::{
-    BlobRef, Body, BoundedString, BoundedVec, Event, MediaType, Outcome, Pod, Point, TripKind,
-};
-use fleetsync_tests::{Http, TestHub, fix, publish_batch, publish_blob, trip_event};
+use fleetsync_protocol::TripKind;
+use fleetsync_tests::{Http, TestHub, fix, pod_with_evidence, publish_batch, trip_event};
 use serde_json::{Value, json};
 
 const DEPOT: (f64, f64) = (51.5601, 5.0831);
@@ -352,35 +350,7 @@ async fn portal(hub: TestHub) {
     // The POD: signature and photo, then arrival and delivery.
     let sig = [&b"\x89PNG\r\n\x1a\n"[..], b"signature of M. de Vries"].concat();
     let photo = fleetsync_tests::image(&[0xff, 0xd8, 0xff, 0xe0], 9000, 7);
-    let sig_sha = publish_blob(&hub, "V1", &sig).await;
-    let photo_sha = publish_blob(&hub, "V1", &photo).await;
-    let pod = Event {
-        time_ms: now + 1000,
-        body: Body::Pod(Pod {
-            pod_id: BoundedString::try_from_str("pod-1").unwrap(),
-            shipment_id: BoundedString::try_from_str("S1").unwrap(),
-            stop_id: BoundedString::try_from_str("C1").unwrap(),
-            outcome: Outcome::Delivered,
-            reason_code: None,
-            recipient_name: BoundedString::try_from_str("M. de Vries").unwrap(),
-            notes: None,
-            signature: Some(BlobRef {
-                sha256: sig_sha,
-                len: sig.len() as u32,
-                media: MediaType::Png,
-            }),
-            photos: BoundedVec::try_from_slice(&[BlobRef {
-                sha256: photo_sha,
-                len: photo.len() as u32,
-                media: MediaType::Jpeg,
-            }])
-            .unwrap(),
-            geo: Some(Point {
-                lat_e7: (C1.0 * 1e7) as i32,
-                lon_e7: (C1.1 * 1e7) as i32,
-            }),
-        }),
-    };
+    let pod = pod_with_evidence(&hub, "S1", "C1", C1, now + 1000, &sig, &photo).await;
     publish_batch(
         &hub,
         "V1",
