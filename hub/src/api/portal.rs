@@ -437,8 +437,8 @@ impl Live {
             let change = match self.backlog.pop_front() {
                 Some(id) => {
                     let now = crate::ingest::now_ms();
-                    match feed::shipment_change(&self.portal, &id, now).await {
-                        Ok(Some((customer, c))) if customer == self.customer => Arc::new(c),
+                    match feed::backlog_change(&self.portal, &id, now).await {
+                        Ok(Some((customer, c))) if customer == self.customer => c,
                         Ok(_) => continue,
                         Err(e) => {
                             // The client comes back with its Last-Event-ID and resumes.

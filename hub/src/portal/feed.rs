@@ -52,7 +52,7 @@ pub const SLACK_MS: u64 = 5_000;
 const PAGE: usize = 500;
 /// Views built at once (each a few store reads): an ETA round changes every open
 /// shipment at once, and built one by one they would hold up the positions behind them.
-const VIEW_READS: usize = 8;
+pub const VIEW_READS: usize = 8;
 /// Most shipments sent to a resuming client from the store before the live changes.
 pub const MAX_RESUME: usize = 1000;
 /// Least time between the starts of two reads woken by the signal: under load the store
@@ -357,9 +357,82 @@ pub async fn shipment_change(
     )))
 }
 
+/// How long a backlog view may be handed to further clients: clients that connect
+/// together (a page reload across a customer's screens, every client after a hub restart)
+/// share one build instead of one each, and a view this young is still current (its ETA,
+/// its signed POD URLs).
+const RECENT_VIEW_MS: u64 = 5_000;
+/// Most recent backlog views kept.
+const RECENT_VIEWS: usize = 4_096;
+
+/// Backlog views built lately, by shipment: `(built at, change)`.
+#[derive(Debug, Default)]
+pub struct RecentViews {
+    map: Mutex<HashMap<String, (u64, Arc<Change>)>>,
+}
+
+impl RecentViews {
+    fn get(&self, cursor: &(u64, String), now: u64) -> Option<Arc<Change>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&cursor.1) {
+            Some((built, c))
+                if now.saturating_sub(*built) < RECENT_VIEW_MS
+                    && matches!(&**c, Change::Shipment { cursor: k, .. } if k == cursor) =>
+            {
+                Some(c.clone())
+            }
+            _ => None,
+        }
+    }
+
+    fn put(&self, c: Arc<Change>, now: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= RECENT_VIEWS {
+            map.retain(|_, (built, _)| now.saturating_sub(*built) < RECENT_VIEW_MS);
+            if map.len() >= RECENT_VIEWS {
+                map.clear();
+            }
+        }
+        map.insert(c.shipment_id().to_string(), (now, c));
+    }
+}
+
+/// A shipment's change for a client's backlog, with its customer: the view another
+/// client's backlog built in the last [`RECENT_VIEW_MS`] if the record has not changed
+/// since, else built now, at most [`VIEW_READS`] at once across every client (a
+/// thousand clients connecting at once must not build ten thousand views at once).
+pub async fn backlog_change(
+    portal: &Portal,
+    id: &str,
+    now: u64,
+) -> Result<Option<(String, Arc<Change>)>, StoreError> {
+    let Some((rec, facts)) = portal.store.shipment(id).await? else {
+        return Ok(None);
+    };
+    let customer = rec.spec.customer_id.clone();
+    let cursor = (rec.updated_ms, rec.id.clone());
+    if let Some(c) = portal.recent.get(&cursor, now) {
+        return Ok(Some((customer, c)));
+    }
+    let _permit = portal.view_builds.acquire().await;
+    // Another client may have built it while this one waited.
+    let now = crate::ingest::now_ms().max(now);
+    if let Some(c) = portal.recent.get(&cursor, now) {
+        return Ok(Some((customer, c)));
+    }
+    let loaded = view::load(&portal.store, rec, facts).await?;
+    let c = Arc::new(Change::Shipment {
+        cursor,
+        view: Arc::new(view::customer_view(portal.ctx(now), &loaded)),
+        json: OnceLock::new(),
+    });
+    portal.recent.put(c.clone(), now);
+    Ok(Some((customer, c)))
+}
+
 /// The ids of the shipments of `customer` written after `from_ms` (at most
 /// [`MAX_RESUME`]), in cursor order: what a (re)connecting client gets before the live
-/// changes. Each view is built when the client's stream gets to it ([`shipment_change`]),
+/// changes. Each view is built when the client's stream gets to it ([`backlog_change`]),
 /// so a client holds one backlog view at a time, not its customer's every shipment.
 pub async fn backlog(
     portal: &Portal,

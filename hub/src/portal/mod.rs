@@ -145,6 +145,10 @@ pub struct Portal {
     pub channels: Arc<feed::Channels>,
     /// Streams open now.
     pub streams: Arc<AtomicUsize>,
+    /// Backlog views built lately, shared by clients that connect together.
+    pub recent: Arc<feed::RecentViews>,
+    /// Backlog view builds under way (at most [`feed::VIEW_READS`]).
+    pub view_builds: Arc<tokio::sync::Semaphore>,
     /// Ends the streams at shutdown.
     pub shutdown: CancellationToken,
 }
@@ -172,6 +176,8 @@ impl Portal {
             signer: Arc::new(signer),
             channels: Arc::default(),
             streams: Arc::default(),
+            recent: Arc::default(),
+            view_builds: Arc::new(tokio::sync::Semaphore::new(feed::VIEW_READS)),
             shutdown,
         }
     }
