@@ -434,12 +434,16 @@ impl Portal {
         let (mut ship_lat, mut pos_lat) = (Vec::new(), Vec::new());
         let mut unmatched = 0u64;
         let mut ended = 0u64;
-        // Per client: what it got (first receipts, within the phases).
+        // Per client: what it got (first receipts, within the phases), and everything it
+        // got (a change at the end of the window may reach a client only as part of a
+        // newer view stamped after it: the feed sends a shipment's newest view).
         let mut got: Vec<HashMap<What, u64>> = Vec::new();
+        let mut got_all: Vec<HashMap<What, u64>> = Vec::new();
         for (_, log) in &self.logs {
             let log = log.lock().unwrap_or_else(|p| p.into_inner());
             ended += u64::from(log.ended);
             let mut mine: HashMap<What, u64> = HashMap::new();
+            got_all.push(log.rx.iter().map(|(at, w)| (*w, *at)).collect());
             for (at, w) in &log.rx {
                 let Some(stamp) = hub_stamp(w) else {
                     unmatched += 1;
@@ -485,7 +489,7 @@ impl Portal {
             }
             (ship, fix)
         };
-        let newest: Vec<_> = got.iter().map(newest).collect();
+        let newest: Vec<_> = got_all.iter().map(newest).collect();
         let customers = self.opts.customers.max(1);
         let changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
         let mut missing_erp = 0u64;
