@@ -592,7 +592,8 @@ impl Portal {
                 && ended == 0
                 && unmatched == 0
                 && self.connect_errors == 0
-                && ship_n + pos_n > 0,
+                // A control run (no client) has nothing to deliver.
+                && (ship_n + pos_n > 0 || self.opts.clients == 0),
         }
     }
 }
