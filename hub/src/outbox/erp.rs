@@ -122,21 +122,15 @@ pub(super) async fn evidence(
     let mut parts = row.fact.id.splitn(4, ':');
     let (device, epoch, seq) = (parts.next()?, parts.next()?, parts.next()?);
     let (epoch, seq) = (epoch.parse::<u32>().ok()?, seq.parse::<u64>().ok()?);
-    let after = seq.checked_sub(1).map(|s| (epoch, s));
-    let page = store.events(device, after, 1, None).await.ok()?;
-    let (e, s, stored) = page.into_iter().next()?;
-    if (e, s) != (epoch, seq) {
-        return None;
-    }
-    let fleetsync_protocol::Body::Pod(p) = &stored.event.body else {
-        return None;
-    };
+    let (captured, p) = crate::portal::view::pod_event(store, device, epoch, seq)
+        .await
+        .ok()??;
     Some(json!({
         "pod_id": p.pod_id.as_str(),
         "recipient_name": p.recipient_name.as_str(),
         "signature": p.signature.as_ref().map(|b| url(&b.sha256)),
         "photos": p.photos.iter().map(|b| url(&b.sha256)).collect::<Vec<_>>(),
-        "captured": Time(stored.event.time_ms),
+        "captured": Time(captured),
     }))
 }
 

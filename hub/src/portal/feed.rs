@@ -344,17 +344,26 @@ pub async fn shipment_change(
         return Ok(None);
     };
     let customer = rec.spec.customer_id.clone();
-    let cursor = (rec.updated_ms, rec.id.clone());
-    let loaded = view::load(&portal.store, rec, facts).await?;
-    let view = Arc::new(view::customer_view(portal.ctx(now), &loaded));
     Ok(Some((
         customer,
-        Change::Shipment {
-            cursor,
-            view,
-            json: OnceLock::new(),
-        },
+        view_change(portal, rec, facts, now).await?,
     )))
+}
+
+/// A shipment's customer view as of `now`, as a change.
+async fn view_change(
+    portal: &Portal,
+    rec: crate::shipments::ShipmentRecord,
+    facts: Vec<crate::shipments::Fact>,
+    now: u64,
+) -> Result<Change, StoreError> {
+    let cursor = (rec.updated_ms, rec.id.clone());
+    let loaded = view::load(&portal.store, rec, facts).await?;
+    Ok(Change::Shipment {
+        cursor,
+        view: Arc::new(view::customer_view(portal.ctx(now), &loaded)),
+        json: OnceLock::new(),
+    })
 }
 
 /// How long a backlog view may be handed to further clients: clients that connect
@@ -420,12 +429,7 @@ pub async fn backlog_change(
     if let Some(c) = portal.recent.get(&cursor, now) {
         return Ok(Some((customer, c)));
     }
-    let loaded = view::load(&portal.store, rec, facts).await?;
-    let c = Arc::new(Change::Shipment {
-        cursor,
-        view: Arc::new(view::customer_view(portal.ctx(now), &loaded)),
-        json: OnceLock::new(),
-    });
+    let c = Arc::new(view_change(portal, rec, facts, now).await?);
     portal.recent.put(c.clone(), now);
     Ok(Some((customer, c)))
 }

@@ -282,15 +282,25 @@ fn handovers(facts: &[Fact]) -> impl Iterator<Item = &Fact> {
 
 /// The POD (with its capture time) behind a device's DELIVERED or DELIVERY_FAILED fact.
 async fn pod_of(store: &Store, f: &Fact) -> Result<Option<(u64, Pod)>, StoreError> {
-    let Source::Device { device, epoch, seq } = &f.source else {
-        return Ok(None);
-    };
+    match &f.source {
+        Source::Device { device, epoch, seq } => pod_event(store, device, *epoch, *seq).await,
+        _ => Ok(None),
+    }
+}
+
+/// `device`'s event `(epoch, seq)` with its capture time, if it is a POD.
+pub async fn pod_event(
+    store: &Store,
+    device: &str,
+    epoch: u32,
+    seq: u64,
+) -> Result<Option<(u64, Pod)>, StoreError> {
     let Some(prev) = seq.checked_sub(1) else {
         return Ok(None);
     };
-    let rows = store.events(device, Some((*epoch, prev)), 1, None).await?;
+    let rows = store.events(device, Some((epoch, prev)), 1, None).await?;
     Ok(match rows.into_iter().next() {
-        Some((e, s, stored)) if (e, s) == (*epoch, *seq) => match stored.event.body {
+        Some((e, s, stored)) if (e, s) == (epoch, seq) => match stored.event.body {
             Body::Pod(p) => Some((stored.event.time_ms, p)),
             _ => None,
         },
