@@ -9,6 +9,7 @@
 //! - [`load`]: the `load` mode: many protocol-level vehicles over TLS against a hub.
 //! - [`replicas`]: the `replicas` topology of both: a Mosquitto and hub replicas on
 //!   PostgreSQL.
+//! - [`sse`]: reading Server-Sent Events (the portal stream's clients).
 //! - [`demo`]: the `demo` mode: an in-process hub and N vehicles with real agents,
 //!   drivers taking POD, a live display and a report checked against the hub.
 
@@ -22,6 +23,7 @@ pub mod nmea;
 pub mod ports;
 pub mod replicas;
 pub mod route;
+pub mod sse;
 
 pub use demo::{DemoOptions, Report, demo};
 

@@ -655,22 +655,12 @@ async fn client(
                 break;
             }
         }
-        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buf.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block);
-            let (mut event, mut data) = ("", String::new());
-            for line in text.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    event = v.trim();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
-                }
-            }
-            let what = match event {
-                "shipment" => serde_json::from_str::<ShipmentData>(&data)
+        for ev in crate::sse::take_events(&mut buf) {
+            let what = match ev.name.as_str() {
+                "shipment" => serde_json::from_str::<ShipmentData>(&ev.data)
                     .ok()
                     .and_then(|d| Some(What::Shipment(index_of(&d.id)?, rfc3339_ms(&d.updated)?))),
-                "position" => serde_json::from_str::<PositionData>(&data)
+                "position" => serde_json::from_str::<PositionData>(&ev.data)
                     .ok()
                     .and_then(|d| {
                         Some(What::Position(

@@ -7,7 +7,10 @@
 //!  |          -> duplicates at the hub), link delay, disk quota pressure (vehicle 0:
 //!  |          small quota, bursts while cut off -> Gap events), clock skew (vehicle 1:
 //!  |          GPS time 2 minutes ahead)
+//!  |  a customer's portal streams open throughout (reconnecting with Last-Event-ID,
+//!  |  one twice away longer than the feed's slack): see [`portal_watch`]
 //!  `-> after the run: restore everything, wait for every backlog to drain, then the oracle
+//!      (events, PODs, the ERP and webhook sinks, the evidence links, the portal stream)
 //! ```
 //!
 //! `--topology replicas` puts a Mosquitto (started here, see [`crate::replicas`]) and two
@@ -23,6 +26,7 @@
 //! Every loop is bounded by the run's duration plus a drain deadline.
 
 pub mod oracle;
+pub mod portal_watch;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -468,7 +472,36 @@ pub async fn chaos(
         clock_skews: u32::from(opts.vehicles > SKEW_VEHICLE),
         ..Faults::default()
     };
-    let erp_token = make_erp_credential(&client, &hub_http).await?;
+    let erp_token = make_credential(
+        &client,
+        &hub_http,
+        json!({"role": "erp", "name": "chaos ERP"}),
+    )
+    .await?;
+    // Customer CHAOS's portal page, open from before its shipments exist to the end,
+    // through every fault (and, with replicas, on each replica in turn).
+    let customer_token = make_credential(
+        &client,
+        &hub_http,
+        json!({"role": "customer", "name": "chaos customer", "customer_id": "CHAOS"}),
+    )
+    .await?;
+    let watch_stop = CancellationToken::new();
+    let ours: portal_watch::Ours = Arc::new(|id: &str| id.starts_with("SHP-CHAOS-"));
+    let (watches, watch_tasks): (Vec<_>, Vec<_>) = [("steady", None), ("roaming", Some(opts.seed))]
+        .into_iter()
+        .map(|(name, roam)| {
+            portal_watch::start(
+                name,
+                hub_urls.clone(),
+                customer_token.clone(),
+                ours.clone(),
+                roam,
+                opts.duration,
+                watch_stop.clone(),
+            )
+        })
+        .unzip();
     // Two partners: one hears of everything, one of CHAOS's milestones but estimates.
     let mut subs = Vec::new();
     for (i, receiver) in RECEIVERS.iter().enumerate() {
@@ -753,6 +786,20 @@ pub async fn chaos(
         &mut verdict,
     )
     .await;
+    // Last, what the customer's open page shows: the reviews just accepted included.
+    portal_watch::check(
+        &client,
+        &hub_http,
+        &customer_token,
+        &watches,
+        &shipments,
+        &mut verdict,
+    )
+    .await;
+    watch_stop.cancel();
+    for t in watch_tasks {
+        let _ = t.await;
+    }
     Ok(ChaosReport {
         vehicles: opts.vehicles,
         duration_s: opts.duration.as_secs(),
@@ -951,12 +998,16 @@ async fn accept_reviews(
     Ok(n)
 }
 
-/// An ERP credential made with the operator token.
-async fn make_erp_credential(client: &reqwest::Client, hub: &str) -> Result<String, ChaosError> {
+/// A credential made with the operator token (`body`: its role, name, customer).
+async fn make_credential(
+    client: &reqwest::Client,
+    hub: &str,
+    body: Value,
+) -> Result<String, ChaosError> {
     let r = client
         .post(format!("{hub}/v1/ops/credentials"))
         .bearer_auth(OPERATOR_TOKEN)
-        .json(&json!({"role": "erp", "name": "chaos ERP"}))
+        .json(&body)
         .send()
         .await
         .map_err(setup)?;
@@ -964,7 +1015,7 @@ async fn make_erp_credential(client: &reqwest::Client, hub: &str) -> Result<Stri
     v["token"]
         .as_str()
         .map(str::to_string)
-        .ok_or_else(|| ChaosError::Setup(format!("no ERP credential: {v}")))
+        .ok_or_else(|| ChaosError::Setup(format!("no credential for {body}: {v}")))
 }
 
 /// Posts exceptions and PODs like a driver; records what the agent accepted (201).
@@ -1135,6 +1186,18 @@ pub fn print_summary(r: &ChaosReport) {
     println!(
         "POD evidence: {} review items accepted by the operator; {} links in POD_CONFIRMED messages opened to the POD's bytes (the ERP's with its credential, the partners' signed ones with none)",
         o.reviews_accepted, o.evidence_links_verified
+    );
+    println!(
+        "portal streams of customer CHAOS, two clients through the faults: {} connections ({} resumed with Last-Event-ID, {} after staying away longer than the feed's slack: {} of {} shipments written meanwhile caught up), {} shipment and {} position events; {} of {} shipment views at the API's rev",
+        o.portal_connects,
+        o.portal_resumes,
+        o.portal_aways,
+        o.portal_caught_up,
+        o.portal_away_changed,
+        o.portal_shipment_events,
+        o.portal_position_events,
+        o.portal_current,
+        o.portal_expected
     );
     println!(
         "latency capture -> hub (critical events): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",

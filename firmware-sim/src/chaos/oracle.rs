@@ -159,6 +159,25 @@ pub struct Verdict {
     /// Evidence links of applied POD_CONFIRMED messages that opened with the right bytes
     /// (the ERP's and the webhook receivers').
     pub evidence_links_verified: u64,
+    /// The customer's portal streams (two clients): shipment views they must show at the
+    /// API's rev (chaos shipments x clients).
+    pub portal_expected: u64,
+    /// Of them, shown at that rev (and status).
+    pub portal_current: u64,
+    /// Connections the stream clients opened (each hub kill or replica loss ends one).
+    pub portal_connects: u64,
+    /// Of them, opened with a `Last-Event-ID`.
+    pub portal_resumes: u64,
+    /// Times the roaming client stayed away longer than the feed's slack.
+    pub portal_aways: u64,
+    /// Shipments written while it was away (counted at each return).
+    pub portal_away_changed: u64,
+    /// Of them, at the API's rev within 5 s of reconnecting with `Last-Event-ID`.
+    pub portal_caught_up: u64,
+    /// Shipment events they got.
+    pub portal_shipment_events: u64,
+    /// Position events they got.
+    pub portal_position_events: u64,
     /// Capture to hub record time of critical events (skewed clocks left out).
     pub latency_ms: Latency,
     /// What failed (first 20).
