@@ -11,9 +11,15 @@
 //! - after both hubs' listening connections are killed in the database, the next change
 //!   still arrives long before the poll: the connection is made again and the feed reads
 //!   what it may have missed.
+//!
+//! On sled, many clients connecting at once (each reads its backlog, a store read per
+//! shipment) do not take a thread each: the hub's store reads run on a bounded number of
+//! blocking threads (a thousand clients once grew tokio's blocking pool to 512 threads).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fleetsync_tests::{Http, TestHub, fix, publish_batch};
@@ -202,4 +208,95 @@ async fn a_change_through_one_hub_reaches_the_other_hubs_stream_at_once() {
         "after the listening connections were lost, S2 did not reach hub B's stream within 15 s (the poll is {POLL_MS} ms away)"
     );
     println!("after LISTEN lost, A -> B stream: {:?}", t.elapsed());
+}
+
+/// This process's threads now.
+fn threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connecting_at_once_do_not_take_a_thread_each() {
+    const SHIPMENTS: usize = 20;
+    const CLIENTS: usize = 200;
+    const OTHERS: usize = 500;
+    // One customer's many screens: its rate limit is not what this is about.
+    let hub = TestHub::start_with(&["V1"], None, |c| {
+        c.portal.burst = 1_000;
+        c.portal.rate_per_s = 1_000.0;
+    })
+    .await;
+    let (erp, acme) = customer_on(&hub, &hub).await;
+    // Other customers' shipments: a backlog read on sled goes through them too, so the
+    // reads take long enough to pile up.
+    for i in 0..OTHERS {
+        let mut body = shipment(&format!("SO-X{i}"), None);
+        body["customer_id"] = json!("OTHER");
+        let (st, body) = erp
+            .put_json(&format!("/v1/erp/shipments/X{i}"), &body)
+            .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    // Written just now: each client's backlog (the last 5 s) holds every one of them.
+    for i in 0..SHIPMENTS {
+        let (st, body) = erp
+            .put_json(
+                &format!("/v1/erp/shipments/S{i}"),
+                &shipment(&format!("SO-{i}"), None),
+            )
+            .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let before = threads();
+    let (stop, most) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let sampler = {
+        let (stop, most) = (stop.clone(), most.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(threads(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let clients = (0..CLIENTS).map(|_| {
+        let acme = acme.clone();
+        tokio::spawn(async move {
+            let mut stream = Sse::open(&acme).await;
+            let mut got = std::collections::HashSet::new();
+            while got.len() < SHIPMENTS {
+                let Some(d) = stream
+                    .until(Duration::from_secs(60), |e, _| e == "shipment")
+                    .await
+                else {
+                    break;
+                };
+                got.insert(d["id"].as_str().unwrap().to_string());
+            }
+            got.len()
+        })
+    });
+    let mut counts = Vec::new();
+    for c in clients.collect::<Vec<_>>() {
+        counts.push(c.await.unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert!(
+        counts.iter().all(|n| *n == SHIPMENTS),
+        "every client gets its backlog of {SHIPMENTS} shipments: {counts:?}"
+    );
+    let grew = most.load(Ordering::Relaxed).saturating_sub(before);
+    println!("{CLIENTS} clients connecting: threads {before} -> at most {before} + {grew}");
+    assert!(
+        grew < 48,
+        "{CLIENTS} clients connecting at once grew the process by {grew} threads ({before} before)"
+    );
 }

@@ -81,6 +81,15 @@ use super::{
     UploadRecord, assemble, chunk_invalid, uploads_to_evict,
 };
 
+/// Read calls on blocking threads at once. sled reads are short and mostly from its
+/// cache; without a bound, a thousand portal clients connecting at once each took a
+/// thread of tokio's blocking pool for their backlog reads, and the pool grew to its 512
+/// threads (about 250 MiB of hub RSS in stacks and per-thread allocator caches).
+const READ_CALLS: usize = 8;
+/// Write calls on blocking threads at once: one writes and syncs (each holds `synced`),
+/// one waits to go next; the rest wait here, without a thread.
+const WRITE_CALLS: usize = 2;
+
 /// The hub's sled store.
 #[derive(Debug, Clone)]
 pub struct SledStore {
@@ -127,6 +136,9 @@ pub struct SledStore {
     /// write, so a later sync that succeeds proves nothing. Every write fails from then
     /// on and readiness goes red until the hub restarts and sled re-reads its disk.
     failed: Arc<AtomicBool>,
+    /// Permits for [`READ_CALLS`] and [`WRITE_CALLS`].
+    reads: Arc<tokio::sync::Semaphore>,
+    writes: Arc<tokio::sync::Semaphore>,
 }
 
 fn event_key(device: &str, epoch: u32, seq: u64) -> Vec<u8> {
@@ -263,6 +275,8 @@ impl SledStore {
             quarantined_count: Arc::new(AtomicUsize::new(0)),
             synced: Arc::new(Mutex::new(durable::Synced::default())),
             failed: Arc::new(AtomicBool::new(false)),
+            reads: Arc::new(tokio::sync::Semaphore::new(READ_CALLS)),
+            writes: Arc::new(tokio::sync::Semaphore::new(WRITE_CALLS)),
             path: path.to_path_buf(),
             db,
         };
@@ -643,11 +657,26 @@ impl SledStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Runs `f` on a blocking thread.
+    /// Runs the read `f` on a blocking thread, at most [`READ_CALLS`] at once.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.on_thread(&self.reads, f).await
+    }
+
+    /// Runs `f` on a blocking thread once `calls` has a permit for it (waiting callers
+    /// queue in order, without a thread each).
+    async fn on_thread<T: Send + 'static>(
+        &self,
+        calls: &tokio::sync::Semaphore,
+        f: impl FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        // The semaphore is never closed.
+        let _permit = calls
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
         let s = self.clone();
         tokio::task::spawn_blocking(move || f(&s))
             .await
@@ -659,7 +688,7 @@ impl SledStore {
         &self,
         f: impl FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.blocking(move |s| {
+        self.on_thread(&self.writes, move |s| {
             // A panic in another call cannot leave the map wrong, only stale: a stale
             // entry at worst syncs a file once more.
             let mut synced = s.synced.lock().unwrap_or_else(|p| p.into_inner());
