@@ -186,6 +186,12 @@ fn on_signals(token: CancellationToken) {
     });
 }
 
+/// jemalloc rather than glibc's malloc: with a thousand portal stream clients on the
+/// 1,000-vehicle load the hub used less memory for them and a quarter less CPU (README,
+/// "Portal live stream").
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

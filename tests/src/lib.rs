@@ -712,7 +712,8 @@ impl Proc {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info,rumqttd=off")
-            // As deploy/systemd sets it: one malloc arena keeps a gateway's RSS down.
+            // As deploy/systemd sets it for the agent: one malloc arena keeps a gateway's
+            // RSS down (the hub allocates with jemalloc, which ignores it).
             .env("MALLOC_ARENA_MAX", "1")
             .stdout(Stdio::null())
             .stderr(log_file)
