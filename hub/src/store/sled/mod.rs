@@ -84,7 +84,8 @@ use super::{
 /// Read calls on blocking threads at once. sled reads are short and mostly from its
 /// cache; without a bound, a thousand portal clients connecting at once each took a
 /// thread of tokio's blocking pool for their backlog reads, and the pool grew to its 512
-/// threads (about 250 MiB of hub RSS in stacks and per-thread allocator caches).
+/// threads (with jemalloc's caches per thread, about 150 MiB more hub RSS for those
+/// clients; README, "Portal live stream").
 const READ_CALLS: usize = 8;
 /// Write calls on blocking threads at once: one writes and syncs (each holds `synced`),
 /// one waits to go next; the rest wait here, without a thread.
