@@ -71,6 +71,46 @@ struct Seen {
     last_id: Option<String>,
 }
 
+impl Seen {
+    /// Keeps what went wrong (the first few), naming client `who`.
+    fn note(&mut self, who: &str, msg: String) {
+        if self.bad.len() < 5 {
+            self.bad.push(format!("{who} client: {msg}"));
+        }
+    }
+
+    /// Takes one event into what the client shows, or says why it cannot.
+    fn take(
+        &mut self,
+        ev: crate::sse::Event,
+        ours: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<(), String> {
+        match ev.name.as_str() {
+            "shipment" => {
+                let d: ShipmentData = serde_json::from_str(&ev.data)
+                    .map_err(|e| format!("shipment event unreadable ({e}): {}", ev.data))?;
+                if !ours(&d.id) {
+                    return Err(format!("shipment event of {}: not CHAOS's", d.id));
+                }
+                self.shipment_events += 1;
+                let v = self.views.entry(d.id).or_insert((0, String::new()));
+                if d.rev > v.0 {
+                    *v = (d.rev, d.status);
+                }
+            }
+            "position" => match serde_json::from_str::<PositionData>(&ev.data) {
+                Ok(d) if ours(&d.shipment_id) => self.position_events += 1,
+                _ => return Err(format!("position event unreadable: {}", ev.data)),
+            },
+            other => return Err(format!("unknown event {other:?}")),
+        }
+        if ev.id.is_some() {
+            self.last_id = ev.id;
+        }
+        Ok(())
+    }
+}
+
 /// The running client.
 #[derive(Debug)]
 pub struct Watch {
@@ -238,10 +278,7 @@ async fn run_client(
 }
 
 fn note_bad(watch: &Watch, msg: String) {
-    let mut s = watch.seen();
-    if s.bad.len() < 5 {
-        s.bad.push(format!("{} client: {msg}", watch.name));
-    }
+    watch.seen().note(watch.name, msg);
 }
 
 /// Reads one connection's events until it ends, `away_at`, or `stop`.
@@ -284,45 +321,8 @@ async fn read(
         }
         for ev in crate::sse::take_events(&mut buf) {
             let mut s = watch.seen();
-            match ev.name.as_str() {
-                "shipment" => match serde_json::from_str::<ShipmentData>(&ev.data) {
-                    Ok(d) if ours(&d.id) => {
-                        s.shipment_events += 1;
-                        let e = s.views.entry(d.id).or_insert((0, String::new()));
-                        if d.rev > e.0 {
-                            *e = (d.rev, d.status);
-                        }
-                    }
-                    Ok(d) => {
-                        drop(s);
-                        note_bad(watch, format!("shipment event of {}: not CHAOS's", d.id));
-                        continue;
-                    }
-                    Err(e) => {
-                        drop(s);
-                        note_bad(
-                            watch,
-                            format!("shipment event unreadable ({e}): {}", ev.data),
-                        );
-                        continue;
-                    }
-                },
-                "position" => match serde_json::from_str::<PositionData>(&ev.data) {
-                    Ok(d) if ours(&d.shipment_id) => s.position_events += 1,
-                    _ => {
-                        drop(s);
-                        note_bad(watch, format!("position event unreadable: {}", ev.data));
-                        continue;
-                    }
-                },
-                other => {
-                    drop(s);
-                    note_bad(watch, format!("unknown event {other:?}"));
-                    continue;
-                }
-            }
-            if ev.id.is_some() {
-                s.last_id = ev.id;
+            if let Err(msg) = s.take(ev, ours) {
+                s.note(watch.name, msg);
             }
         }
     }
